@@ -1,0 +1,109 @@
+"""Mixing masks and pair bookkeeping.
+
+Conventions used throughout the project:
+
+* Rows ``2k`` and ``2k+1`` of a batch are partners (pair ``k``).
+* A mask is boolean, one per pair, on the coarsest token grid (stride 32), shape
+  ``(P, h, w)``. ``True`` at a position means that the mixed input of row ``2k`` shows
+  row ``2k+1``'s token there; the mixed input of row ``2k+1`` is the complement, so every
+  token of both images is visible exactly once across the pair.
+* Expanded to rows (``pair_rows``) the same map is also the attention group of every
+  token of a mixed input: group 0 tokens come from the row's own image, group 1 from its
+  partner; attention never crosses groups.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+MaskMode = Literal["pair", "batch"]
+
+
+def validate_mask_ratio(ratio: float) -> float:
+    if not 0.0 < float(ratio) < 1.0:
+        raise ValueError(f"mask_ratio must lie strictly between 0 and 1, got {ratio}")
+    return float(ratio)
+
+
+def num_mixed(grid_size: tuple[int, int], ratio: float) -> int:
+    """Number of coarse units taken from the partner: ``floor(L * r)``."""
+    h, w = grid_size
+    return int(h * w * validate_mask_ratio(ratio))
+
+
+def sample_mask(
+    num_pairs: int,
+    grid_size: tuple[int, int],
+    ratio: float = 0.5,
+    *,
+    mode: MaskMode = "pair",
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw mixing masks with exactly ``floor(h*w*ratio)`` partner units each.
+
+    ``mode="pair"`` draws one mask per pair; ``mode="batch"`` draws one and repeats it
+    for every pair, which is what the official implementation does.
+    """
+    if mode not in ("pair", "batch"):
+        raise ValueError(f"mask_mode must be 'pair' or 'batch', got {mode!r}")
+    if num_pairs < 1:
+        raise ValueError(f"need at least one pair, got {num_pairs}")
+    h, w = grid_size
+    length = h * w
+    k = num_mixed(grid_size, ratio)
+    draws = 1 if mode == "batch" else num_pairs
+    noise = torch.rand(draws, length, generator=generator, device=device or "cpu")
+    ranks = noise.argsort(dim=1).argsort(dim=1)
+    mask = (ranks < k).view(draws, h, w)
+    if device is not None:
+        mask = mask.to(device)
+    return mask.expand(num_pairs, h, w).contiguous() if mode == "batch" else mask
+
+
+def check_even_batch(batch_size: int) -> None:
+    if batch_size % 2:
+        raise ValueError(
+            f"MixMAE mixes rows 2k and 2k+1 of a batch, so the batch size must be even; got {batch_size}"
+        )
+
+
+def normalize_mask(mask: torch.Tensor, num_pairs: int, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Accept a ``(h, w)`` or ``(P, h, w)`` mask (bool or 0/1) and return a bool ``(P, h, w)``."""
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0).expand(num_pairs, -1, -1)
+    expected = (num_pairs, *grid_size)
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"mask must have shape (h, w)={tuple(grid_size)} or (B//2, h, w)={expected}, got {tuple(mask.shape)}"
+        )
+    if mask.dtype != torch.bool:
+        if not torch.all((mask == 0) | (mask == 1)):
+            raise ValueError("mask values must be 0 or 1")
+        mask = mask.bool()
+    return mask
+
+
+def pair_rows(pair_values: torch.Tensor) -> torch.Tensor:
+    """Repeat per-pair values for both rows of each pair: ``(P, ...) -> (2P, ...)``."""
+    return pair_values.repeat_interleave(2, dim=0)
+
+
+def swap_pairs(x: torch.Tensor) -> torch.Tensor:
+    """Exchange rows ``2k`` and ``2k+1``: row ``b`` of the result is ``b``'s partner."""
+    return x.unflatten(0, (-1, 2)).flip(1).flatten(0, 1)
+
+
+def upsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour upsampling of a ``(N, h, w)`` bool map to ``(N, *size)``."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    return F.interpolate(mask[:, None].to(torch.uint8), size=size, mode="nearest")[:, 0].bool()
+
+
+def mix_pairs(tokens: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+    """Mix NHWC tokens of partners: where ``row_mask`` is set a row shows its partner's token."""
+    return torch.where(row_mask[..., None], swap_pairs(tokens), tokens)

@@ -1,0 +1,25 @@
+"""Fixed 2-D sin-cos position embeddings in the MAE layout.
+
+The layout (``[sin(x), cos(x), sin(y), cos(y)]`` over a quarter of the channels each,
+x the column index) is the one of MAE and of the official MixMAE code, so converted
+official checkpoints see exactly the embedding they were trained with. timm's
+``build_sincos2d_pos_embed`` orders the channels differently, hence this helper.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sincos_2d(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Return a ``(h, w, dim)`` float32 embedding."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}")
+    h, w = grid_size
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    parts = []
+    for coord in (xs, ys):
+        angles = coord[..., None] * omega
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=-1).float()

@@ -1,0 +1,1 @@
+"""Orchestration of MixMAE pretraining and transfer stages on Ray, recorded in MLflow."""

@@ -1,0 +1,222 @@
+import pytest
+import timm
+import torch
+
+import mixmae_core
+from mixmae_core.losses import reconstruction_target
+from mixmae_core.masking import sample_mask
+from mixmae_core.models.attention import PAD_SEGMENT, get_attention, register_attention, reference_attention
+
+MICRO = "mixmae_swin_micro_w8"
+
+
+def _micro(**kw):
+    torch.manual_seed(0)
+    return mixmae_core.create_model(MICRO, **kw).eval()
+
+
+def _pair_batch(n=4, size=64, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _image_features(z, mask):
+    """Per image, its own encoder feature at every coarse position (from whichever mixed row holds it)."""
+    m = mask.repeat_interleave(2, 0)[..., None]
+    partner = z.unflatten(0, (-1, 2)).flip(1).flatten(0, 1)
+    return torch.where(m, partner, z)
+
+
+def _isolation_holds(model):
+    images = _pair_batch()
+    mask = sample_mask(2, (2, 2), 0.5, generator=torch.Generator().manual_seed(1))
+    changed = images.clone()
+    changed[1] = torch.randn(3, 64, 64)
+    with torch.no_grad():
+        out_a, out_b = model(images, mask), model(changed, mask)
+        feat_a = _image_features(model.encoder.forward_features(images, mask), mask)
+        feat_b = _image_features(model.encoder.forward_features(changed, mask), mask)
+    pred_same = torch.allclose(out_a.pred[0], out_b.pred[0], atol=1e-5)
+    feat_same = torch.allclose(feat_a[0], feat_b[0], atol=1e-5)
+    assert not torch.allclose(feat_a[1], feat_b[1], atol=1e-3)  # the change itself was seen
+    return pred_same and feat_same
+
+
+@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+def test_partner_pixels_do_not_reach_image_prediction_or_features(impl):
+    assert _isolation_holds(_micro(attn_impl=impl))
+
+
+def test_isolation_test_fails_without_attention_masking():
+    @register_attention("unmasked-for-test")
+    def unmasked(q, k, v, rel_bias, segments, scale, dropout_p=0.0):
+        return reference_attention(q, k, v, rel_bias, None, scale, dropout_p)
+
+    assert not _isolation_holds(_micro(attn_impl="unmasked-for-test"))
+
+
+def test_loss_equals_independent_norm_pix_mse_and_outputs_have_contract_shapes():
+    model = _micro()
+    images = _pair_batch(6)
+    out = model(images)
+    assert out.pred.shape == (6, 4, 32 * 32 * 3)
+    assert out.mask.shape == (3, 2, 2) and out.mask.dtype == torch.bool
+    patches = images.reshape(6, 3, 2, 32, 2, 32).permute(0, 2, 4, 3, 5, 1).reshape(6, 4, -1)
+    mean, var = patches.mean(-1, keepdim=True), patches.var(-1, unbiased=True, keepdim=True)
+    target = (patches - mean) / (var + 1e-6).sqrt()
+    assert torch.allclose(out.loss, ((out.pred - target) ** 2).mean(), rtol=1e-6)
+    assert torch.allclose(reconstruction_target(images, 32), target, atol=1e-6)
+
+
+def test_each_prediction_comes_from_the_copy_where_its_patch_was_hidden():
+    """pred[b] at a position never depends on image b's own patch there, nor on any
+    patch of the same group: the copy predicting it saw only the other group."""
+    model = _micro()
+    images = _pair_batch()
+    mask = torch.tensor([[[1, 0], [0, 1]], [[0, 0], [1, 0]]]).bool()
+    with torch.no_grad():
+        base = model(images, mask).pred
+    for b in range(4):
+        m = mask[b // 2].flatten()
+        for p in range(4):
+            changed = images.clone()
+            r, c = divmod(p, 2)
+            changed[b, :, r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32] += torch.randn(3, 32, 32)
+            with torch.no_grad():
+                pred = model(changed, mask).pred
+            same_group = (m == m[p]).nonzero().flatten()
+            assert torch.allclose(pred[b, same_group], base[b, same_group], atol=1e-5), (b, p)
+            other = (m != m[p]).nonzero().flatten()
+            assert not torch.allclose(pred[b, other], base[b, other], atol=1e-4), (b, p)
+
+
+def test_every_image_position_hidden_exactly_once_across_its_pair():
+    mask = sample_mask(5, (7, 7), 0.5, generator=torch.Generator().manual_seed(2))
+    for k in range(5):
+        m = mask[k]
+        shown_in_row = {2 * k: torch.where(m, 2 * k + 1, 2 * k), 2 * k + 1: torch.where(m, 2 * k, 2 * k + 1)}
+        for image in (2 * k, 2 * k + 1):
+            hidden = sum((shown != image).int() for shown in shown_in_row.values())
+            assert (hidden == 1).all()
+
+
+def test_fixed_mask_makes_the_step_deterministic_and_accepts_hw_mask():
+    model = _micro()
+    images = _pair_batch()
+    mask = torch.tensor([[1, 0], [0, 1]])
+    a, b = model(images, mask), model(images, mask.bool().expand(2, 2, 2))
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.pred, b.pred)
+
+
+def test_odd_batch_is_refused_with_reason():
+    with pytest.raises(ValueError, match="must be even"):
+        _micro()(_pair_batch(3))
+
+
+def test_batch_mask_mode_shares_one_mask():
+    out = _micro(mask_mode="batch")(_pair_batch(8))
+    assert (out.mask == out.mask[0]).all()
+
+
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_reference_and_sdpa_attention_agree_with_gradients(with_padding):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 4, 49, 16, generator=g, requires_grad=True) for _ in range(3))
+    bias = torch.randn(4, 49, 49, generator=g, requires_grad=True)
+    segments = torch.randint(0, 2, (6, 49), generator=g, dtype=torch.uint8)
+    if with_padding:
+        segments[:, -5:] = PAD_SEGMENT
+    outs, grads = [], []
+    for impl in ("reference", "sdpa"):
+        out = get_attention(impl)(q, k, v, bias, segments, 0.25)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v, bias)))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_whole_model_agrees_across_attention_impls():
+    ref, sdpa = _micro(attn_impl="reference"), _micro(attn_impl="sdpa")
+    images, mask = _pair_batch(), torch.tensor([[1, 0], [1, 0]])
+    assert torch.allclose(ref(images, mask).loss, sdpa(images, mask).loss, rtol=1e-5)
+
+
+def test_unknown_attention_impl_is_refused():
+    with pytest.raises(ValueError, match="unknown attention"):
+        _micro(attn_impl="nope")
+
+
+@pytest.mark.parametrize(
+    "img_size,windows",
+    [(192, (12, 12, 12, 6)), (384, (16, 16, 24, 12)), (256, (16, 16, 16, 8))],
+)
+def test_other_input_sizes_build_and_run(img_size, windows):
+    model = timm.create_model(
+        "mixmae_swin_micro_w8", img_size=img_size, window_size=windows, num_classes=3
+    )
+    assert model(torch.randn(1, 3, img_size, img_size)).shape == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(img_size=200), "multiple of the encoder stride 32"),
+        (dict(img_size=96, window_size=(8, 8, 8, 8)), "stage 2 has a 12x12 token map"),
+        (dict(img_size=224, window_size=(14, 14, 14)), "one entry per stage"),
+        (dict(mask_ratio=1.0), "strictly between 0 and 1"),
+    ],
+)
+def test_invalid_configurations_fail_at_construction(kw, match):
+    with pytest.raises(ValueError, match=match):
+        mixmae_core.create_model(MICRO, **kw)
+
+
+def test_classifier_and_stage_features_from_timm():
+    clf = timm.create_model("mixmae_swin_base_w14", num_classes=1000)
+    assert isinstance(clf, mixmae_core.MixMAESwin)
+    feats = timm.create_model(MICRO, features_only=True, img_size=128)
+    maps = feats(torch.randn(2, 3, 128, 128))
+    assert [tuple(m.shape) for m in maps] == [(2, 32, 32, 32), (2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4)]
+    assert feats.feature_info.reduction() == [4, 8, 16, 32]
+
+
+def test_dense_inputs_that_do_not_tile_are_padded_to_windows():
+    model = timm.create_model(MICRO, features_only=True).eval()
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 96, 160))
+    assert [tuple(m.shape[-2:]) for m in maps] == [(24, 40), (12, 20), (6, 10), (3, 5)]
+    assert all(torch.isfinite(m).all() for m in maps)
+
+
+def test_padding_tokens_are_never_attended():
+    from mixmae_core.models.encoder import MixMAEBlock, window_partition
+
+    torch.manual_seed(0)
+    block = MixMAEBlock(16, 2, (8, 8)).eval()
+    real = torch.randn(1, 12, 20, 16)
+    segments = torch.zeros(1, 16, 24, dtype=torch.uint8)
+    segments[:, 12:], segments[:, :, 20:] = PAD_SEGMENT, PAD_SEGMENT
+    windowed = window_partition(segments, (8, 8))
+    outs = []
+    for fill in (torch.zeros, torch.randn):
+        x = fill(1, 16, 24, 16)
+        x[:, :12, :20] = real
+        with torch.no_grad():
+            outs.append(block(x, windowed)[:, :12, :20])
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+    torch.manual_seed(0)
+    model = mixmae_core.create_model(MICRO).train()
+    images = _pair_batch(4)
+    mask = torch.tensor([[1, 0], [0, 1]])
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    first = None
+    for step in range(150):
+        loss = model(images, mask).loss
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first, (first, loss.item())
