@@ -31,7 +31,10 @@ def validate_mask_ratio(ratio: float) -> float:
 def num_mixed(grid_size: tuple[int, int], ratio: float) -> int:
     """Number of coarse units taken from the partner: ``floor(L * r)``."""
     h, w = grid_size
-    return int(h * w * validate_mask_ratio(ratio))
+    k = int(h * w * validate_mask_ratio(ratio))
+    if not 0 < k < h * w:
+        raise ValueError(f"mask_ratio {ratio} mixes {k} of the {h}x{w} coarse units; it must mix at least one and not all")
+    return k
 
 
 def sample_mask(

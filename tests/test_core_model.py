@@ -4,8 +4,14 @@ import torch
 
 import mixmae_core
 from mixmae_core.losses import reconstruction_target
-from mixmae_core.masking import sample_mask
-from mixmae_core.models.attention import PAD_SEGMENT, get_attention, register_attention, reference_attention
+from mixmae_core.masking import pair_rows, sample_mask, upsample_mask
+from mixmae_core.models.attention import (
+    PAD_SEGMENT,
+    AttentionContext,
+    ReferenceAttention,
+    get_attention,
+    register_attention,
+)
 
 MICRO = "mixmae_swin_micro_w8"
 
@@ -47,10 +53,13 @@ def test_partner_pixels_do_not_reach_image_prediction_or_features(impl):
 
 
 def test_isolation_test_fails_without_attention_masking():
-    @register_attention("unmasked-for-test")
-    def unmasked(q, k, v, rel_bias, segments, scale, dropout_p=0.0):
-        return reference_attention(q, k, v, rel_bias, None, scale, dropout_p)
+    class Unmasked(ReferenceAttention):
+        name = "unmasked-for-test"
 
+        def prepare(self, context):
+            return AttentionContext(positions=context.positions)
+
+    register_attention(Unmasked())
     assert not _isolation_holds(_micro(attn_impl="unmasked-for-test"))
 
 
@@ -118,16 +127,19 @@ def test_batch_mask_mode_shares_one_mask():
 
 
 @pytest.mark.parametrize("with_padding", [False, True])
-def test_reference_and_sdpa_attention_agree_with_gradients(with_padding):
+@pytest.mark.parametrize("with_positions", [False, True])
+def test_reference_and_sdpa_attention_agree_with_gradients(with_padding, with_positions):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(6, 4, 49, 16, generator=g, requires_grad=True) for _ in range(3))
     bias = torch.randn(4, 49, 49, generator=g, requires_grad=True)
     segments = torch.randint(0, 2, (6, 49), generator=g, dtype=torch.uint8)
     if with_padding:
         segments[:, -5:] = PAD_SEGMENT
+    positions = torch.stack([torch.randperm(49, generator=g) for _ in range(6)]) if with_positions else None
     outs, grads = [], []
-    for impl in ("reference", "sdpa"):
-        out = get_attention(impl)(q, k, v, bias, segments, 0.25)
+    for name in ("reference", "sdpa"):
+        impl = get_attention(name)
+        out = impl.attend(q, k, v, bias, impl.prepare(AttentionContext(segments, positions)), 0.25)
         outs.append(out)
         grads.append(torch.autograd.grad(out.square().sum(), (q, k, v, bias)))
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
@@ -188,22 +200,56 @@ def test_dense_inputs_that_do_not_tile_are_padded_to_windows():
     assert all(torch.isfinite(m).all() for m in maps)
 
 
-def test_padding_tokens_are_never_attended():
-    from mixmae_core.models.encoder import MixMAEBlock, window_partition
+def test_padding_slots_are_never_attended():
+    from mixmae_core.models.encoder import MixMAEStage
 
     torch.manual_seed(0)
-    block = MixMAEBlock(16, 2, (8, 8)).eval()
-    real = torch.randn(1, 12, 20, 16)
-    segments = torch.zeros(1, 16, 24, dtype=torch.uint8)
-    segments[:, 12:], segments[:, :, 20:] = PAD_SEGMENT, PAD_SEGMENT
-    windowed = window_partition(segments, (8, 8))
-    outs = []
-    for fill in (torch.zeros, torch.randn):
-        x = fill(1, 16, 24, 16)
-        x[:, :12, :20] = real
-        with torch.no_grad():
-            outs.append(block(x, windowed)[:, :12, :20])
-    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    stage = MixMAEStage(16, 16, 1, 2, (8, 8), downsample=False, drop_path=[0.0], attn_impl="reference").eval()
+    x = torch.randn(1, 12, 20, 16)
+    layout = stage.layout(x, None, None)
+    assert layout.index.shape == (6, 64) and (~layout.valid).sum() == 6 * 64 - 12 * 20
+    seq = layout.gather(x)
+    assert (seq[~layout.valid] == 0).all()
+    context = stage._impl.prepare(AttentionContext(layout.segments))
+    noisy = torch.where(layout.valid[..., None], seq, torch.randn_like(seq))
+    block = stage.blocks[0]
+    with torch.no_grad():
+        bias = block.attn.relative_bias()
+        a, b = block(seq, stage._impl, context, bias), block(noisy, stage._impl, context, bias)
+    assert torch.allclose(a[layout.valid], b[layout.valid], atol=1e-5)
+    assert torch.equal(layout.scatter(seq, x.shape), x)
+
+
+@pytest.mark.parametrize("impl", ["reference", "sdpa"])
+def test_group_split_layout_computes_the_same_step(impl):
+    """One sequence per (image, group) in global-window stages: same loss, same gradients."""
+    images = _pair_batch(4, 128)
+    mask = sample_mask(2, (4, 4), 0.5, generator=torch.Generator().manual_seed(5))
+    losses, grads = [], []
+    for split in (False, True):
+        model = _micro(img_size=128, attn_impl=impl, split_groups=split)
+        out = model(images, mask)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    stage4 = model.encoder.layers[3]
+    assert stage4.layout(torch.zeros(4, 4, 4, 1), torch.zeros(4, 4, 4, dtype=torch.uint8), 8).positions is not None
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5)
+    for name, grad in grads[0].items():
+        assert torch.allclose(grad, grads[1][name], atol=1e-5, rtol=1e-4), name
+
+
+def test_group_layout_has_no_cross_image_slots():
+    from mixmae_core.models.layout import group_layout
+
+    segments = upsample_mask(pair_rows(sample_mask(3, (4, 4), 0.5)), (8, 8)).to(torch.uint8)
+    layout = group_layout(6, 8, 8, segments, 8 * 4)
+    flat = segments.flatten()
+    for s in range(layout.index.shape[0]):
+        groups = flat[layout.index[s]] if layout.valid is None else flat[layout.index[s][layout.valid[s]]]
+        assert (groups == groups[0]).all() and (layout.index[s] // 64 == s // 2).all()
+    x = torch.randn(6, 8, 8, 5)
+    assert torch.equal(layout.scatter(layout.gather(x), x.shape), x)
 
 
 def test_tiny_model_overfits_a_fixed_batch():

@@ -1,48 +1,69 @@
-"""Window attention with per-token segment ids.
+"""Attention over a stage's sequences, with segment masking and relative position bias.
 
-A segment id is given to every token of a window: in pretraining it is the token's
-group (0: the row's own image, 1: its partner), and padding tokens (only in dense tasks
-whose inputs are not multiples of the window) get ``PAD_SEGMENT``. A query attends only
-to keys of its own segment, so the features of one image never depend on another.
+Every token carries a segment id: in pretraining its group (0: the row's own image,
+1: its partner); padding slots get ``PAD_SEGMENT``. A query attends only to keys of its
+own segment, so the features of one image never depend on another.
 
-Implementations are selected by name; all compute the same function:
+Implementations are selected by name and compute the same function:
 
-* ``reference``: explicit logits, masked with -inf, softmax. Easy to read and the
-  convention every other implementation is tested against.
-* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with the relative
-  position bias and the segment mask folded into one additive bias.
-* ``flex``: FlexAttention (see ``mixmae_core.fast``), which never materialises the
-  bias and skips blocks of cross-image pairs; registered when that module is imported.
+* ``reference``: explicit logits, masked with -inf, softmax. The convention every other
+  implementation is tested against.
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with the relative bias
+  and the segment mask folded into one additive bias.
+* ``flex``: FlexAttention (``mixmae_core.fast``): the bias is looked up inside the kernel
+  and never materialised, and tiles with no same-segment pair are skipped.
+
+An implementation has ``prepare(context)``, run once per stage (all blocks of a stage
+share their sequences), and ``attend(q, k, v, rel_bias, context, scale, dropout_p)``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 PAD_SEGMENT = 2
 
-AttentionFn = Callable[..., torch.Tensor]
-_IMPLS: dict[str, AttentionFn] = {}
+
+@dataclass
+class AttentionContext:
+    segments: Optional[torch.Tensor] = None
+    """``(S, n)`` segment ids, or None when all slots of a sequence may attend each other."""
+    positions: Optional[torch.Tensor] = None
+    """``(S, n)`` window positions of the slots, or None when slot order is raster order."""
+    prepared: Any = None
+    """What the implementation's ``prepare`` computed for this stage."""
 
 
-def register_attention(name: str) -> Callable[[AttentionFn], AttentionFn]:
-    def wrap(fn: AttentionFn) -> AttentionFn:
-        _IMPLS[name] = fn
-        return fn
+class AttentionImpl:
+    name = "base"
 
-    return wrap
+    def prepare(self, context: AttentionContext) -> AttentionContext:
+        allowed = None if context.segments is None else segment_mask(context.segments)
+        return replace(context, prepared=allowed)
+
+    def attend(self, q, k, v, rel_bias, context: AttentionContext, scale: float, dropout_p: float = 0.0):
+        raise NotImplementedError
 
 
-def get_attention(name: str) -> AttentionFn:
+_IMPLS: dict[str, AttentionImpl] = {}
+
+
+def register_attention(impl: AttentionImpl) -> AttentionImpl:
+    _IMPLS[impl.name] = impl
+    return impl
+
+
+def get_attention(name: str) -> AttentionImpl:
     if name == "flex" and name not in _IMPLS:
         import mixmae_core.fast  # noqa: F401  (registers "flex")
     try:
         return _IMPLS[name]
     except KeyError:
-        raise ValueError(f"unknown attention implementation {name!r}; choose one of {sorted(available_attention())}") from None
+        raise ValueError(f"unknown attention implementation {name!r}; choose one of {available_attention()}") from None
 
 
 def available_attention() -> list[str]:
@@ -50,40 +71,39 @@ def available_attention() -> list[str]:
 
 
 def segment_mask(segments: torch.Tensor) -> torch.Tensor:
-    """``(B_, N)`` segment ids -> ``(B_, 1, N, N)`` bool, True where attention is allowed."""
+    """``(S, n)`` segment ids -> ``(S, 1, n, n)`` bool, True where attention is allowed."""
     return (segments[:, :, None] == segments[:, None, :]).unsqueeze(1)
 
 
-@register_attention("reference")
-def reference_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rel_bias: torch.Tensor,
-    segments: Optional[torch.Tensor],
-    scale: float,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    logits = (q * scale) @ k.transpose(-2, -1) + rel_bias
-    if segments is not None:
-        logits = logits.masked_fill(~segment_mask(segments), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    if dropout_p:
-        probs = F.dropout(probs, dropout_p)
-    return probs @ v
+def position_bias(rel_bias: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(h, N, N)`` window bias -> ``(1, h, n, n)``, or ``(S, h, n, n)`` for permuted slots."""
+    if positions is None:
+        return rel_bias.unsqueeze(0)
+    return rel_bias[:, positions[:, :, None], positions[:, None, :]].transpose(0, 1)
 
 
-@register_attention("sdpa")
-def sdpa_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rel_bias: torch.Tensor,
-    segments: Optional[torch.Tensor],
-    scale: float,
-    dropout_p: float = 0.0,
-) -> torch.Tensor:
-    bias = rel_bias.to(q.dtype).unsqueeze(0)
-    if segments is not None:
-        bias = bias.masked_fill(~segment_mask(segments), float("-inf"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+class ReferenceAttention(AttentionImpl):
+    name = "reference"
+
+    def attend(self, q, k, v, rel_bias, context, scale, dropout_p=0.0):
+        logits = (q * scale) @ k.transpose(-2, -1) + position_bias(rel_bias, context.positions)
+        if context.prepared is not None:
+            logits = logits.masked_fill(~context.prepared, float("-inf"))
+        probs = logits.softmax(dim=-1)
+        if dropout_p:
+            probs = F.dropout(probs, dropout_p)
+        return probs @ v
+
+
+class SDPAAttention(AttentionImpl):
+    name = "sdpa"
+
+    def attend(self, q, k, v, rel_bias, context, scale, dropout_p=0.0):
+        bias = position_bias(rel_bias, context.positions).to(q.dtype)
+        if context.prepared is not None:
+            bias = bias.masked_fill(~context.prepared, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+
+
+register_attention(ReferenceAttention())
+register_attention(SDPAAttention())

@@ -11,14 +11,14 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, gen_relative_position_index, to_2tuple, trunc_normal_
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
 from torch.utils.checkpoint import checkpoint
 
 from mixmae_core.masking import mix_pairs, pair_rows, upsample_mask
-from mixmae_core.models.attention import PAD_SEGMENT, get_attention
+from mixmae_core.models.attention import AttentionContext, AttentionImpl, get_attention
+from mixmae_core.models.layout import SequenceLayout, group_layout, window_layout
 from mixmae_core.models.pos_embed import sincos_2d
 
 
@@ -48,21 +48,6 @@ def stage_windows(
     return out
 
 
-def window_partition(x: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
-    """``(B, H, W, ...)`` -> ``(B * nW, wh * ww, ...)``."""
-    B, H, W = x.shape[:3]
-    rest = x.shape[3:]
-    x = x.reshape(B, H // window[0], window[0], W // window[1], window[1], *rest)
-    x = x.transpose(2, 3)
-    return x.reshape(-1, window[0] * window[1], *rest)
-
-
-def window_reverse(windows: torch.Tensor, window: tuple[int, int], H: int, W: int) -> torch.Tensor:
-    C = windows.shape[-1]
-    x = windows.reshape(-1, H // window[0], W // window[1], window[0], window[1], C)
-    return x.transpose(2, 3).reshape(-1, H, W, C)
-
-
 class WindowAttention(nn.Module):
     def __init__(
         self,
@@ -72,7 +57,6 @@ class WindowAttention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        attn_impl: str = "sdpa",
     ):
         super().__init__()
         if dim % num_heads:
@@ -88,27 +72,26 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.set_attn_impl(attn_impl)
         trunc_normal_(self.relative_position_bias_table, std=0.02)
-
-    def set_attn_impl(self, name: str) -> None:
-        self.attn_impl = name
-        self._attend = get_attention(name)
 
     def relative_bias(self) -> torch.Tensor:
         n = self.window_size[0] * self.window_size[1]
         bias = self.relative_position_bias_table[self.relative_position_index].view(n, n, -1)
         return bias.permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, segments: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B_, N, C = x.shape
-        q, k, v = self.qkv(x).view(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    def forward(
+        self, x: torch.Tensor, impl: AttentionImpl, context: AttentionContext, rel_bias: torch.Tensor
+    ) -> torch.Tensor:
+        S, n, C = x.shape
+        q, k, v = self.qkv(x).view(S, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         dropout_p = self.attn_drop if self.training else 0.0
-        x = self._attend(q, k, v, self.relative_bias(), segments, self.scale, dropout_p)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, C)))
+        x = impl.attend(q, k, v, rel_bias, context, self.scale, dropout_p)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(S, n, C)))
 
 
 class MixMAEBlock(nn.Module):
+    """Pre-norm transformer block on a stage's window (or group) sequences ``(S, n, C)``."""
+
     def __init__(
         self,
         dim: int,
@@ -120,23 +103,21 @@ class MixMAEBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
-        attn_impl: str = "sdpa",
     ):
         super().__init__()
-        self.window_size = window
         self.norm1 = norm_layer(dim)
-        self.attn = WindowAttention(dim, num_heads, window, qkv_bias, attn_drop, proj_drop, attn_impl)
+        self.attn = WindowAttention(dim, num_heads, window, qkv_bias, attn_drop, proj_drop)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, segments: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``x``: ``(B, H, W, C)`` with H, W multiples of the window; ``segments``: windowed ids or None."""
-        B, H, W, C = x.shape
-        y = window_partition(self.norm1(x), self.window_size)
-        y = window_reverse(self.attn(y, segments), self.window_size, H, W)
-        x = x + self.drop_path1(y)
+    def forward(
+        self, x: torch.Tensor, impl: AttentionImpl, context: AttentionContext, rel_bias: torch.Tensor
+    ) -> torch.Tensor:
+        """``rel_bias``: this block's ``attn.relative_bias()``, passed in so that a compiled
+        block sees it as an input (FlexAttention can then read it inside its kernel)."""
+        x = x + self.drop_path1(self.attn(self.norm1(x), impl, context, rel_bias))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
@@ -151,37 +132,48 @@ class MixMAEStage(nn.Module):
         downsample: bool,
         drop_path: Sequence[float],
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        attn_impl: str = "sdpa",
+        split_groups: bool = False,
         **block_kwargs,
     ):
         super().__init__()
         self.window_size = window
+        self.split_groups = split_groups
         self.grad_checkpointing = False
+        self.set_attn_impl(attn_impl)
         self.downsample = PatchMerging(in_dim, dim, norm_layer=norm_layer) if downsample else nn.Identity()
         self.blocks = nn.ModuleList(
             MixMAEBlock(dim, num_heads, window, drop_path=drop_path[i], norm_layer=norm_layer, **block_kwargs)
             for i in range(depth)
         )
 
-    def forward(self, x: torch.Tensor, segments: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``x``: ``(B, H, W, C)``; ``segments``: ``(B, H', W')`` uint8 at this stage's resolution or None."""
+    def set_attn_impl(self, name: str) -> None:
+        self.attn_impl = name
+        self._impl = get_attention(name)
+
+    def layout(self, x: torch.Tensor, segments: Optional[torch.Tensor], partner_tokens: Optional[int]) -> SequenceLayout:
+        B, H, W, _ = x.shape
+        covers_map = (H, W) == tuple(self.window_size)
+        if self.split_groups and covers_map and segments is not None and partner_tokens and partner_tokens < H * W:
+            return group_layout(B, H, W, segments, partner_tokens)
+        return window_layout(B, H, W, self.window_size, segments, x.device)
+
+    def forward(
+        self, x: torch.Tensor, segments: Optional[torch.Tensor] = None, partner_tokens: Optional[int] = None
+    ) -> torch.Tensor:
+        """``x``: ``(B, H, W, C)`` before downsampling; ``segments``: ``(B, H', W')`` uint8 at this
+        stage's resolution or None; ``partner_tokens``: partner tokens per row if equal for all rows."""
         x = self.downsample(x)
-        B, H, W, C = x.shape
-        wh, ww = self.window_size
-        pad_h, pad_w = -H % wh, -W % ww
-        if pad_h or pad_w:
-            # Inputs that do not tile (dense tasks at arbitrary sizes): pad, and make the
-            # padding its own segment so real tokens never attend to it.
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-            if segments is None:
-                segments = x.new_zeros(B, H, W, dtype=torch.uint8)
-            segments = F.pad(segments, (0, pad_w, 0, pad_h), value=PAD_SEGMENT)
-        windowed = None if segments is None else window_partition(segments, self.window_size)
+        layout = self.layout(x, segments, partner_tokens)
+        context = self._impl.prepare(AttentionContext(layout.segments, layout.positions))
+        seq = layout.gather(x)
         for block in self.blocks:
+            args = (seq, self._impl, context, block.attn.relative_bias())
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, windowed, use_reentrant=False)
+                seq = checkpoint(block, *args, use_reentrant=False)
             else:
-                x = block(x, windowed)
-        return x[:, :H, :W] if (pad_h or pad_w) else x
+                seq = block(*args)
+        return layout.scatter(seq, x.shape)
 
 
 class MixMAESwin(nn.Module):
@@ -206,8 +198,11 @@ class MixMAESwin(nn.Module):
         drop_path_rate: float = 0.0,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         attn_impl: str = "sdpa",
+        split_groups: bool = False,
         **kwargs,
     ):
+        """``attn_impl``: "reference", "sdpa" or "flex". ``split_groups``: in pretraining, run
+        stages whose window covers the map as one sequence per (image, group)."""
         super().__init__()
         kwargs.pop("pretrained_cfg", None)
         kwargs.pop("pretrained_cfg_overlay", None)
@@ -263,6 +258,7 @@ class MixMAESwin(nn.Module):
                     proj_drop=proj_drop_rate,
                     attn_drop=attn_drop_rate,
                     attn_impl=attn_impl,
+                    split_groups=split_groups,
                 )
             )
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2**i, module=f"layers.{i}"))
@@ -300,45 +296,51 @@ class MixMAESwin(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def set_attn_impl(self, name: str) -> None:
-        for module in self.modules():
-            if isinstance(module, WindowAttention):
-                module.set_attn_impl(name)
+        for stage in self.layers:
+            stage.set_attn_impl(name)
 
     # ----------------------------------------------------------------- forward
-    def _embed(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _embed(self, x: torch.Tensor, mask: Optional[torch.Tensor]):
         """Patch-embed, mix partners when a pair mask is given, add position embedding.
 
-        Returns the tokens and the per-row coarse segment map (or None).
+        Returns the tokens, the per-row coarse segment map (or None) and the number of
+        partner units per row when it is the same for every pair (or None).
         """
         H, W = x.shape[-2:]
         if H % self.stride or W % self.stride:
             raise ValueError(f"input size {H}x{W} is not a multiple of the encoder stride {self.stride}")
         x = self.patch_embed(x)
-        row_mask = None
+        row_mask = partner_units = None
         if mask is not None:
-            row_mask = pair_rows(mask)
+            # counted where the mask lives: free for CPU masks, one sync for device masks
+            counts = mask.flatten(1).sum(1)
+            partner_units = int(counts[0]) if bool((counts == counts[0]).all()) else None
+            row_mask = pair_rows(mask.to(x.device, non_blocking=True))
             x = mix_pairs(x, upsample_mask(row_mask, x.shape[1:3]))
         pos = self.absolute_pos_embed
         if tuple(pos.shape[:2]) != tuple(x.shape[1:3]):
             pos = sincos_2d(tuple(x.shape[1:3]), self.embed_dim).to(x.device)
-        x = x + pos.to(x.dtype)
-        return x, row_mask
+        return x + pos.to(x.dtype), row_mask, partner_units
 
-    def _stages(self, x: torch.Tensor, row_mask: Optional[torch.Tensor], stop: Optional[int] = None):
+    def _stages(self, x, row_mask, partner_units, stop: Optional[int] = None):
+        coarse = None if row_mask is None else row_mask.shape[1:]
         for i, stage in enumerate(self.layers[:stop]):
             res = (x.shape[1] // (2 if i else 1), x.shape[2] // (2 if i else 1))
-            segments = None if row_mask is None else upsample_mask(row_mask, res).to(torch.uint8)
-            x = stage(x, segments)
+            segments = partner_tokens = None
+            if row_mask is not None:
+                segments = upsample_mask(row_mask, res).to(torch.uint8)
+                partner_tokens = None if partner_units is None else partner_units * (res[0] // coarse[0]) * (res[1] // coarse[1])
+            x = stage(x, segments, partner_tokens)
             yield i, x
 
     def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Images ``(B, 3, H, W)`` -> normed final map ``(B, h, w, C)``.
 
-        With ``mask`` (bool ``(B//2, h, w)`` on the coarse grid) rows 2k/2k+1 are mixed and
-        every attention is restricted to tokens of one image.
+        With ``mask`` (bool ``(B//2, h, w)`` on the coarse grid, any device) rows 2k/2k+1
+        are mixed and every attention is restricted to tokens of one image.
         """
-        x, row_mask = self._embed(x, mask)
-        for _, x in self._stages(x, row_mask):
+        x, row_mask, partner_units = self._embed(x, mask)
+        for _, x in self._stages(x, row_mask, partner_units):
             pass
         return self.norm(x)
 
@@ -364,10 +366,10 @@ class MixMAESwin(nn.Module):
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.layers), indices)
-        x, _ = self._embed(x, None)
+        x, _, _ = self._embed(x, None)
         last = len(self.layers) - 1
         intermediates = []
-        for i, x in self._stages(x, None, stop=max_index + 1 if stop_early else None):
+        for i, x in self._stages(x, None, None, stop=max_index + 1 if stop_early else None):
             if i in take:
                 feat = self.norm(x) if norm and i == last else x
                 intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else feat)

@@ -137,11 +137,13 @@ class MixMAE(nn.Module):
         B, _, H, W = images.shape
         check_even_batch(B)
         grid = (H // self.stride, W // self.stride)
+        # masks are drawn (and may be given) on the CPU: the encoder counts them there for free
         if mask is None:
-            mask = sample_mask(B // 2, grid, self.mask_ratio, mode=self.mask_mode, device=images.device)
+            mask = sample_mask(B // 2, grid, self.mask_ratio, mode=self.mask_mode)
         else:
-            mask = normalize_mask(mask.to(images.device), B // 2, grid)
+            mask = normalize_mask(mask, B // 2, grid)
         z = self.encoder.forward_features(images, mask)
+        mask = mask.to(images.device, non_blocking=True)
         pred = self.decoder(z.flatten(1, 2), pair_rows(mask).flatten(1), grid)
         target = reconstruction_target(images, self.stride, self.norm_pix_loss)
         return MixMAEOutput(loss=reconstruction_loss(pred, target), pred=pred, mask=mask)

@@ -1,0 +1,146 @@
+"""The fast pretraining path, selectable; the reference path stays the default.
+
+``StepOptions.fast(device)`` is what measured fastest (``benchmarks/pretrain_throughput.py``,
+README "GPU figures"): bf16 autocast, fused AdamW, ``split_groups`` and the whole forward
+compiled, with SDPA attention.
+
+* ``split_groups=True``: stages whose window covers the map (3 and 4 at 224, 20 of the
+  24 blocks of Swin-B) run one sequence per (image, group), so no attention work is
+  spent on cross-image pairs there. Windows of stages 1-2 straddle mask units and keep
+  the segment mask.
+* ``compile="model"``: one graph for the forward (and its backward) fuses norms,
+  activations, residuals, the layout gathers and the bias construction, and removes
+  most per-op launch overhead; ``compile="blocks"`` compiles per transformer block
+  (each distinct shape once), which compiles faster.
+* ``attn_impl="flex"`` (FlexAttention: relative bias read in the kernel, segment block
+  mask) is registered here too. On an H200 with torch 2.11 its kernels ran slower than
+  SDPA's memory-efficient kernel at these shapes (head dim 32, 100-196 tokens), so the
+  fast path does not use it.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from mixmae_core.models.attention import AttentionContext, AttentionImpl, register_attention
+from mixmae_core.models.encoder import MixMAEBlock
+from mixmae_core.optim import build_optimizer
+
+_compiled_flex = torch.compile(flex_attention, dynamic=False)
+
+
+class FlexAttention(AttentionImpl):
+    name = "flex"
+
+    def prepare(self, context: AttentionContext) -> AttentionContext:
+        segments = context.segments
+        if segments is None:
+            return replace(context, prepared=None)
+
+        def same_segment(b, h, q_idx, kv_idx):
+            return segments[b, q_idx] == segments[b, kv_idx]
+
+        S, n = segments.shape
+        return replace(context, prepared=create_block_mask(same_segment, S, None, n, n, device=segments.device))
+
+    def attend(self, q, k, v, rel_bias, context, scale, dropout_p=0.0):
+        if dropout_p:
+            raise ValueError("flex attention has no attention dropout: set attn_drop_rate=0 or use attn_impl='sdpa'")
+        positions = context.positions
+        if positions is None:
+
+            def add_bias(score, b, h, q_idx, kv_idx):
+                return score + rel_bias[h, q_idx, kv_idx]
+
+        else:
+
+            def add_bias(score, b, h, q_idx, kv_idx):
+                return score + rel_bias[h, positions[b, q_idx], positions[b, kv_idx]]
+
+        # inside a compiled block dynamo lowers flex itself; eager GPU calls need the compiled
+        # kernel (eager flex is the dense reference math, which is what CPU tests want)
+        run = _compiled_flex if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
+        return run(q, k, v, score_mod=add_bias, block_mask=context.prepared, scale=scale)
+
+
+register_attention(FlexAttention())
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """Compile every transformer block in place (encoder and decoder)."""
+    from timm.models.vision_transformer import Block
+
+    _raise_cache_limits()
+    for module in model.modules():
+        if isinstance(module, (MixMAEBlock, Block)):
+            module.compile(dynamic=False, **compile_kwargs)
+    return model
+
+
+def _raise_cache_limits() -> None:
+    # one graph per distinct block shape, for each of several variants in one process
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, 512)
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How a pretraining step runs. ``FAST`` on GPU; the defaults are the reference path."""
+
+    attn_impl: str = "sdpa"
+    split_groups: bool = False
+    compile: str = "off"
+    """``"off"``, ``"blocks"`` (each transformer block) or ``"model"`` (the whole forward)."""
+    fused_adamw: bool = False
+    bf16: bool = False
+
+    @staticmethod
+    def fast(device: torch.device) -> "StepOptions":
+        cuda = torch.device(device).type == "cuda"
+        return StepOptions(attn_impl="sdpa", split_groups=True, compile="model", fused_adamw=True, bf16=cuda)
+
+
+def apply_step_options(model: nn.Module, options: StepOptions) -> nn.Module:
+    """Switch a MixMAE model (or encoder) to ``options``' attention, layout and compilation."""
+    encoder = getattr(model, "encoder", model)
+    encoder.set_attn_impl(options.attn_impl)
+    for stage in encoder.layers:
+        stage.split_groups = options.split_groups
+    if options.compile not in ("off", "blocks", "model"):
+        raise ValueError(f"compile must be 'off', 'blocks' or 'model', got {options.compile!r}")
+    if options.compile == "model":
+        _raise_cache_limits()
+        model.compile(dynamic=False)
+    return compile_blocks(model) if options.compile == "blocks" else model
+
+
+def autocast_for(device: torch.device, options: StepOptions):
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if options.bf16 else nullcontext()
+
+
+def make_train_step(
+    model: nn.Module,
+    options: StepOptions,
+    lr: float = 1.5e-4,
+    weight_decay: float = 0.05,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+) -> tuple[Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor], torch.optim.Optimizer]:
+    """A ``step(images, mask) -> loss`` closure (forward, backward, AdamW update)."""
+    device = next(model.parameters()).device
+    optimizer = optimizer or build_optimizer(model, lr, weight_decay, fused=options.fused_adamw)
+
+    def step(images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        with autocast_for(device, options):
+            loss = model(images, mask).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, optimizer

@@ -1,0 +1,101 @@
+"""Shared fixtures: one local Ray cluster per test session (starting Ray costs seconds)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Quiet, fail-fast Ray for tests on a 2-core machine.
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A 2-CPU local Ray cluster shared by the session's integration tests."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+    """Every synthetic dataset (tiny scale, seed 0) as ``{name: root}``; layouts in ``SYNTH_LAYOUTS``."""
+    from pipelines.data.synth import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("synth"), "tiny", seed=0)
+
+
+def _png_header_only(path, width, height):
+    """A valid PNG declaring ``width x height`` 1-bit pixels in a few bytes (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="session")
+def bad_images(tmp_path_factory):
+    """One file per kind of messy input, with the decode outcome it must get:
+    ``{name: (absolute path, status, reason)}``. ``missing.jpg`` is listed but never written."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("bad_images")
+    rng = np.random.default_rng(0)
+    good = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    good.save(buf, "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    palette = good.convert("P")
+    writers = {
+        "truncated.jpg": (lambda p: p.write_bytes(buf.getvalue()[: len(buf.getvalue()) * 6 // 10]), "skipped", "truncated"),
+        "empty.jpg": (lambda p: p.write_bytes(b""), "skipped", "empty"),
+        "missing.jpg": (lambda p: None, "skipped", "missing"),
+        "text.jpg": (lambda p: p.write_text("not an image"), "skipped", "not_an_image"),
+        "tiny.png": (lambda p: Image.new("RGB", (1, 1)).save(p), "skipped", "too_small"),
+        "bomb.png": (lambda p: _png_header_only(p, 20000, 20000), "skipped", "too_large"),
+        "png_named.jpg": (lambda p: good.save(p, "PNG"), "ok", None),
+        "cmyk.jpg": (lambda p: good.convert("CMYK").save(p, "JPEG"), "converted", "mode_CMYK"),
+        "gray.jpg": (lambda p: good.convert("L").save(p, "JPEG"), "converted", "mode_L"),
+        "palette.png": (lambda p: palette.save(p, transparency=0), "converted", "mode_P"),
+        "rgba.png": (lambda p: good.convert("RGBA").save(p), "converted", "mode_RGBA"),
+        "deep16.png": (
+            lambda p: Image.fromarray(np.full((48, 64), 40000, np.uint16)).save(p), "converted", "mode_I;16"
+        ),
+        "rotated.jpg": (lambda p: good.save(p, "JPEG", exif=exif), "converted", "exif_rotated"),
+    }
+    out = {}
+    for name, (write, status, reason) in writers.items():
+        write(root / name)
+        out[name] = (root / name, status, reason)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bad_dataset(tmp_path_factory, bad_images):
+    """A places-layout root whose ``train.txt`` lists every bad image (label 0) and one good
+    image ``good.jpg`` (label 1)."""
+    import shutil
+
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("bad_dataset")
+    for path, _, _ in bad_images.values():
+        if path.exists():
+            shutil.copy(path, root / path.name)
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(root / "good.jpg")
+    (root / "train.txt").write_text("".join(f"{name} 0\n" for name in bad_images) + "good.jpg 1\n")
+    return root
