@@ -56,8 +56,10 @@ def binary_masks(masks: torch.Tensor) -> torch.Tensor:
     return masks.reshape(len(masks), *masks.shape[-2:])
 
 
-def _results(predictions: Sequence[Mapping[str, Any]], label_to_category: Mapping[int, int]):
-    """Predictions -> COCO result lists for bbox and segm.
+def coco_results(predictions: Sequence[Mapping[str, Any]], label_to_category: Mapping[int, int]):
+    """Predictions -> COCO result lists ``{"bbox": [...], "segm": [...]}`` (masks as RLE).
+
+    Small enough to gather across processes, so distributed evaluation converts per batch.
 
     Mask results carry no box, so pycocotools measures their area on the mask (the COCO
     convention for small/medium/large in segm AP), not on the box.
@@ -94,9 +96,16 @@ def coco_evaluate(
     "labels" (contiguous model labels), "masks" (n, H, W) or (n, 1, H, W), probabilities
     (thresholded at 0.5) or bool}`` (torchvision's output plus the image id).
     ``label_to_category`` maps model labels to COCO category ids.
-    An IoU type without any prediction scores 0. pycocotools' printing is swallowed.
     """
-    results = _results(predictions, label_to_category)
+    return coco_evaluate_results(gt, coco_results(predictions, label_to_category), iou_types)
+
+
+def coco_evaluate_results(
+    gt: Mapping[str, Any], results: Mapping[str, list], iou_types: Sequence[str] = ("bbox", "segm")
+) -> dict[str, float]:
+    """``coco_evaluate`` on results already converted by :func:`coco_results` (and merged
+    across processes). An IoU type without any result scores 0; pycocotools' printing is
+    swallowed."""
     out: dict[str, float] = {}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()

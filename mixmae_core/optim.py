@@ -28,11 +28,17 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     layer_decay: Optional[float] = None,
     fused: bool = False,
+    opt: str = "adamw",
 ) -> torch.optim.Optimizer:
-    kwargs = dict(fused=True) if fused else {}
-    return create_optimizer_v2(
-        model, opt="adamw", lr=lr, weight_decay=weight_decay, betas=betas, layer_decay=layer_decay, **kwargs
-    )
+    """AdamW by default; ``opt="lars"`` (momentum 0.9) is MAE's linear-probing optimizer.
+    Frozen parameters (``requires_grad=False``) are left out."""
+    if opt == "adamw":
+        kwargs = dict(betas=betas, **(dict(fused=True) if fused else {}))
+    elif opt in ("lars", "sgd"):
+        kwargs = dict(momentum=0.9)
+    else:
+        raise ValueError(f"optimizer must be adamw, lars or sgd, got {opt!r}")
+    return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay, **kwargs)
 
 
 def build_scheduler(

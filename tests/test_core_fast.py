@@ -1,5 +1,3 @@
-import copy
-
 import pytest
 import torch
 
@@ -39,9 +37,11 @@ def _steps(options, images, masks):
     return torch.stack(losses), model
 
 
-@pytest.mark.parametrize("options", [StepOptions(split_groups=True, fused_adamw=True), StepOptions(compile="blocks", split_groups=True)])
-def test_fast_step_matches_reference_step_over_several_updates(options):
-    """Same weights after three AdamW updates on fresh masks (CPU: fp32, so tight)."""
+def test_fast_step_matches_reference_step_over_several_updates():
+    """Same weights after three AdamW updates on fresh masks (CPU: fp32, so tight). The
+    compiled variants are checked the same way by benchmarks/pretrain_throughput.py, where
+    compiling is cheap enough (the suite would spend minutes compiling on 2 cores)."""
+    options = StepOptions(split_groups=True, fused_adamw=True)
     images = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     masks = [sample_mask(2, (4, 4), 0.5, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     ref_losses, ref = _steps(StepOptions(), images, masks)

@@ -7,6 +7,7 @@ never downloads anything.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterator, Optional, Union
 
 import timm
@@ -24,13 +25,39 @@ class EncoderAttention:
 
     ``set_attn_impl`` lets callers switch the attention kernel of the whole task model,
     e.g. to ``"reference"`` so ``mixmae_core.flops.forward_macs`` sees every attention matmul
-    (the FLOP counter does not count fused CPU attention).
+    (the FLOP counter does not count fused CPU attention). ``group_matcher`` and
+    ``no_weight_decay`` expose the encoder's layer groups under their prefix, so timm's
+    layer-wise lr decay and weight-decay exemptions work on the whole task model (heads
+    fall into the last group: full learning rate).
     """
+
+    def _encoder(self) -> tuple[str, MixMAESwin]:
+        return next((name, m) for name, m in self.named_modules() if isinstance(m, MixMAESwin))
 
     def set_attn_impl(self, name: str) -> None:
         for module in self.modules():
             if isinstance(module, MixMAESwin):
                 module.set_attn_impl(name)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        prefix, encoder = self._encoder()
+        inner = encoder.group_matcher(coarse)
+        scoped = f"^{re.escape(prefix)}\\."
+
+        def scope(pattern: str) -> str:
+            return scoped + pattern.removeprefix("^")
+
+        blocks = inner["blocks"]
+        return dict(
+            stem=scope(inner["stem"]),
+            blocks=scope(blocks) if isinstance(blocks, str) else [(scope(p), idx) for p, idx in blocks],
+        )
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        prefix, encoder = self._encoder()
+        return {f"{prefix}.{name}" for name in encoder.no_weight_decay()}
 
 
 def prepare_dense_trunk(trunk: MixMAESwin, encoder_weights: EncoderWeights = None) -> None:

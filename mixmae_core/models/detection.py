@@ -18,6 +18,8 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -60,14 +62,19 @@ def build_mask_rcnn(
     encoder_overrides: Optional[dict[str, Any]] = None,
     drop_path_rate: float = 0.1,
     fpn_channels: int = 256,
+    head_channels: int = 256,
+    box_head_dim: int = 1024,
     **detector_kwargs: Any,
 ) -> MixMAEMaskRCNN:
     """Mask R-CNN (torchvision's standard heads) with an FPN over ``encoder``'s four stages.
 
     Images are resized so their longer side is ``img_size`` (a no-op for the square
     ``img_size`` inputs the pipeline feeds) and padded to a multiple of 32, the encoder
-    stride. ``detector_kwargs`` go to ``torchvision.models.detection.MaskRCNN`` (anchor
-    generator, RPN/RoI sampling, ``box_detections_per_img``...).
+    stride. ``head_channels`` (mask head convolutions) and ``box_head_dim`` (box head MLP)
+    default to torchvision's 256 and 1024; CPU-sized runs shrink them, since the mask head
+    runs on every positive RoI and dominates the cost of small models. ``detector_kwargs``
+    go to ``torchvision.models.detection.MaskRCNN`` (anchor generator, RPN/RoI sampling such
+    as ``box_batch_size_per_image``, ``box_detections_per_img``...).
 
     For the FLOPs of the task model: ``forward_macs(model, torch.rand(1, 3, img_size, img_size))``
     (the model is in eval there, so RoI-head cost follows the proposals and detections of
@@ -79,11 +86,16 @@ def build_mask_rcnn(
         encoder_weights=encoder_weights,
         drop_path_rate=drop_path_rate,
         features_only=True,
-        **(encoder_overrides or {}),
+        **{"strict_windows": False, **(encoder_overrides or {})},
     )
+    resolution = 7  # torchvision's box RoI pooling size
     return MixMAEMaskRCNN(
         EncoderFPN(trunk, fpn_channels),
-        num_classes=num_classes,
+        num_classes=None,  # given by the predictors
+        box_head=TwoMLPHead(fpn_channels * resolution**2, box_head_dim),
+        box_predictor=FastRCNNPredictor(box_head_dim, num_classes),
+        mask_head=MaskRCNNHeads(fpn_channels, [head_channels] * 4, dilation=1),
+        mask_predictor=MaskRCNNPredictor(head_channels, head_channels, num_classes),
         min_size=img_size,
         max_size=img_size,
         image_mean=list(IMAGENET_DEFAULT_MEAN),

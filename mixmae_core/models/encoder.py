@@ -23,11 +23,12 @@ from mixmae_core.models.pos_embed import sincos_2d
 
 
 def stage_windows(
-    img_size: tuple[int, int], patch_size: int, window_size: Sequence[int]
+    img_size: tuple[int, int], patch_size: int, window_size: Sequence[int], strict: bool = True
 ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """Per stage ``(resolution, window)``; a window larger than its map is clamped to it.
 
-    Raises a ValueError naming the stage when the image does not tile into windows.
+    With ``strict`` raises a ValueError naming the stage when the image does not tile
+    into windows; otherwise such maps are padded to whole windows at run time.
     """
     stride = patch_size * 2 ** (len(window_size) - 1)
     if img_size[0] % stride or img_size[1] % stride:
@@ -39,7 +40,7 @@ def stage_windows(
     for i, win in enumerate(window_size):
         res = (img_size[0] // (patch_size * 2**i), img_size[1] // (patch_size * 2**i))
         win_hw = (min(win, res[0]), min(win, res[1]))
-        if res[0] % win_hw[0] or res[1] % win_hw[1]:
+        if strict and (res[0] % win_hw[0] or res[1] % win_hw[1]):
             raise ValueError(
                 f"stage {i + 1} has a {res[0]}x{res[1]} token map at img_size {tuple(img_size)}, which window "
                 f"{win} does not tile; choose window_size[{i}] dividing {res[0]} and {res[1]} (or >= them)"
@@ -199,10 +200,13 @@ class MixMAESwin(nn.Module):
         norm_layer: type[nn.Module] = nn.LayerNorm,
         attn_impl: str = "sdpa",
         split_groups: bool = False,
+        strict_windows: bool = True,
         **kwargs,
     ):
         """``attn_impl``: "reference", "sdpa" or "flex". ``split_groups``: in pretraining, run
-        stages whose window covers the map as one sequence per (image, group)."""
+        stages whose window covers the map as one sequence per (image, group).
+        ``strict_windows=False`` (dense tasks) pads stage maps that windows do not tile, as
+        Swin detection backbones do, instead of refusing the size."""
         super().__init__()
         kwargs.pop("pretrained_cfg", None)
         kwargs.pop("pretrained_cfg_overlay", None)
@@ -224,7 +228,7 @@ class MixMAESwin(nn.Module):
         self.global_pool = global_pool
         self.embed_dim = embed_dim
         self.window_size = tuple(window_size)
-        geometry = stage_windows(self.img_size, patch_size, self.window_size)
+        geometry = stage_windows(self.img_size, patch_size, self.window_size, strict_windows)
 
         self.patch_embed = PatchEmbed(
             img_size=self.img_size,

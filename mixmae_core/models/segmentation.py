@@ -45,7 +45,7 @@ def build_upernet(
         img_size=img_size,
         drop_path_rate=drop_path_rate,
         num_classes=0,
-        **(encoder_overrides or {}),
+        **{"strict_windows": False, **(encoder_overrides or {})},
     )
     prepare_dense_trunk(dense_trunk(model), encoder_weights)
     return model

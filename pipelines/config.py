@@ -1,0 +1,293 @@
+"""Pipeline configuration: YAML files validated once, at load, by pydantic.
+
+One schema serves every command: ``mixmae run`` runs ``pretrain`` and then ``stages``
+in order, ``mixmae pretrain`` runs only ``pretrain``. Defaults are the paper's recipes
+(../shared/paper-notes.md); a wrong key, type or value fails at load with one message
+naming the field. Relative paths are resolved against the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mixmae_core.masking import validate_mask_ratio
+from mixmae_core.models import VARIANTS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "ray_configs" / "pipelines" / "quickstart.yaml"
+Layout = Literal["imagefolder", "inat", "places", "coco", "ade20k"]
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DataSpec(Strict):
+    layout: Layout
+    root: str = Field(description="dataset root, or 'synthetic:<name>' for the generated stand-ins")
+    train_split: str = "train"
+    val_split: str = "val"
+    options: dict[str, Any] = Field(default_factory=dict, description="layout reader options")
+    max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    num_images: Optional[int] = Field(None, gt=0, description="training images, for `mixmae plan` without the data")
+
+
+class Scaling(Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint")
+
+
+class StageBase(Strict):
+    """What every Ray Train stage shares: model, data, schedule, scaling, bookkeeping."""
+
+    model: Optional[str] = Field(None, description="encoder variant (default: the pretraining model)")
+    model_overrides: dict[str, Any] = Field(default_factory=dict)
+    img_size: int = Field(224, gt=0)
+    data: DataSpec
+    epochs: float = Field(gt=0)
+    max_steps: Optional[int] = Field(None, ge=1, description="stop early (smoke runs)")
+    batch_size: int = Field(gt=0, description="global batch over all workers")
+    accum_steps: int = Field(1, ge=1)
+    base_lr: float = Field(gt=0, description="lr = base_lr * batch_size / 256")
+    min_lr: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: Optional[float] = Field(None, gt=0)
+    seed: int = 0
+    fast: bool = Field(False, description="bf16 autocast, fused AdamW and torch.compile on GPU")
+    log_every_steps: int = Field(10, ge=1)
+    checkpoint_every_steps: int = Field(500, ge=1)
+    scaling: Scaling = Field(default_factory=Scaling)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in VARIANTS:
+            raise ValueError(f"unknown model {v!r}; choose one of {sorted(VARIANTS)}")
+        return v
+
+    @field_validator("img_size")
+    @classmethod
+    def _stride(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"img_size must be a multiple of the encoder stride 32, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_divides(self):
+        per_step = self.scaling.num_workers * self.accum_steps
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size {self.batch_size} must divide evenly over num_workers x accum_steps = {per_step}"
+            )
+        return self
+
+    def micro_batch(self) -> int:
+        return self.batch_size // (self.scaling.num_workers * self.accum_steps)
+
+
+class PretrainStage(StageBase):
+    task: Literal["pretrain"] = "pretrain"
+    model: str = "mixmae_swin_base_w14"
+    mask_ratio: float = 0.5
+    mask_mode: Literal["pair", "batch"] = "pair"
+    norm_pix_loss: bool = True
+    epochs: float = Field(600, gt=0)
+    batch_size: int = Field(2048, gt=0)
+    base_lr: float = Field(1.5e-4, gt=0)
+    warmup_epochs: float = Field(40, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    reconstructions: int = Field(3, ge=0, description="reconstruction pictures logged over the run")
+
+    @field_validator("mask_ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        return validate_mask_ratio(v)
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        if self.micro_batch() % 2:
+            raise ValueError(
+                f"each worker's micro-batch ({self.micro_batch()} = batch_size / (num_workers x accum_steps)) "
+                "must be even: MixMAE mixes rows 2k and 2k+1"
+            )
+        return self
+
+
+class TransferBase(StageBase):
+    init: str = Field("pretrained", description="'pretrained' (previous stage), 'random', or a checkpoint path")
+    optimizer: Literal["adamw", "lars", "sgd"] = "adamw"
+    layer_decay: Optional[float] = Field(None, gt=0, le=1)
+    drop_path: float = Field(0.1, ge=0, lt=1)
+    eval_every_epochs: float = Field(1.0, gt=0)
+
+
+class ClassifyStage(TransferBase):
+    task: Literal["classify"] = "classify"
+    mode: Literal["finetune", "linear_probe"] = "finetune"
+    epochs: float = Field(100, gt=0)
+    batch_size: int = Field(1024, gt=0)
+    base_lr: float = Field(5e-4, gt=0)
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(5, ge=0)
+    layer_decay: Optional[float] = Field(0.7, gt=0, le=1)
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
+    mixup: float = Field(0.8, ge=0)
+    cutmix: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    reprob: float = Field(0.25, ge=0, le=1)
+    crop_pct: float = Field(0.875, gt=0, le=1)
+
+
+class DetectStage(TransferBase):
+    task: Literal["detect"] = "detect"
+    img_size: int = Field(1024, gt=0)
+    epochs: float = Field(36, gt=0)
+    batch_size: int = Field(16, gt=0)
+    base_lr: float = Field(1.6e-3, gt=0, description="1e-4 at batch 16, scaled by batch/256")
+    warmup_epochs: float = Field(0.25, ge=0)
+    layer_decay: Optional[float] = Field(0.9, gt=0, le=1)
+    drop_path: float = Field(0.2, ge=0, lt=1)
+    fpn_channels: int = Field(256, gt=0)
+    head_channels: int = Field(256, gt=0, description="mask head width")
+    box_head_dim: int = Field(1024, gt=0, description="box head MLP width")
+    rois_per_image: int = Field(512, gt=0, description="RoIs sampled per image for the box/mask heads")
+    pictures: int = Field(4, ge=0, description="prediction pictures logged at the end")
+
+
+class SegmentStage(TransferBase):
+    task: Literal["segment"] = "segment"
+    img_size: int = Field(512, gt=0)
+    epochs: float = Field(127, gt=0, description="about 160k iterations at batch 16 on ADE20K")
+    batch_size: int = Field(16, gt=0)
+    base_lr: float = Field(1.6e-3, gt=0, description="1e-4 at batch 16, scaled by batch/256")
+    warmup_epochs: float = Field(1.0, ge=0)
+    layer_decay: Optional[float] = Field(0.9, gt=0, le=1)
+    num_classes: int = Field(150, gt=1)
+    decoder_channels: int = Field(512, gt=0)
+    pictures: int = Field(4, ge=0, description="prediction pictures logged at the end")
+
+
+TransferStage = Annotated[Union[ClassifyStage, DetectStage, SegmentStage], Field(discriminator="task")]
+
+
+class Tracking(Strict):
+    uri: Optional[str] = Field(None, description="MLFLOW_TRACKING_URI wins; default sqlite:///<cwd>/mlflow.db")
+    experiment: str = "mixmae"
+
+
+class RaySettings(Strict):
+    address: Optional[str] = Field(None, description="None: RAY_ADDRESS or a new local cluster")
+    num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a new local cluster")
+
+
+class Synthetic(Strict):
+    root: str = ".mixmae/synthetic"
+    scale: Literal["tiny", "small"] = "tiny"
+    seed: int = 0
+
+
+class PipelineConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    storage: str = Field("mixmae_runs", description="checkpoints (shared storage on clusters)")
+    tracking: Tracking = Field(default_factory=Tracking)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    synthetic: Optional[Synthetic] = None
+    max_parallel_stages: int = Field(1, ge=1, description="transfer stages run at once (they share the cluster)")
+    pretrain: PretrainStage
+    stages: dict[str, TransferStage] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _names_and_data(self):
+        for name in self.stages:
+            if name == "pretrain" or not name.replace("_", "").isalnum():
+                raise ValueError(f"stage name {name!r} must be alphanumeric (underscores allowed) and not 'pretrain'")
+        for name, stage in self.all_stages().items():
+            if stage.data.root.startswith(SYNTHETIC_PREFIX) and self.synthetic is None:
+                raise ValueError(f"stage {name} reads {stage.data.root} but the config has no 'synthetic' section")
+        return self
+
+    def resolved(self) -> "PipelineConfig":
+        """A copy with every relative path made absolute against the working directory (for
+        processes that run elsewhere: Tune trials, Ray job entrypoints)."""
+        raw = self.model_dump(mode="json")
+        raw["storage"] = str(absolute(self.storage))
+        if self.synthetic is not None:
+            raw["synthetic"]["root"] = str(absolute(self.synthetic.root))
+        for name, stage in [("pretrain", raw["pretrain"]), *raw["stages"].items()]:
+            root = stage["data"]["root"]
+            if not root.startswith(SYNTHETIC_PREFIX):
+                stage["data"]["root"] = str(absolute(root))
+        return PipelineConfig.model_validate(raw)
+
+    def all_stages(self) -> dict[str, StageBase]:
+        return {"pretrain": self.pretrain, **self.stages}
+
+    def stage_model(self, stage: StageBase) -> str:
+        return stage.model or self.pretrain.model
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, value = item.split("=", 1)
+    return key.strip(), yaml.safe_load(value)
+
+
+def _format(error: ValidationError, source: str) -> str:
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("classify", "detect", "segment"))
+        msg = err["msg"].removeprefix("Value error, ")
+        shown = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+        lines.append(f"  {loc or '<top>'}: {msg}{shown if len(shown) < 120 else ''}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def load_config(path: Optional[os.PathLike | str] = None, overrides: Sequence[str] = ()) -> PipelineConfig:
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    for item in overrides:
+        _set_dotted(raw, *parse_override(item))
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, str(path))) from None
+
+
+def absolute(path: str) -> Path:
+    return Path(path).expanduser().resolve()

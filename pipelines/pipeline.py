@@ -1,0 +1,189 @@
+"""One pipeline run: pretraining, then the transfer stages, under one MLflow parent run.
+
+Each stage gets a nested run and the previous pretraining stage's encoder checkpoint.
+Running the same config again (same ``name``) or with ``resume=<parent run id>``
+continues that pipeline: finished stages are skipped, an unfinished one resumes from its
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+from rich.table import Table
+
+from pipelines.config import PipelineConfig, absolute
+from pipelines.stages.base import StageContext, StageError, StageOutcome, StagePlan, progress_display, run_stage
+from pipelines.tracking import KIND, RunLogger, ensure_experiment, flatten, resolve_tracking_uri, start_or_resume
+
+Planner = Callable[[StageContext, str, str], StagePlan]
+
+
+def planners() -> dict[str, Planner]:
+    from pipelines.stages import pretrain, transfer
+
+    return {"pretrain": pretrain.plan, **transfer.PLANNERS}
+
+
+@dataclass
+class PipelineOutcome:
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    stages: list[StageOutcome] = field(default_factory=list)
+
+
+def init_ray(config: PipelineConfig) -> None:
+    if ray.is_initialized():
+        return
+    kwargs = {"num_cpus": config.ray.num_cpus} if (config.ray.num_cpus and not config.ray.address) else {}
+    ray.init(address=config.ray.address, configure_logging=True, logging_level="WARNING", **kwargs)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def synthetic_roots(config: PipelineConfig) -> dict[str, Path]:
+    if config.synthetic is None:
+        return {}
+    from pipelines.data.synth import write_synthetic
+
+    syn = config.synthetic
+    return {k: Path(v) for k, v in write_synthetic(absolute(syn.root), syn.scale, syn.seed).items()}
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    stages: Optional[Sequence[str]] = None,
+    resume: Optional[str] = None,
+    progress: bool = True,
+    parent_run_id: Optional[str] = None,
+    callbacks: Optional[dict[str, list]] = None,
+) -> PipelineOutcome:
+    """Run the selected stages (default: all). ``parent_run_id`` nests the pipeline run
+    under another one (a sweep); ``callbacks`` adds Ray Train callbacks per stage."""
+    known = list(config.all_stages())
+    selected = list(stages) if stages else known
+    unknown = sorted(set(selected) - set(known))
+    if unknown:
+        raise StageError(f"unknown stage(s) {unknown}; this config has {known}")
+    uri = resolve_tracking_uri(config.tracking.uri)
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, config.tracking.experiment, Path.cwd() / "mlartifacts")
+    if resume:
+        parent = client.get_run(resume)
+        if parent.data.tags.get(KIND) != "pipeline":
+            raise StageError(f"run {resume} is not a mixmae pipeline run")
+    else:
+        parent = start_or_resume(client, experiment_id, config.name, {KIND: "pipeline"}, parent_id=parent_run_id)
+    parent_id = parent.info.run_id
+    logger = RunLogger(uri, parent_id)
+    logger.params(flatten("", config.model_dump(mode="json")))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pipeline_config.yaml"
+        path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        logger.artifact(path)
+
+    init_ray(config)
+    display = progress_display() if progress else None
+    ctx = StageContext(
+        config=config,
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent_id,
+        storage=absolute(config.storage),
+        synthetic_roots=synthetic_roots(config),
+        progress=display,
+        callbacks=callbacks or {},
+    )
+    outcome = PipelineOutcome(parent_id, experiment_id, uri)
+    plans = planners()
+    stage_specs = config.all_stages()
+    transfer = [name for name in stage_specs if name in selected and name != "pretrain"]
+    try:
+        with display or nullcontext():
+            if "pretrain" in selected:
+                result = run_stage(ctx, "pretrain", config.pretrain, plans["pretrain"])
+                outcome.stages.append(result)
+                ctx.encoder_checkpoint = result.encoder_checkpoint
+            elif transfer:
+                ctx.encoder_checkpoint = _finished_encoder(client, experiment_id, parent_id)
+            outcome.stages += _run_concurrently(ctx, transfer, plans, config.max_parallel_stages)
+    except BaseException:
+        client.set_terminated(parent_id, "FAILED")
+        raise
+    logger.metrics(summary_metrics(config, outcome.stages), 0)
+    client.set_terminated(parent_id, "FINISHED" if set(selected) == set(stage_specs) else "RUNNING")
+    return outcome
+
+
+HEADLINE = {"pretrain": "train/loss", "classify": "val/top1", "detect": "val/bbox_AP", "segment": "val/mIoU"}
+SUMMARY_KEYS = ("flops/train_total", "flops/encoder_gmacs", "flops/task_gmacs", "time/wall_s", "time/device_hours")
+
+
+def summary_metrics(config: PipelineConfig, outcomes: Sequence[StageOutcome]) -> dict[str, float]:
+    """Per stage, its headline metric and costs on the pipeline run (``inat2018.val_top1``,
+    ``pretrain.flops_train_total``...), so runs compare in the MLflow UI and in reports."""
+    stages = config.all_stages()
+    out: dict[str, float] = {}
+    for result in outcomes:
+        keys = {HEADLINE[stages[result.name].task], *SUMMARY_KEYS}
+        if stages[result.name].task == "detect":
+            keys.add("val/segm_AP")
+        for key in keys & set(result.metrics):
+            out[f"{result.name}.{key.replace('/', '_')}"] = result.metrics[key]
+    return out
+
+
+def _run_concurrently(ctx: StageContext, names: list[str], plans: dict[str, Planner], parallel: int) -> list[StageOutcome]:
+    """Transfer stages depend only on pretraining: run up to ``parallel`` at once. A failed
+    stage does not stop the others; the failures are raised together at the end."""
+    stages = ctx.config.stages
+    results: dict[str, StageOutcome] = {}
+    failures: dict[str, BaseException] = {}
+    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="stage") as pool:
+        futures = {pool.submit(run_stage, ctx, name, stages[name], plans[stages[name].task]): name for name in names}
+        for future in as_completed(futures):
+            name = futures[future]
+            try:
+                results[name] = future.result()
+            except Exception as exc:
+                failures[name] = exc
+    if failures:
+        raise StageError("; ".join(f"{exc}" for name, exc in failures.items()))
+    return [results[name] for name in names]
+
+
+def _finished_encoder(client: MlflowClient, experiment_id: str, parent_id: str) -> Optional[str]:
+    """The encoder of this pipeline's finished pretraining stage, if it has one."""
+    from pipelines.tracking import COMPLETE, ENCODER, STAGE, find_run
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    run = find_run(client, experiment_id, **{STAGE: "pretrain", MLFLOW_PARENT_RUN_ID: parent_id, COMPLETE: "true"})
+    return run.data.tags.get(ENCODER) if run else None
+
+
+def summary_table(config: PipelineConfig, outcome: PipelineOutcome) -> Table:
+    table = Table(title=f"pipeline {config.name} (MLflow run {outcome.run_id})")
+    for column in ("stage", "metric", "value", "GFLOPs", "train PFLOP", "wall s", ""):
+        table.add_column(column, justify="right" if column not in ("stage", "metric", "") else "left")
+    stages = config.all_stages()
+    for result in outcome.stages:
+        key = HEADLINE[stages[result.name].task]
+        m = result.metrics
+        table.add_row(
+            result.name,
+            key,
+            f"{m.get(key, float('nan')):.4f}",
+            f"{m.get('flops/encoder_gmacs', m.get('flops/task_gmacs', float('nan'))):.2f}",
+            f"{m.get('flops/train_total', 0) / 1e15:.3f}",
+            f"{m.get('time/wall_s', float('nan')):.0f}",
+            "skipped (finished earlier)" if result.skipped else "",
+        )
+    return table

@@ -1,0 +1,388 @@
+"""The training loop every stage runs inside its Ray Train workers.
+
+A stage supplies a :class:`Task` (model, optimizer, micro-batches, loss, optional
+evaluation and pictures); this module owns what they share: gradient accumulation and
+clipping, the per-step schedule, rank-0 MLflow logging, throughput / data-wait / FLOPs
+accounting, skipped-image counts, checkpoints through ``ray.train.report`` and resuming
+from them, and the non-finite-loss guard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from mixmae_core.checkpoint import load_state_dict, save_state_dict
+from mixmae_core.optim import build_scheduler
+from pipelines.data.quality import DataQualityError, check_skip_threshold
+from pipelines.tracking import FAILED_REASON, RunLogger
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "trainer_state.pt"
+META_FILE = "meta.json"
+ENCODER_FILE = "encoder.safetensors"
+LOSS_METRIC = "train/loss"
+
+
+@dataclass
+class LoopSpec:
+    """Plain settings the driver sends to every worker (picklable, no Ray or MLflow objects)."""
+
+    stage: str
+    tracking_uri: str
+    run_id: str
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    lr: float
+    min_lr: float
+    accum_steps: int = 1
+    clip_grad: Optional[float] = None
+    log_every: int = 10
+    checkpoint_every: int = 500
+    eval_every: Optional[int] = None
+    seed: int = 0
+    train_flops_per_image: float = 0.0
+    skip_counter: Optional[str] = None
+    max_skip_fraction: float = 0.01
+    bf16: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    images_seen: int = 0
+    device_seconds: float = 0.0
+
+
+class StopTraining(Exception):
+    """A condition on which every rank stops and the stage fails without a retry: retrying
+    from the last checkpoint would meet it again (a diverged loss, too many bad images)."""
+
+
+class Task:
+    """What a stage plugs into :func:`train`. Methods run on every worker unless noted."""
+
+    def build(self, device: torch.device) -> nn.Module:
+        raise NotImplementedError
+
+    def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def micro_batches(self, epoch: int) -> Iterator[Any]:
+        """This worker's micro-batches of ``epoch`` (already on the device)."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+        """Scalar loss of a micro-batch and its number of images."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Validation metrics (every rank takes part; reduced across ranks)."""
+        return {}
+
+    def pictures(self, model: nn.Module, step: int, final: bool, out: Path) -> list[Path]:
+        """Rank 0 only: pictures to log at ``step``."""
+        return []
+
+    def picture_steps(self, total_steps: int) -> set[int]:
+        return set()
+
+    def export(self, model: nn.Module, out: Path) -> None:
+        """Rank 0 only: write ``encoder.safetensors`` (weights a later stage starts from)."""
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _reduce(values: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
+    return values
+
+
+class _Checkpointer:
+    def __init__(self, task: Task, model: nn.Module, optimizer, scheduler, rank: int, spec: LoopSpec):
+        self.task, self.model, self.optimizer, self.scheduler = task, model, optimizer, scheduler
+        self.rank, self.spec = rank, spec
+        self.last_good: Optional[str] = None
+
+    def restore(self, state: TrainState) -> bool:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return False
+        with checkpoint.as_directory() as d:
+            _unwrap(self.model).load_state_dict(load_state_dict(Path(d) / MODEL_FILE))
+            saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        for key, value in saved["train_state"].items():
+            setattr(state, key, value)
+        rngs = saved["rng"]
+        _set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
+        self.last_good = f"step {state.step}"
+        return True
+
+    def save(self, state: TrainState, metrics: dict[str, float], final: bool = False) -> None:
+        """Every rank calls this (``ray.train.report`` is a barrier); rank 0 writes."""
+        rngs = _all_gather(_rng_state())
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                d = Path(tmp)
+                save_state_dict(d / MODEL_FILE, _unwrap(self.model).state_dict())
+                torch.save(
+                    {
+                        "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "train_state": asdict(state),
+                        "rng": rngs,
+                    },
+                    d / STATE_FILE,
+                )
+                (d / META_FILE).write_text(json.dumps({"stage": self.spec.stage, **asdict(state), "final": final}))
+                if final:
+                    self.task.export(_unwrap(self.model), d)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({**metrics, "step": state.step, "final": final}, checkpoint=checkpoint)
+        self.last_good = f"step {state.step}"
+
+
+class _Window:
+    """Accumulates what a logging step reports."""
+
+    def __init__(self) -> None:
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.start = now
+        self.wait = 0.0
+        self.images = 0
+        self.loss_sum: Optional[torch.Tensor] = None
+        self.micro = 0
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        detached = loss.detach().float()
+        self.loss_sum = detached if self.loss_sum is None else self.loss_sum + detached
+        self.micro += 1
+
+
+def train(task: Task, spec: LoopSpec) -> None:
+    """Run (or resume) a stage's training in this Ray Train worker.
+
+    A :class:`StopTraining` condition ends the worker normally after tagging the MLflow
+    run with the reason; the driver turns that tag into the stage's error.
+    """
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        _train(task, spec)
+    except StopTraining as exc:
+        if ray.train.get_context().get_world_rank() == 0:
+            RunLogger(spec.tracking_uri, spec.run_id).tags({FAILED_REASON: str(exc)})
+
+
+def _train(task: Task, spec: LoopSpec) -> None:
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    _seed_everything(spec.seed * 1000 + rank)
+    model = task.build(device)
+    optimizer = task.optimizer(model, spec.lr)
+    scheduler = build_scheduler(optimizer, spec.total_steps, spec.warmup_steps, spec.min_lr)
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    state = TrainState()
+    checkpointer = _Checkpointer(task, ddp_model, optimizer, scheduler, rank, spec)
+    resumed = checkpointer.restore(state)
+    logger = RunLogger.resume(spec.tracking_uri, spec.run_id, LOSS_METRIC) if rank == 0 else None
+    counter = ray.get_actor(spec.skip_counter) if (rank == 0 and spec.skip_counter) else None
+    pictures = task.picture_steps(spec.total_steps)
+    out_dir = Path(tempfile.mkdtemp(prefix=f"{spec.stage}-"))
+    if logger and resumed:
+        logger.tags({"mixmae.resumed_from": checkpointer.last_good})
+    if logger and not resumed and 0 in pictures:
+        logger.artifacts(task.pictures(_unwrap(ddp_model), 0, False, out_dir), "pictures")
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if spec.bf16 else nullcontext()
+    params = [p for p in model.parameters() if p.requires_grad]
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    window = _Window()
+    stage_start = time.perf_counter()
+    device_seconds0 = state.device_seconds
+
+    def check_finite() -> None:
+        first_bad = int(_reduce(bad_step, dist.ReduceOp.MAX).item())
+        if first_bad >= 0:
+            raise StopTraining(
+                f"stage {spec.stage}: loss became non-finite at step {first_bad}; stopped without saving. "
+                f"Last good checkpoint: {checkpointer.last_good or 'none (diverged before the first checkpoint)'}."
+            )
+
+    def check_data(reason: Optional[str]) -> None:
+        """Rank 0 judges the skip counts; every rank must stop with it."""
+        if int(_reduce(torch.tensor(int(reason is not None), device=device), dist.ReduceOp.MAX).item()):
+            raise StopTraining(reason or "stopped by rank 0: too many images skipped")
+
+    def log(extra: Optional[dict[str, float]] = None) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - window.start, 1e-9)
+        loss = _reduce(torch.stack([window.loss_sum, torch.tensor(float(window.micro), device=device)]))
+        images = window.images * world
+        metrics = {
+            LOSS_METRIC: (loss[0] / loss[1]).item(),
+            "train/lr": max(group["lr"] for group in optimizer.param_groups),
+            "train/images_per_s": images / elapsed,
+            "train/data_wait_frac": window.wait / elapsed,
+            "train/epoch": state.epoch + state.step_in_epoch / max(spec.steps_per_epoch, 1),
+            "flops/train_total": state.images_seen * spec.train_flops_per_image,
+            "time/device_hours": state.device_seconds / 3600,
+            **(extra or {}),
+        }
+        data_problem = None
+        if counter is not None:
+            snapshot = ray.get(counter.snapshot.remote())
+            metrics["data/images_attempted"] = snapshot["attempted"]
+            metrics["data/images_converted"] = snapshot["converted"]
+            for reason, n in snapshot["skipped"].items():
+                metrics[f"data/skipped_{reason}"] = n
+            try:
+                check_skip_threshold(snapshot, spec.max_skip_fraction)
+            except DataQualityError as exc:
+                data_problem = f"stage {spec.stage}: {exc}"
+        check_data(data_problem)
+        if logger:
+            logger.metrics(metrics, state.step)
+        window.reset(time.perf_counter())
+        return metrics
+
+    metrics: dict[str, float] = {}
+    while state.step < spec.total_steps:
+        skip = state.step_in_epoch * spec.accum_steps
+        stepped = False
+        batches = task.micro_batches(state.epoch)
+        micro = 0
+        while state.step < spec.total_steps:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            window.wait += time.perf_counter() - t0
+            if batch is None:
+                break
+            if skip:
+                skip -= 1
+                continue
+            micro += 1
+            last_micro = micro % spec.accum_steps == 0
+            sync = ddp_model.no_sync() if (world > 1 and not last_micro) else nullcontext()
+            with sync:
+                with autocast:
+                    loss, n_images = task.loss(ddp_model, batch)
+                (loss / spec.accum_steps).backward()
+            window.add_loss(loss)
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), state.step + 1, bad_step)
+            window.images += n_images
+            state.images_seen += n_images * world
+            if not last_micro:
+                continue
+            scheduler.step_update(state.step)
+            logging_step = (state.step + 1) % spec.log_every == 0 or state.step + 1 == spec.total_steps
+            grad_norm = None
+            if spec.clip_grad or logging_step:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.clip_grad or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.step_in_epoch += 1
+            state.device_seconds = device_seconds0 + (time.perf_counter() - stage_start) * world
+            stepped = True
+            if logging_step:
+                check_finite()
+                metrics = log({"train/grad_norm": grad_norm.item()})
+            if spec.eval_every and state.step % spec.eval_every == 0 and state.step < spec.total_steps:
+                evaluation = task.evaluate(ddp_model)
+                if logger:
+                    logger.metrics(evaluation, state.step)
+            if state.step in pictures and logger and state.step < spec.total_steps:
+                logger.artifacts(task.pictures(_unwrap(ddp_model), state.step, False, out_dir), "pictures")
+            if state.step % spec.checkpoint_every == 0 and state.step < spec.total_steps:
+                check_finite()
+                checkpointer.save(state, metrics)
+        if state.step >= spec.total_steps:
+            break
+        if not stepped and not skip:
+            raise RuntimeError(
+                f"stage {spec.stage}: epoch {state.epoch} gave this worker no complete optimizer step; "
+                "the dataset is smaller than one global batch (lower batch_size or add data)"
+            )
+        state.epoch += 1
+        state.step_in_epoch = 0
+        optimizer.zero_grad(set_to_none=True)
+
+    check_finite()
+    final_metrics = task.evaluate(ddp_model)
+    if logger:
+        logger.metrics(final_metrics, state.step)
+        logger.artifacts(task.pictures(_unwrap(ddp_model), state.step, True, out_dir), "pictures")
+    checkpointer.save(state, {**metrics, **final_metrics}, final=True)
+
+
+def lr_steps(epochs: float, steps_per_epoch: int, warmup_epochs: float, max_steps: Optional[int]) -> tuple[int, int]:
+    """(total optimizer steps, warmup steps) of a schedule given in epochs."""
+    total = max(1, math.ceil(epochs * steps_per_epoch))
+    if max_steps:
+        total = min(total, max_steps)
+    return total, min(int(round(warmup_epochs * steps_per_epoch)), max(total - 1, 0))
