@@ -10,7 +10,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipelines.cli_data import data_app
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="MixMAE pretraining and transfer on Ray + MLflow.")
+app.add_typer(data_app, name="data")
 console = Console()
 
 
@@ -53,6 +56,147 @@ def convert(
     kind = "pretraining" if any(k.startswith("decoder.") for k in converted) else "classifier"
     save_state_dict(dst, converted, {"source": str(src), "layout": kind})
     console.print(f"wrote {dst} ({kind}, {len(converted)} tensors)")
+
+
+ConfigArg = typer.Argument(None, help="pipeline YAML (default: ray_configs/pipelines/quickstart.yaml)")
+SetOpt = typer.Option([], "--set", help="override a config field: key.path=value (repeatable)")
+
+
+def _load(config: Optional[Path], overrides: list[str]):
+    from pipelines.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+
+
+def _run(cfg, stages: Optional[list[str]], resume: Optional[str]) -> None:
+    from pipelines.pipeline import run_pipeline, summary_table
+    from pipelines.stages.base import StageError
+
+    try:
+        outcome = run_pipeline(cfg, stages=stages, resume=resume)
+    except StageError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    console.print(summary_table(cfg, outcome))
+    console.print(f"MLflow: {outcome.tracking_uri} (experiment {cfg.tracking.experiment}, run {outcome.run_id})")
+
+
+@app.command()
+def run(
+    config: Optional[Path] = ConfigArg,
+    stages: Optional[str] = typer.Option(None, "--stages", help="comma-separated subset, e.g. pretrain,inat2018"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="MLflow run id of a pipeline to continue"),
+    overrides: list[str] = SetOpt,
+) -> None:
+    """Run pretraining and the transfer stages as one MLflow experiment run."""
+    cfg = _load(config, overrides)
+    _run(cfg, stages.split(",") if stages else None, resume)
+
+
+@app.command()
+def pretrain(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt) -> None:
+    """Run (or resume) only the MixMAE pretraining stage of a config."""
+    _run(_load(config, overrides), ["pretrain"], None)
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="sweep YAML (ray_configs/sweeps/...)"),
+    overrides: list[str] = SetOpt,
+    fresh: bool = typer.Option(False, "--fresh", help="start over instead of resuming a sweep of the same name"),
+) -> None:
+    """Ray Tune over pretraining settings; each trial pretrains, then linear-probes."""
+    from pipelines.config import ConfigError
+    from pipelines.sweep import FLOPS_METRIC, PROBE_METRIC, load_sweep, run_sweep
+
+    try:
+        spec, base = load_sweep(config, overrides)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    sweep_run, grid = run_sweep(spec, base, resume=not fresh)
+    table = Table(title=f"sweep {spec.name} (MLflow run {sweep_run})")
+    for column in (*spec.search, "pretrain FLOPs", PROBE_METRIC, "MLflow run"):
+        table.add_column(column)
+    for result in grid:
+        m = result.metrics or {}
+        table.add_row(
+            *(str(result.config.get(k)) for k in spec.search),
+            f"{m.get(FLOPS_METRIC, float('nan')):.3e}", f"{m.get(PROBE_METRIC, float('nan')):.4f}",
+            str(m.get("mlflow_run_id", "")),
+        )
+    console.print(table)
+
+
+@app.command()
+def report(
+    experiment: Optional[str] = typer.Argument(None, help="MLflow experiment (default: the quickstart's)"),
+    metric: Optional[str] = typer.Option(None, "--metric", help="accuracy metric of the pipeline runs"),
+    out: Path = typer.Option(Path("mixmae_report"), "--out", help="where the CSV and PNG go"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="default: as `mixmae run` resolves it"),
+) -> None:
+    """Accuracy against pretraining FLOPs (Pareto front marked), logged back to MLflow."""
+    from pipelines.config import load_config
+    from pipelines.report import run_report
+    from pipelines.tracking import resolve_tracking_uri
+
+    default = load_config()
+    uri = resolve_tracking_uri(tracking_uri or default.tracking.uri)
+    try:
+        rows, label, table_path, plot, run_id = run_report(uri, experiment or default.tracking.experiment, out, metric)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    table = Table(title=f"{label} vs pretraining FLOPs")
+    for column in ("run", "mask_ratio", "epochs", "pretrain FLOPs", label, "Pareto"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r.name, r.mask_ratio, r.epochs, f"{r.flops:.3e}", f"{r.accuracy:.4f}", "*" if r.pareto else "")
+    console.print(table)
+    console.print(f"wrote {table_path} and {plot}; logged to MLflow run {run_id}")
+
+
+@app.command()
+def plan(
+    config: Optional[Path] = ConfigArg,
+    overrides: list[str] = SetOpt,
+    throughput: list[str] = typer.Option([], "--throughput", help="stage=images/s per device (repeatable)"),
+    tflops: Optional[float] = typer.Option(None, "--tflops", help="achieved TFLOP/s per device, for the rest"),
+    benchmark: Optional[Path] = typer.Option(None, "--benchmark", help="JSON from benchmarks/pretrain_throughput.py"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per stage: GFLOPs, optimizer steps, training FLOPs and estimated device-hours."""
+    from pipelines.plan import bill
+
+    cfg = _load(config, overrides)
+    rates = {}
+    for item in throughput:
+        name, _, value = item.partition("=")
+        rates[name] = float(value)
+    bills = bill(cfg, rates, tflops, benchmark)
+    if as_json:
+        typer.echo(json.dumps([b.as_dict() for b in bills]))
+        return
+    table = Table(title=f"plan for {cfg.name}")
+    for column in ("stage", "model @ px", "GFLOPs", "train GFLOP/img", "steps", "images", "train PFLOP",
+                   "img/s/device", "device-h", "wall-h"):
+        table.add_column(column, justify="left" if column in ("stage", "model @ px") else "right")
+
+    def hours(value):
+        return "n/a" if value is None else f"{value:,.1f}"
+
+    for b in bills:
+        table.add_row(
+            b.stage, f"{b.model} @ {b.img_size}", f"{b.gflops:.1f}", f"{b.train_flops_per_image / 1e9:.1f}",
+            f"{b.steps:,}", f"{b.images:,}", f"{b.train_flops / 1e15:,.1f}",
+            "n/a" if b.throughput is None else f"{b.throughput:,.0f}", hours(b.device_hours), hours(b.wall_hours),
+        )
+    console.print(table)
+    console.print("throughput: " + "; ".join(f"{b.stage}: {b.throughput_source}" for b in bills))
 
 
 def main() -> None:

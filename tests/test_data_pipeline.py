@@ -1,0 +1,245 @@
+"""Ray Data pipelines on the session's local Ray cluster: pairing, epochs, determinism,
+packed shards, every task's rows, skip accounting and Ray Train sharding."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+
+from pipelines.data.datasets import (
+    DetectionCollate,
+    PairCollate,
+    build_dataset,
+    classification_dataset,
+    coco_ground_truth,
+    detection_dataset,
+    pretrain_dataset,
+    segmentation_dataset,
+)
+from pipelines.data.manifest import build_manifest, pack_manifest, write_manifest
+from pipelines.data.quality import PARTNER_SKIPPED, DataQualityError, check_skip_threshold, skip_counter
+from pipelines.data.synth import SCALES, SYNTH_LAYOUTS
+
+TINY = SCALES["tiny"]
+PRETRAIN_TRAIN = TINY.classes["pretrain"] * TINY.train_per_class
+
+
+@pytest.fixture(scope="module")
+def manifests(synthetic_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("manifests")
+    return {
+        name: write_manifest(build_manifest(SYNTH_LAYOUTS[name], root), out / f"{name}.parquet")
+        for name, root in synthetic_data.items()
+    }
+
+
+def _pairs(batches) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """``{(id_a, id_b): (images (2, 3, S, S), mask)}`` from PairCollate batches."""
+    out = {}
+    for batch in batches:
+        assert batch["images"].dtype == torch.uint8 and batch["mask"].dtype == torch.bool
+        assert len(batch["images"]) == len(batch["image_ids"]) == 2 * len(batch["mask"])
+        for k, mask in enumerate(batch["mask"]):
+            key = tuple(batch["image_ids"][2 * k : 2 * k + 2].tolist())
+            out[key] = (batch["images"][2 * k : 2 * k + 2].numpy(), mask.numpy())
+    return out
+
+
+def _epoch(ds, batch_size: int = 8):
+    return _pairs(ds.iter_torch_batches(batch_size=batch_size, collate_fn=PairCollate()))
+
+
+def _train_ids(manifest) -> list[int]:
+    table = pq.read_table(manifest, filters=pc.field("split") == "train")
+    return sorted(table.column("image_id").to_pylist())
+
+
+def test_pairs_cover_each_image_once_and_change_every_epoch(ray_local, manifests):
+    ds = build_dataset("pretrain", manifests["pretrain"], img_size=96, mask_ratio=0.75, seed=0)
+    epochs = [_epoch(ds), _epoch(ds)]
+    for pairs in epochs:
+        ids = [i for key in pairs for i in key]
+        assert sorted(ids) == _train_ids(manifests["pretrain"]) and len(ids) == PRETRAIN_TRAIN
+        for images, mask in pairs.values():
+            assert images.shape == (2, 3, 96, 96)
+            assert mask.shape == (3, 3) and mask.sum() == int(9 * 0.75)
+    assert set(epochs[0]) != set(epochs[1])
+    masks = {m.tobytes() for _, m in epochs[0].values()}
+    assert len(masks) > 1, "one mask per pair, not one per batch"
+
+    # (seed, epoch) alone fixes pairs, crops and masks: a dataset started at epoch 1 replays it
+    replay = _epoch(pretrain_dataset(manifests["pretrain"], img_size=96, mask_ratio=0.75, seed=0, epoch=1))
+    assert replay.keys() == epochs[1].keys()
+    for key, (images, mask) in replay.items():
+        assert np.array_equal(images, epochs[1][key][0]) and np.array_equal(mask, epochs[1][key][1])
+    other_seed = _epoch(pretrain_dataset(manifests["pretrain"], img_size=96, mask_ratio=0.75, seed=1, epoch=1))
+    assert other_seed.keys() != epochs[1].keys()
+
+
+def test_odd_image_count_leaves_one_image_out(ray_local, manifests, tmp_path):
+    table = pq.read_table(manifests["pretrain"], filters=pc.field("split") == "train").slice(0, 79)
+    pq.write_table(table, tmp_path / "odd.parquet")
+    rows = pretrain_dataset(tmp_path / "odd.parquet", img_size=64).take_all()
+    ids = [r["image_id_a"] for r in rows] + [r["image_id_b"] for r in rows]
+    assert len(rows) == 39 and len(set(ids)) == 78
+
+
+def test_packed_shards_give_the_same_pairs_and_images(ray_local, manifests, tmp_path):
+    packed = tmp_path / "packed"
+    pack_manifest(manifests["pretrain"], packed, rows_per_shard=30)
+    from_paths = _epoch(pretrain_dataset(manifests["pretrain"], img_size=64, seed=3, epoch=2))
+    from_bytes = _epoch(pretrain_dataset(packed, img_size=64, seed=3, epoch=2))
+    assert from_paths.keys() == from_bytes.keys() and len(from_paths) == PRETRAIN_TRAIN // 2
+    for key, (images, mask) in from_paths.items():
+        assert np.array_equal(images, from_bytes[key][0]) and np.array_equal(mask, from_bytes[key][1])
+
+    def by_id(source):
+        ds = classification_dataset(source, split="val", img_size=64, train=False)
+        return {r["image_id"]: r["image"] for r in ds.take_all()}
+
+    a, b = by_id(manifests["pretrain"]), by_id(packed)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["imagenet", "inat2018", "inat2019", "places205", "places365"])
+def test_classification_eval_reads_every_layout(ray_local, manifests, name):
+    rows = classification_dataset(manifests[name], split="val", img_size=64, train=False).take_all()
+    assert len(rows) == TINY.classes[name] * TINY.val_per_class
+    assert {r["label"] for r in rows} == set(range(TINY.classes[name]))
+    assert all(r["image"].shape == (3, 64, 64) and r["image"].dtype == np.uint8 for r in rows)
+
+
+def test_classification_training_rows_are_augmented_per_epoch_and_reproducible(ray_local, manifests):
+    ds = classification_dataset(manifests["imagenet"], split="train", img_size=64, train=True, seed=5)
+    first = {r["image_id"]: r["image"] for r in ds.take_all()}
+    second = {r["image_id"]: r["image"] for r in ds.take_all()}
+    assert first.keys() == second.keys() and len(first) == TINY.classes["imagenet"] * TINY.train_per_class
+    assert sum(np.array_equal(first[k], second[k]) for k in first) < len(first) // 10
+    replay = classification_dataset(manifests["imagenet"], split="train", img_size=64, train=True, seed=5, epoch=1)
+    assert all(np.array_equal(r["image"], second[r["image_id"]]) for r in replay.take_all())
+    batch = next(iter(ds.iter_torch_batches(batch_size=16)))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (16, 3, 64, 64)
+    assert batch["label"].dtype == torch.int64
+
+
+def test_detection_targets_live_in_the_ground_truth_frame(ray_local, manifests):
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    ds = detection_dataset(manifests["coco"], split="val", img_size=96, train=False)
+    detections = []
+    for images, targets in ds.iter_torch_batches(batch_size=4, collate_fn=DetectionCollate()):
+        for image, target in zip(images, targets):
+            assert image.shape == (3, 96, 96) and image.dtype == torch.uint8
+            assert target["masks"].shape == (len(target["boxes"]), 96, 96)
+            assert set(target["labels"].tolist()) <= {1, 2, 3}
+            for box, label, mask in zip(target["boxes"].tolist(), target["labels"].tolist(), target["masks"].numpy()):
+                rle = mask_utils.encode(np.asfortranarray(mask))
+                rle["counts"] = rle["counts"].decode()
+                detections.append(
+                    {
+                        "image_id": int(target["image_id"]), "category_id": label, "score": 1.0,
+                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "segmentation": rle,
+                    }
+                )
+    gt = COCO()
+    gt.dataset = coco_ground_truth(manifests["coco"], split="val", img_size=96)
+    gt.createIndex()
+    assert len(gt.getImgIds()) == TINY.dense_val
+    for kind in ("bbox", "segm"):
+        evaluation = COCOeval(gt, gt.loadRes(detections), kind)
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+        assert evaluation.stats[0] > 0.99, f"pipeline targets scored as predictions should be perfect ({kind})"
+
+
+def test_detection_training_flips_some_images(ray_local, manifests):
+    plain = {r["image_id"]: r for r in detection_dataset(manifests["coco"], split="train", img_size=128, train=False).take_all()}
+    rows = detection_dataset(manifests["coco"], split="train", img_size=128, train=True).take_all()
+    flipped = 0
+    for r in rows:
+        ref = plain[r["image_id"]]
+        assert np.all((r["boxes"] >= 0) & (r["boxes"] <= 128))
+        if not np.allclose(r["boxes"], ref["boxes"]):
+            assert np.allclose(r["boxes"][:, [2, 0]], 128 - ref["boxes"][:, [0, 2]], atol=1e-3)
+            assert np.array_equal(r["image"], ref["image"][:, :, ::-1])
+            flipped += 1
+    assert 0 < flipped < len(rows)
+
+
+def test_segmentation_labels_reduce_zero_and_keep_background(ray_local, manifests):
+    rows = segmentation_dataset(manifests["ade20k"], split="val", img_size=64, train=False).take_all()
+    assert len(rows) == TINY.dense_val
+    labels = np.stack([r["label"] for r in rows])
+    assert labels.shape == (TINY.dense_val, 64, 64) and labels.dtype == np.uint8
+    values, counts = np.unique(labels, return_counts=True)
+    assert set(values) == {0, 1, 2, 3, 255}
+    assert counts[0] == counts.max(), "background (class 1 -> 0) dominates"
+    train = segmentation_dataset(manifests["ade20k"], split="train", img_size=64, train=True).take(4)
+    assert all(r["image"].shape == (3, 64, 64) and r["label"].shape == (64, 64) for r in train)
+
+
+def _snapshot(counter, attempted: int, timeout_s: float = 30.0) -> dict:
+    """Counts arrive fire-and-forget: poll until they are all in (or the deadline passes)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        snap = ray.get(counter.snapshot.remote())
+        if snap["attempted"] >= attempted or time.monotonic() > deadline:
+            return snap
+        time.sleep(0.05)
+
+
+def test_bad_inputs_are_counted_and_the_threshold_fires(ray_local, bad_dataset, bad_images, tmp_path):
+    manifest = write_manifest(build_manifest("places", bad_dataset, "train"), tmp_path / "bad.parquet")
+    counter = skip_counter(f"skips-{uuid.uuid4().hex}")
+    rows = classification_dataset(manifest, split="train", img_size=32, train=False, counter=counter).take_all()
+    snap = _snapshot(counter, len(bad_images) + 1)
+    expected_skips = {r: 1 for _, s, r in bad_images.values() if s == "skipped"}
+    assert snap["skipped"] == expected_skips
+    assert snap["converted"] == sum(s == "converted" for _, s, _ in bad_images.values())
+    assert snap["ok"] == 2 and len(rows) == snap["ok"] + snap["converted"]
+    assert snap["examples"]["truncated"][0].endswith("truncated.jpg")
+    with pytest.raises(DataQualityError, match="truncated.jpg"):
+        check_skip_threshold(snap, min_attempted=10)
+
+    counter = skip_counter(f"skips-{uuid.uuid4().hex}")
+    pairs = pretrain_dataset(manifest, img_size=64, counter=counter).take_all()
+    snap = _snapshot(counter, len(bad_images) + 1)
+    dropped = snap["skipped"].pop(PARTNER_SKIPPED, 0)
+    assert snap["skipped"] == expected_skips and dropped >= 1
+    assert 2 * len(pairs) + dropped + len(expected_skips) == len(bad_images) + 1
+    assert snap["attempted"] == len(bad_images) + 1
+
+
+def test_ray_train_workers_get_disjoint_shards_that_cover_the_epoch(ray_local, manifests, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def train_fn(config):
+        ctx = ray.train.get_context()
+        shard = ray.train.get_dataset_shard("train")
+        ids = [i for b in shard.iter_torch_batches(batch_size=4, collate_fn=PairCollate()) for i in b["image_ids"].tolist()]
+        with open(f"{config['out']}/rank{ctx.get_world_rank()}.json", "w") as f:
+            json.dump(ids, f)
+
+    TorchTrainer(
+        train_fn,
+        train_loop_config={"out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(storage_path=str(tmp_path / "results"), name="disjoint-shards"),
+        datasets={"train": pretrain_dataset(manifests["pretrain"], img_size=64, seed=0)},
+    ).fit()
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(len(ids) == PRETRAIN_TRAIN // 2 for ids in seen)
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == _train_ids(manifests["pretrain"])
