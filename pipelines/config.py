@@ -166,6 +166,8 @@ class DetectStage(TransferBase):
     head_channels: int = Field(256, gt=0, description="mask head width")
     box_head_dim: int = Field(1024, gt=0, description="box head MLP width")
     rois_per_image: int = Field(512, gt=0, description="RoIs sampled per image for the box/mask heads")
+    proposals: int = Field(1000, gt=0, description="RPN proposals kept per image at test time (twice that in training)")
+    detections_per_image: int = Field(100, gt=0)
     pictures: int = Field(4, ge=0, description="prediction pictures logged at the end")
 
 

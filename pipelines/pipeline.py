@@ -8,6 +8,7 @@ last checkpoint.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import nullcontext
@@ -44,8 +45,14 @@ class PipelineOutcome:
 def init_ray(config: PipelineConfig) -> None:
     if ray.is_initialized():
         return
-    kwargs = {"num_cpus": config.ray.num_cpus} if (config.ray.num_cpus and not config.ray.address) else {}
-    ray.init(address=config.ray.address, configure_logging=True, logging_level="WARNING", **kwargs)
+    # Read by Ray Data in every process; a local cluster's workers inherit it from here.
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
+    joins_a_cluster = config.ray.address or os.environ.get("RAY_ADDRESS")  # e.g. inside a Ray job
+    kwargs = {"num_cpus": config.ray.num_cpus} if (config.ray.num_cpus and not joins_a_cluster) else {}
+    ray.init(
+        address=config.ray.address, configure_logging=True, logging_level="WARNING",
+        logging_config=ray.LoggingConfig(log_level="WARNING"), **kwargs,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

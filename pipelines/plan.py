@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipelines.config import PipelineConfig, PretrainStage, StageBase
+from pipelines.config import DetectStage, PipelineConfig, PretrainStage, StageBase
 
 
 @dataclass
@@ -60,14 +60,14 @@ def _flops(config: PipelineConfig, name: str, stage: StageBase) -> tuple[float, 
     if isinstance(stage, PretrainStage):
         report = flop_report(model, stage.img_size, **stage.model_overrides)
         return report.gflops * 1e9, report.train_gflops_per_image * 1e9
-    from pipelines.stages.transfer import TASKS, TransferSettings, task_flops
+    from pipelines.stages.transfer import TASKS, TransferSettings, detector_kwargs, task_flops
 
     settings = TransferSettings(
         task=stage.task, model=model, img_size=stage.img_size, encoder_weights=None,
         model_overrides=stage.model_overrides, micro_batch=1, num_classes=getattr(stage, "num_classes", 80 if stage.task == "detect" else 1000),
         weight_decay=0.0, betas=(0.9, 0.999), layer_decay=None, drop_path=0.0, fast=False, stage=name,
-        mode=getattr(stage, "mode", "finetune"), **{k: getattr(stage, k) for k in
-        ("fpn_channels", "head_channels", "box_head_dim", "decoder_channels") if hasattr(stage, k)},
+        mode=getattr(stage, "mode", "finetune"), decoder_channels=getattr(stage, "decoder_channels", 512),
+        detector=detector_kwargs(stage) if isinstance(stage, DetectStage) else {},
     )
     flops = task_flops(TASKS[stage.task](settings), stage.img_size, 1.0 if settings.mode == "linear_probe" else 3.0)
     return flops["flops/task_gmacs"] * 1e9, flops["flops/train_per_image"]

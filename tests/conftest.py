@@ -14,11 +14,15 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A 2-CPU local Ray cluster shared by the session's integration tests."""
+    """A local Ray cluster shared by the session's integration tests, with the quickstart's
+    4 logical CPUs (on 2 cores): its stages and their Ray Data tasks run side by side."""
     import ray
 
+    from pipelines.config import DEFAULT_CONFIG, load_config
+    from pipelines.pipeline import init_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
+        init_ray(load_config(DEFAULT_CONFIG))
     yield ray
     ray.shutdown()
 

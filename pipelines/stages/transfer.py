@@ -77,10 +77,7 @@ class TransferSettings:
     cutmix: float = 0.0
     label_smoothing: float = 0.0
     reprob: float = 0.0
-    fpn_channels: int = 256
-    head_channels: int = 256
-    box_head_dim: int = 1024
-    rois_per_image: int = 512
+    detector: dict[str, Any] = field(default_factory=dict)  # build_mask_rcnn keyword arguments
     decoder_channels: int = 512
     pictures: int = 0
     class_names: list[str] = field(default_factory=list)
@@ -185,9 +182,7 @@ class DetectTask(TransferTask):
     def build_model(self) -> nn.Module:
         return build_mask_rcnn(
             self.s.model, self.s.num_classes + 1, img_size=self.s.img_size, encoder_weights=self.s.encoder_weights,
-            encoder_overrides=self.s.model_overrides, drop_path_rate=self.s.drop_path, fpn_channels=self.s.fpn_channels,
-            head_channels=self.s.head_channels, box_head_dim=self.s.box_head_dim,
-            box_batch_size_per_image=self.s.rois_per_image,
+            encoder_overrides=self.s.model_overrides, drop_path_rate=self.s.drop_path, **self.s.detector,
         )
 
     def _detection_batches(self, name: str) -> Iterator[tuple[list[torch.Tensor], list[dict]]]:
@@ -315,6 +310,16 @@ def encoder_source(ctx: StageContext, name: str, spec: TransferBase) -> Optional
     return str(path)
 
 
+def detector_kwargs(spec: DetectStage) -> dict[str, Any]:
+    """``build_mask_rcnn`` keyword arguments of a detection stage."""
+    return dict(
+        fpn_channels=spec.fpn_channels, head_channels=spec.head_channels, box_head_dim=spec.box_head_dim,
+        box_batch_size_per_image=spec.rois_per_image, box_detections_per_img=spec.detections_per_image,
+        rpn_pre_nms_top_n_train=2 * spec.proposals, rpn_post_nms_top_n_train=2 * spec.proposals,
+        rpn_pre_nms_top_n_test=spec.proposals, rpn_post_nms_top_n_test=spec.proposals,
+    )
+
+
 def task_flops(task: TransferTask, img_size: int, train_factor: float) -> dict[str, float]:
     """GFLOPs (MACs, paper convention) of the task model and training FLOPs per image
     (2 FLOPs per MAC, and a backward pass of about twice the forward where it trains)."""
@@ -352,9 +357,8 @@ def plan(ctx: StageContext, name: str, run_id: str) -> StagePlan:
         train_ds = classification_dataset(source, split=spec.data.train_split, train=True, epoch=epoch, **augment, **common)
         val_ds = classification_dataset(source, split=spec.data.val_split, train=False, **augment, **common)
     elif isinstance(spec, DetectStage):
-        settings.fpn_channels, settings.pictures = spec.fpn_channels, spec.pictures
-        settings.head_channels, settings.box_head_dim = spec.head_channels, spec.box_head_dim
-        settings.rois_per_image = spec.rois_per_image
+        settings.pictures = spec.pictures
+        settings.detector = detector_kwargs(spec)
         settings.coco_gt = ray.put(coco_ground_truth(source, split=spec.data.val_split, img_size=spec.img_size))
         train_ds = detection_dataset(source, split=spec.data.train_split, train=True, epoch=epoch, **common)
         val_ds = detection_dataset(source, split=spec.data.val_split, train=False, **common)

@@ -1,0 +1,152 @@
+"""The quickstart pipeline end to end: pretraining and all transfer stages, nested MLflow
+runs, learning on every task, the report over it. One run serves every test here: it is
+first stopped after pretraining (as an interrupted pipeline would be) and then continued."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from mixmae_core.checkpoint import load_encoder_weights, load_state_dict
+from pipelines.cli import app
+from pipelines.config import DEFAULT_CONFIG, load_config
+from pipelines.pipeline import run_pipeline
+from pipelines.tracking import COMPLETE, ENCODER, STAGE
+
+CLASS_COUNTS = {"inat2018": 5, "inat2019": 4, "places205": 4, "places365": 5, "imagenet1k": 6}
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory, ray_local, synthetic_data):
+    work = tmp_path_factory.mktemp("quickstart")
+    config = load_config(
+        DEFAULT_CONFIG,
+        [
+            f"storage={work / 'runs'}",
+            f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+            f"synthetic.root={Path(synthetic_data['pretrain']).parent}",
+        ],
+    )
+    first = run_pipeline(config, stages=["pretrain"], progress=False)
+    outcome = run_pipeline(config, progress=False)
+    client = MlflowClient(outcome.tracking_uri)
+    runs = {r.data.tags.get(STAGE): r for r in client.search_runs([outcome.experiment_id]) if r.data.tags.get(STAGE)}
+    return config, outcome, client, runs, work, first
+
+
+def _history(client, run, key):
+    return [m.value for m in client.get_metric_history(run.info.run_id, key)]
+
+
+def test_a_pipeline_stopped_between_stages_continues_where_it_stopped(quickstart):
+    _, outcome, _, runs, _, first = quickstart
+    assert first.run_id == outcome.run_id
+    done = {s.name: s for s in outcome.stages}
+    assert done["pretrain"].skipped and done["pretrain"].run_id == runs["pretrain"].info.run_id
+    assert not any(s.skipped for n, s in done.items() if n != "pretrain")
+
+
+def test_every_stage_ran_as_a_nested_run(quickstart):
+    config, outcome, client, runs, *_ = quickstart
+    assert set(runs) == set(config.all_stages())
+    parent = client.get_run(outcome.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["mixmae.kind"] == "pipeline"
+    for name, run in runs.items():
+        assert run.info.status == "FINISHED" and run.data.tags[COMPLETE] == "true", name
+        assert run.data.tags["mlflow.parentRunId"] == outcome.run_id
+        assert run.data.metrics["flops/train_per_image"] > 0 and run.data.metrics["time/wall_s"] > 0
+        assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # the transfer stages started from the pretraining stage's encoder
+    encoder = runs["pretrain"].data.tags[ENCODER]
+    assert all(runs[n].data.tags["init"] == encoder for n in config.stages)
+    # summary metrics on the pipeline run, one headline per stage
+    summary = parent.data.metrics
+    assert {"pretrain.flops_train_total", "inat2018.val_top1", "coco.val_bbox_AP", "ade20k.val_mIoU"} <= set(summary)
+
+
+def test_pretraining_on_two_workers_learns_and_exports_a_timm_encoder(quickstart):
+    config, _, client, runs, *_ = quickstart
+    run = runs["pretrain"]
+    assert run.data.params["scaling.num_workers"] == "2" and run.data.params["mask_ratio"] == "0.5"
+    losses = _history(client, run, "train/loss")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    every = config.pretrain.log_every_steps
+    assert steps == list(range(every, steps[-1] + 1, every)) and steps[-1] == 50  # 40 pairs / 8 per step x 10 epochs
+    assert losses[-1] < 0.95 * losses[0], losses
+    for key in ("train/lr", "train/images_per_s", "train/grad_norm", "train/data_wait_frac", "flops/train_total",
+                "time/device_hours", "flops/encoder_gmacs", "flops/train_per_image", "data/images_attempted"):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for d in ("checkpoint", "pictures") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"checkpoint/encoder.safetensors", "checkpoint/model.safetensors", "checkpoint/trainer_state.pt"} <= artifacts
+    assert any(p.startswith("pictures/reconstruction") for p in artifacts)
+    classifier = timm.create_model("mixmae_swin_micro_w8", num_classes=3)
+    load_encoder_weights(classifier, run.data.tags[ENCODER])
+    weights = load_state_dict(run.data.tags[ENCODER])
+    assert torch.equal(classifier.layers[3].blocks[0].mlp.fc2.weight, weights["layers.3.blocks.0.mlp.fc2.weight"])
+
+
+@pytest.mark.parametrize("stage", sorted(CLASS_COUNTS))
+def test_classification_stages_beat_chance(quickstart, stage):
+    run = quickstart[3][stage]
+    chance = 1 / CLASS_COUNTS[stage]
+    assert run.data.metrics["val/top1"] > chance + 0.15, (stage, run.data.metrics["val/top1"])
+
+
+def test_detection_finds_objects(quickstart):
+    _, _, client, runs, *_ = quickstart
+    metrics = runs["coco"].data.metrics
+    assert metrics["val/bbox_AP"] > 0 and metrics["val/segm_AP"] > 0, metrics
+    pictures = [a.path for a in client.list_artifacts(runs["coco"].info.run_id, "pictures")]
+    assert pictures and all(p.endswith(".png") for p in pictures)
+
+
+def _all_background_miou(ade_root: Path) -> float:
+    """mIoU of predicting the background everywhere: its IoU is the background's share of
+    the labelled pixels, every other class present scores 0."""
+    labels = np.concatenate(
+        [np.asarray(Image.open(p)).ravel() for p in (ade_root / "ADEChallengeData2016/annotations/validation").glob("*.png")]
+    )
+    labelled = labels[labels > 0]  # 0 is ignored
+    return float((labelled == 1).mean()) / len(np.unique(labelled))
+
+
+def test_segmentation_beats_the_all_background_baseline(quickstart, synthetic_data):
+    _, _, client, runs, work, _ = quickstart
+    metrics = runs["ade20k"].data.metrics
+    baseline = _all_background_miou(Path(synthetic_data["ade20k"]))
+    assert 0.1 < baseline < 0.3
+    assert metrics["val/mIoU"] > baseline + 0.05, (metrics, baseline)
+    path = Path(client.download_artifacts(runs["ade20k"].info.run_id, "pictures", str(work / "seg")))
+    with Image.open(next(path.glob("*.png"))) as picture:
+        assert picture.width == 3 * picture.height  # image | prediction | target
+
+
+def test_rerunning_a_finished_pipeline_skips_every_stage(quickstart):
+    config, outcome, *_ = quickstart
+    again = run_pipeline(config, progress=False)
+    assert again.run_id == outcome.run_id and all(s.skipped for s in again.stages)
+
+
+def test_report_plots_accuracy_against_pretraining_flops(quickstart, tmp_path):
+    config, outcome, client, *_ = quickstart
+    result = CliRunner().invoke(
+        app,
+        ["report", config.tracking.experiment, "--tracking-uri", outcome.tracking_uri, "--out", str(tmp_path),
+         "--metric", "inat2018.val_top1"],
+    )
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "flops_vs_accuracy.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].endswith("True")  # one pipeline run: on the front by itself
+    with Image.open(tmp_path / "flops_vs_accuracy.png") as plot:
+        assert plot.width > 300
+    reports = client.search_runs([outcome.experiment_id], "tags.`mixmae.kind` = 'report'")
+    assert {a.path for a in client.list_artifacts(reports[0].info.run_id, "report")} == {
+        "report/flops_vs_accuracy.csv", "report/flops_vs_accuracy.png"
+    }
