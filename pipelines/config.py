@@ -151,6 +151,7 @@ class ClassifyStage(TransferBase):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     reprob: float = Field(0.25, ge=0, le=1)
     crop_pct: float = Field(0.875, gt=0, le=1)
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range in training")
 
 
 class DetectStage(TransferBase):

@@ -48,6 +48,9 @@ def init_ray(config: PipelineConfig) -> None:
     # Read by Ray Data in every process; a local cluster's workers inherit it from here.
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
     joins_a_cluster = config.ray.address or os.environ.get("RAY_ADDRESS")  # e.g. inside a Ray job
+    if not joins_a_cluster:
+        # One machine is never preempted; the watcher is one more actor per stage.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     kwargs = {"num_cpus": config.ray.num_cpus} if (config.ray.num_cpus and not joins_a_cluster) else {}
     ray.init(
         address=config.ray.address, configure_logging=True, logging_level="WARNING",
@@ -178,8 +181,8 @@ def _finished_encoder(client: MlflowClient, experiment_id: str, parent_id: str) 
 
 def summary_table(config: PipelineConfig, outcome: PipelineOutcome) -> Table:
     table = Table(title=f"pipeline {config.name} (MLflow run {outcome.run_id})")
-    for column in ("stage", "metric", "value", "GFLOPs", "train PFLOP", "wall s", ""):
-        table.add_column(column, justify="right" if column not in ("stage", "metric", "") else "left")
+    for column in ("stage", "metric", "value", "GFLOPs", "train FLOPs", "wall s", "note"):
+        table.add_column(column, justify="right" if column not in ("stage", "metric", "note") else "left")
     stages = config.all_stages()
     for result in outcome.stages:
         key = HEADLINE[stages[result.name].task]
@@ -189,7 +192,7 @@ def summary_table(config: PipelineConfig, outcome: PipelineOutcome) -> Table:
             key,
             f"{m.get(key, float('nan')):.4f}",
             f"{m.get('flops/encoder_gmacs', m.get('flops/task_gmacs', float('nan'))):.2f}",
-            f"{m.get('flops/train_total', 0) / 1e15:.3f}",
+            f"{m.get('flops/train_total', 0):.2e}",
             f"{m.get('time/wall_s', float('nan')):.0f}",
             "skipped (finished earlier)" if result.skipped else "",
         )

@@ -75,6 +75,8 @@ def test_pretraining_on_two_workers_learns_and_exports_a_timm_encoder(quickstart
     config, _, client, runs, *_ = quickstart
     run = runs["pretrain"]
     assert run.data.params["scaling.num_workers"] == "2" and run.data.params["mask_ratio"] == "0.5"
+    assert {k: run.data.tags[k] for k in ("model", "mask_ratio", "epochs", "workers", "device")} == {
+        "model": "mixmae_swin_micro_w8", "mask_ratio": "0.5", "epochs": "10.0", "workers": "2", "device": "cpu"}
     losses = _history(client, run, "train/loss")
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     every = config.pretrain.log_every_steps

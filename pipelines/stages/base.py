@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchConfig, TorchTrainer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from pipelines.config import SYNTHETIC_PREFIX, DataSpec, PipelineConfig, StageBase
+from pipelines.config import SYNTHETIC_PREFIX, DataSpec, PipelineConfig, PretrainStage, StageBase
 from pipelines.data.manifest import DataSource, build_manifest, open_source, write_manifest
 from pipelines.stages.loop import ENCODER_FILE, LOSS_METRIC, META_FILE, LoopSpec
 from pipelines.tracking import COMPLETE, ENCODER, FAILED_REASON, KIND, STAGE, RunLogger, flatten, start_or_resume
@@ -149,7 +149,7 @@ def split_size(source: DataSource, split: str, stage_name: str) -> int:
 
 
 def stage_tags(config: PipelineConfig, name: str, spec: StageBase) -> dict[str, str]:
-    return {
+    tags = {
         KIND: "stage",
         STAGE: name,
         "model": config.stage_model(spec),
@@ -157,6 +157,9 @@ def stage_tags(config: PipelineConfig, name: str, spec: StageBase) -> dict[str, 
         "workers": str(spec.scaling.num_workers),
         "device": "gpu" if spec.scaling.use_gpu else "cpu",
     }
+    if isinstance(spec, PretrainStage):
+        tags["mask_ratio"] = str(spec.mask_ratio)
+    return tags
 
 
 def progress_display() -> Progress:

@@ -353,7 +353,7 @@ def plan(ctx: StageContext, name: str, run_id: str) -> StagePlan:
         if probe:
             settings.layer_decay = None
             train_factor = 1.0
-        augment = dict(auto_augment=None if probe else spec.auto_augment, crop_pct=spec.crop_pct)
+        augment = dict(auto_augment=None if probe else spec.auto_augment, crop_pct=spec.crop_pct, scale=spec.crop_scale)
         train_ds = classification_dataset(source, split=spec.data.train_split, train=True, epoch=epoch, **augment, **common)
         val_ds = classification_dataset(source, split=spec.data.val_split, train=False, **augment, **common)
     elif isinstance(spec, DetectStage):
