@@ -20,6 +20,10 @@ from pipelines.config import DEFAULT_CONFIG, load_config
 from pipelines.pipeline import run_pipeline
 from pipelines.tracking import COMPLETE, ENCODER, STAGE
 
+# The fixture runs the whole quickstart (about a quarter of an hour on 2 cores) inside the
+# first test's time limit.
+pytestmark = pytest.mark.timeout(2400)
+
 CLASS_COUNTS = {"inat2018": 5, "inat2019": 4, "places205": 4, "places365": 5, "imagenet1k": 6}
 
 
