@@ -131,5 +131,7 @@ def load_encoder_weights(model: nn.Module, source: Union[PathLike, Mapping[str, 
 
 
 def timm_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> StateDict:
-    """``pretrained_filter_fn`` for ``timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=...))``."""
+    """timm's ``pretrained_filter_fn``: adapts a local checkpoint given through
+    ``pretrained_cfg_overlay=dict(file=PATH)``. The variants' configs carry no URL or hub id,
+    so timm never fetches weights for them."""
     return adapt_to_encoder(encoder_state_dict(state_dict), model)

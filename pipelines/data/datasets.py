@@ -54,7 +54,6 @@ from pipelines.data.transforms import (
     segmentation_sample,
 )
 
-KINDS = ("pretrain", "classify", "detect", "segment")
 #: Column suffixes of the two images of a pair (rows 2k and 2k+1 of a collated batch).
 PAIR = ("_a", "_b")
 #: Stride of the coarsest encoder stage; MixMAE's mixing mask lives on that grid.
@@ -557,7 +556,7 @@ _BUILDERS = {
 def build_dataset(kind: str, source: "str | Path | DataSource", **kwargs: Any) -> "ray.data.Dataset":
     """``build_dataset("pretrain" | "classify" | "detect" | "segment", source, **builder_kwargs)``."""
     if kind not in _BUILDERS:
-        raise ValueError(f"unknown dataset kind {kind!r}; known: {list(KINDS)}")
+        raise ValueError(f"unknown dataset kind {kind!r}; known: {list(_BUILDERS)}")
     return _BUILDERS[kind](source, **kwargs)
 
 
