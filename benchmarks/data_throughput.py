@@ -30,7 +30,8 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.data.datasets import PairCollate, decode_pairs, pretrain_dataset, units_for_chunk
+from pipelines.data.collate import PairCollate
+from pipelines.data.datasets import decode_pairs, pretrain_dataset, units_for_chunk
 from pipelines.data.manifest import build_manifest, open_source, write_manifest
 
 PAIRS_PER_BATCH = 16

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from pipelines.data.collate import normalize_on_device
 from pipelines.data.decode import decode_image, decode_label_map
 from pipelines.data.quality import PARTNER_SKIPPED, DataQualityError, Tally, check_skip_threshold
 from pipelines.data.transforms import (
     IGNORE_INDEX,
     coco_targets,
-    normalize_on_device,
     random_resized_crop,
     reduce_zero_label,
     sample_resized_crop,
@@ -128,6 +130,17 @@ def test_normalize_on_device_matches_float_normalisation():
     out = normalize_on_device(images)
     assert out.dtype == torch.float32 and torch.allclose(out, expected, atol=1e-5)
     assert torch.allclose(normalize_on_device(images, (0.5,) * 3, (0.5,) * 3), images.float() / 127.5 - 1, atol=1e-5)
+
+
+def test_dataset_planning_modules_do_not_import_torch():
+    """Ray Train's dataset manager and split coordinators unpickle the datasets' operators,
+    importing these modules; torch would cost each of those processes seconds."""
+    code = (
+        "import sys, pipelines.data.datasets, pipelines.data.quality, pipelines.data.manifest\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision'))\n"
+        "assert not bad, bad[:5]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_reduce_zero_label():

@@ -14,9 +14,8 @@ import pytest
 import ray
 import torch
 
+from pipelines.data.collate import DetectionCollate, PairCollate
 from pipelines.data.datasets import (
-    DetectionCollate,
-    PairCollate,
     build_dataset,
     classification_dataset,
     coco_ground_truth,
@@ -243,3 +242,44 @@ def test_ray_train_workers_get_disjoint_shards_that_cover_the_epoch(ray_local, m
     assert all(len(ids) == PRETRAIN_TRAIN // 2 for ids in seen)
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == _train_ids(manifests["pretrain"])
+
+
+def test_a_single_worker_reads_its_datasets_in_process_with_fresh_epochs(ray_local, manifests, tmp_path):
+    """One Ray Train worker executes the datasets itself (no split coordinator actors);
+    each epoch is a new order of the whole training split, evaluation sees every image once."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.state import list_actors
+
+    from pipelines.stages.base import StageDataConfig
+
+    def train_fn(config):
+        train, val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+        epochs = [[i for b in train.iter_batches(batch_size=8) for i in b["image_id"].tolist()] for _ in range(2)]
+        seen = {"epochs": epochs, "val": [i for b in val.iter_batches(batch_size=8) for i in b["image_id"].tolist()]}
+        with open(f"{config['out']}/ids.json", "w") as f:
+            json.dump(seen, f)
+
+    def coordinators() -> int:
+        return len(list_actors(filters=[("class_name", "=", "SplitCoordinator")], limit=10_000))
+
+    before = coordinators()
+    source = manifests["imagenet"]
+    TorchTrainer(
+        train_fn,
+        train_loop_config={"out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(storage_path=str(tmp_path / "results"), name="one-worker"),
+        datasets={
+            "train": classification_dataset(source, split="train", img_size=32, train=True, auto_augment=None),
+            "val": classification_dataset(source, split="val", img_size=32, train=False),
+        },
+        dataset_config=StageDataConfig(["train"], ["val"]),
+    ).fit()
+    seen = json.loads((tmp_path / "ids.json").read_text())
+    first, second = seen["epochs"]
+    assert sorted(first) == sorted(second) == _train_ids(source)
+    assert first != second
+    val = pq.read_table(source, filters=pc.field("split") == "val").column("image_id").to_pylist()
+    assert sorted(seen["val"]) == sorted(val)
+    assert coordinators() == before

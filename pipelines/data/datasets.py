@@ -34,9 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-import torch
 from ray.data import DataContext
-from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.context import ShuffleStrategy
 
 from pipelines.data.decode import decode_image, decode_label_map
@@ -302,7 +300,10 @@ def decode_pairs(
     ``partner_skipped``. Yields a block every :data:`STREAM_IMAGES` images (none when
     every pair was dropped: Ray Data cannot store an empty tensor column).
     """
-    # Imported here: the mixmae_core package pulls in timm, seconds per fresh data worker.
+    # Imported here, not with the module: every process that unpickles the dataset (Ray
+    # Train's dataset manager, split coordinators) imports this module, and torch and timm
+    # cost seconds each; only the processes that decode pairs need them.
+    import torch
     from mixmae_core.masking import sample_mask
 
     grid = mask_grid(img_size)
@@ -457,7 +458,7 @@ def pretrain_dataset(
     ``(S/32, S/32)``, ``floor(L * mask_ratio)`` ones, ``sample_mask`` seeded per pair),
     ``image_id_a``/``image_id_b`` and ``epoch``. Images are paired at random across the
     whole split, afresh every epoch; with an odd count one image sits the epoch out.
-    Iterate with ``collate_fn=PairCollate()``.
+    Iterate with ``collate_fn=pipelines.data.collate.PairCollate()``.
     """
     return _pipeline(
         open_source(source), split, ["image_id", "path"], decode_pairs,
@@ -508,7 +509,7 @@ def detection_dataset(
     padded bottom/right), ``boxes`` float32 (n, 4) xyxy pixels in that frame, ``labels``
     int64 (n,) in 1..K, ``masks`` uint8 (n, S, S), ``image_id`` (the COCO id). Training
     flips horizontally with p=0.5 and drops crowd and sub-pixel boxes. Iterate with
-    ``collate_fn=DetectionCollate()``; evaluate against :func:`coco_ground_truth`.
+    ``collate_fn=pipelines.data.collate.DetectionCollate()``; evaluate against :func:`coco_ground_truth`.
     """
     source = open_source(source)
     if source.layout != "coco":
@@ -560,46 +561,7 @@ def build_dataset(kind: str, source: "str | Path | DataSource", **kwargs: Any) -
     return _BUILDERS[kind](source, **kwargs)
 
 
-# --------------------------------------------------------------------------- collation / evaluation
-
-
-class PairCollate(NumpyBatchCollateFn):
-    """Pairs -> ``{"images": uint8 (2P, 3, S, S), "mask": bool (P, h, w), "image_ids": int64 (2P,)}``.
-
-    Rows ``2k`` and ``2k+1`` of ``images`` are pair ``k``, as ``mixmae_core`` expects, so
-    ``iter_torch_batches(batch_size=P)`` yields ``2P`` images. The dict of tensors is moved
-    to the worker's device by ``iter_torch_batches``.
-    """
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        images = np.stack((batch["image_a"], batch["image_b"]), axis=1)
-        ids = np.stack((batch["image_id_a"], batch["image_id_b"]), axis=1)
-        return {
-            "images": torch.from_numpy(images.reshape(-1, *images.shape[2:])),
-            "mask": torch.from_numpy(np.array(batch["mask"], dtype=bool)),
-            "image_ids": torch.from_numpy(ids.reshape(-1)),
-        }
-
-
-class DetectionCollate(NumpyBatchCollateFn):
-    """Rows -> ``(images, targets)`` in torchvision detection style: a list of uint8
-    ``(3, S, S)`` tensors and a list of ``{"boxes", "labels", "masks", "image_id"}`` dicts.
-    Left on the CPU (lists of dicts are not moved by ``iter_torch_batches``)."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-        images = [torch.from_numpy(np.array(image)) for image in batch["image"]]
-        targets = [
-            {
-                "boxes": torch.from_numpy(np.array(boxes, np.float32).reshape(-1, 4)),
-                "labels": torch.from_numpy(np.array(labels, np.int64).reshape(-1)),
-                "masks": torch.from_numpy(np.array(masks, np.uint8).reshape(-1, *images[k].shape[1:])),
-                "image_id": torch.tensor(int(image_id)),
-            }
-            for k, (boxes, labels, masks, image_id) in enumerate(
-                zip(batch["boxes"], batch["labels"], batch["masks"], batch["image_id"])
-            )
-        ]
-        return images, targets
+# --------------------------------------------------------------------------- evaluation
 
 
 def coco_ground_truth(source: "str | Path | DataSource", *, split: str, img_size: int) -> dict:

@@ -1,6 +1,6 @@
 """Per-image transforms of the data pipeline. All of them return uint8 ``(3, H, W)`` arrays:
-normalisation (:func:`normalize_on_device`), random erasing and mixup/cutmix run on the
-device over whole batches."""
+normalisation (:func:`pipelines.data.collate.normalize_on_device`), random erasing and
+mixup/cutmix run on the device over whole batches. No torch at import: see ``datasets``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from functools import lru_cache
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -21,25 +20,6 @@ IGNORE_INDEX = 255
 PRETRAIN_SCALE = (0.2, 1.0)
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
-
-
-def normalize_on_device(
-    images: torch.Tensor,
-    mean: Optional[Sequence[float]] = None,
-    std: Optional[Sequence[float]] = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """uint8 ``(B, 3, H, W)`` (values 0..255) to normalised floats, on the images' device.
-
-    ``mean``/``std`` default to timm's ``IMAGENET_DEFAULT_MEAN``/``IMAGENET_DEFAULT_STD``.
-    """
-    if mean is None or std is None:
-        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-        mean, std = mean or IMAGENET_DEFAULT_MEAN, std or IMAGENET_DEFAULT_STD
-    scale = torch.tensor(std, device=images.device, dtype=dtype).mul(255.0).view(1, -1, 1, 1)
-    shift = torch.tensor(mean, device=images.device, dtype=dtype).mul(255.0).view(1, -1, 1, 1)
-    return (images.to(dtype) - shift) / scale
 
 
 def sample_resized_crop(
@@ -140,6 +120,8 @@ def classification_transform(
 
 def seed_global_rngs(seed: int) -> None:
     """timm's transforms draw from the ``random``, NumPy and torch global generators."""
+    import torch  # loaded already by timm's transforms, the only callers
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -94,15 +94,23 @@ class StageDataConfig(ray.train.DataConfig):
         self._evaluation = evaluation
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        if world_size == 1:
+            # One worker reads everything: the dataset executes in the worker itself, as
+            # Ray Train does for unsplit datasets. A split would add a coordinator actor
+            # per dataset (a process with seconds of start-up) for nothing.
+            return [{name: self._own_copy(name, ds).iterator() for name, ds in datasets.items()}]
         rest = {k: v for k, v in datasets.items() if k not in self._evaluation}
         output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
         for name in (n for n in self._evaluation if n in datasets):  # Train may configure one dataset at a time
-            ds = datasets[name].copy(datasets[name])
-            ds.set_name(name)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+            for i, split in enumerate(self._own_copy(name, datasets[name]).streaming_split(world_size, equal=False)):
                 output[i][name] = split
         return output
+
+    def _own_copy(self, name: str, ds: "ray.data.Dataset") -> "ray.data.Dataset":
+        ds = ds.copy(ds)
+        ds.set_name(name)
+        ds.context.execution_options = self._resolve_execution_options(name)
+        return ds
 
 
 def resolve_source(ctx: StageContext, stage_name: str, data: DataSpec) -> DataSource:

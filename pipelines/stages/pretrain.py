@@ -17,9 +17,9 @@ from mixmae_core.fast import StepOptions, apply_step_options
 from mixmae_core.flops import flop_report
 from mixmae_core.optim import build_optimizer
 from mixmae_core.viz import save_reconstruction_png
-from pipelines.data.datasets import PairCollate, pretrain_dataset
+from pipelines.data.collate import PairCollate, normalize_on_device
+from pipelines.data.datasets import pretrain_dataset
 from pipelines.data.quality import skip_counter
-from pipelines.data.transforms import normalize_on_device
 from pipelines.stages.base import (
     StageContext,
     StagePlan,

@@ -34,15 +34,14 @@ from mixmae_core.models.segmentation import build_upernet
 from mixmae_core.optim import build_optimizer
 from mixmae_core.viz import draw_detections, draw_segmentation
 from pipelines.config import ClassifyStage, DetectStage, SegmentStage, TransferBase
+from pipelines.data.collate import DetectionCollate, normalize_on_device
 from pipelines.data.datasets import (
-    DetectionCollate,
     classification_dataset,
     coco_ground_truth,
     detection_dataset,
     segmentation_dataset,
 )
 from pipelines.data.quality import skip_counter
-from pipelines.data.transforms import normalize_on_device
 from pipelines.stages.base import (
     StageContext,
     StageError,
