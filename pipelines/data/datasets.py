@@ -61,6 +61,9 @@ _GROUP_BYTES = 64 * 2**20
 #: Decoded images per block yielded from a running task: a task's first images reach the
 #: trainer long before the task ends, so tasks can be large (few scheduling gaps).
 STREAM_IMAGES = 32
+#: Fewest images per decode task: below this, Ray's per-task cost (scheduling, arguments,
+#: the skip counts it sends) outweighs the decoding on small datasets.
+MIN_TASK_IMAGES = 32
 
 Counter = Optional["ray.actor.ActorHandle"]
 
@@ -190,8 +193,9 @@ def _unit_stream(
         raise ValueError(f"split {split!r} of {source.files[0]} has {len(ids)} images; need at least {group}")
     n_units = len(ids) // group
     cpus = _cluster_cpus()
-    # Several blocks per CPU keep every core busy; the cap bounds a block's decoded size.
-    per_block = max(1, min(max_units_per_block, math.ceil(n_units / (4 * cpus))))
+    # Several blocks per CPU keep every core busy, as long as a task is worth starting;
+    # the cap bounds a block's decoded size.
+    per_block = min(max_units_per_block, max(math.ceil(MIN_TASK_IMAGES / group), math.ceil(n_units / (4 * cpus))))
     if not source.packed:
         table_ref = ray.put(source.table(split, columns))
         n_chunks = math.ceil(n_units / per_block)
