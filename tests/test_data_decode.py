@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipelines.data.collate import normalize_on_device
+from pipelines.data.datasets import units_per_task
 from pipelines.data.decode import decode_image, decode_label_map
 from pipelines.data.quality import PARTNER_SKIPPED, DataQualityError, Tally, check_skip_threshold
 from pipelines.data.transforms import (
@@ -141,6 +142,14 @@ def test_dataset_planning_modules_do_not_import_torch():
         "assert not bad, bad[:5]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_decode_tasks_are_neither_too_small_nor_too_large():
+    assert units_per_task(100, 1, cpus=4, max_units=64) == 32  # small split: 32 images a task, not 7
+    assert units_per_task(40, 2, cpus=4, max_units=64) == 16  # pairs: still 32 images
+    assert units_per_task(300, 2, cpus=2, max_units=64) == 38  # four tasks per CPU
+    assert units_per_task(100_000, 1, cpus=8, max_units=64) == 64  # capped block size
+    assert units_per_task(100, 1, cpus=4, max_units=16) == 16
 
 
 def test_reduce_zero_label():

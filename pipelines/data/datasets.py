@@ -173,6 +173,13 @@ def _cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+def units_per_task(n_units: int, group: int, cpus: int, max_units: int) -> int:
+    """Units one decode task handles: several tasks per CPU keep every core busy, as long
+    as a task is worth starting (:data:`MIN_TASK_IMAGES`); ``max_units`` bounds a block's
+    decoded size."""
+    return min(max_units, max(math.ceil(MIN_TASK_IMAGES / group), math.ceil(n_units / (4 * cpus))))
+
+
 def _unit_stream(
     source: DataSource,
     split: str,
@@ -192,10 +199,7 @@ def _unit_stream(
     if len(ids) < group:
         raise ValueError(f"split {split!r} of {source.files[0]} has {len(ids)} images; need at least {group}")
     n_units = len(ids) // group
-    cpus = _cluster_cpus()
-    # Several blocks per CPU keep every core busy, as long as a task is worth starting;
-    # the cap bounds a block's decoded size.
-    per_block = min(max_units_per_block, max(math.ceil(MIN_TASK_IMAGES / group), math.ceil(n_units / (4 * cpus))))
+    per_block = units_per_task(n_units, group, _cluster_cpus(), max_units_per_block)
     if not source.packed:
         table_ref = ray.put(source.table(split, columns))
         n_chunks = math.ceil(n_units / per_block)
