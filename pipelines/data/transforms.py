@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import random
 from functools import lru_cache
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 from PIL import Image
