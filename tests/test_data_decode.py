@@ -144,6 +144,23 @@ def test_dataset_planning_modules_do_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_ray_trains_dataset_manager_unpickles_the_data_config_without_torch_or_mlflow():
+    """Every stage starts a DatasetManager actor that unpickles the stage's data config."""
+    from ray import cloudpickle
+
+    from pipelines.stages.ingest import StageDataConfig
+
+    code = (
+        "import pickle, sys\n"
+        "config = pickle.loads(sys.stdin.buffer.read())\n"
+        "assert type(config).__name__ == 'StageDataConfig', config\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mlflow', 'timm', 'rich'))\n"
+        "assert not bad, bad[:5]\n"
+    )
+    pickled = cloudpickle.dumps(StageDataConfig(["train"], ["val"]))
+    subprocess.run([sys.executable, "-c", code], input=pickled, check=True)
+
+
 def test_decode_tasks_are_neither_too_small_nor_too_large():
     assert units_per_task(100, 1, cpus=4, max_units=64) == 32  # small split: 32 images a task, not 7
     assert units_per_task(40, 2, cpus=4, max_units=64) == 16  # pairs: still 32 images

@@ -251,7 +251,7 @@ def test_a_single_worker_reads_its_datasets_in_process_with_fresh_epochs(ray_loc
     from ray.train.torch import TorchTrainer
     from ray.util.state import list_actors
 
-    from pipelines.stages.base import StageDataConfig
+    from pipelines.stages.ingest import StageDataConfig
 
     def train_fn(config):
         train, val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")

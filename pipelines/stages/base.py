@@ -26,6 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from pipelines.config import SYNTHETIC_PREFIX, DataSpec, PipelineConfig, PretrainStage, StageBase
 from pipelines.data.manifest import DataSource, build_manifest, open_source, write_manifest
+from pipelines.stages.ingest import StageDataConfig
 from pipelines.stages.loop import ENCODER_FILE, LOSS_METRIC, META_FILE, LoopSpec
 from pipelines.tracking import COMPLETE, ENCODER, FAILED_REASON, KIND, STAGE, RunLogger, flatten, start_or_resume
 
@@ -83,34 +84,6 @@ class StagePlan:
     """Evaluation datasets: split unequally, so every image is scored exactly once."""
     keepalive: Any = None
     """Driver-side handles that must outlive the trainer (e.g. the named skip counter actor)."""
-
-
-class StageDataConfig(ray.train.DataConfig):
-    """Ray Train's ingest, except that evaluation datasets are split with ``equal=False``
-    (the default equal split drops up to ``world_size - 1`` rows to even the shards out)."""
-
-    def __init__(self, train: list[str], evaluation: list[str]):
-        super().__init__(datasets_to_split=train)
-        self._evaluation = evaluation
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        if world_size == 1:
-            # One worker reads everything: the dataset executes in the worker itself, as
-            # Ray Train does for unsplit datasets. A split would add a coordinator actor
-            # per dataset (a process with seconds of start-up) for nothing.
-            return [{name: self._own_copy(name, ds).iterator() for name, ds in datasets.items()}]
-        rest = {k: v for k, v in datasets.items() if k not in self._evaluation}
-        output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
-        for name in (n for n in self._evaluation if n in datasets):  # Train may configure one dataset at a time
-            for i, split in enumerate(self._own_copy(name, datasets[name]).streaming_split(world_size, equal=False)):
-                output[i][name] = split
-        return output
-
-    def _own_copy(self, name: str, ds: "ray.data.Dataset") -> "ray.data.Dataset":
-        ds = ds.copy(ds)
-        ds.set_name(name)
-        ds.context.execution_options = self._resolve_execution_options(name)
-        return ds
 
 
 def resolve_source(ctx: StageContext, stage_name: str, data: DataSpec) -> DataSource:
