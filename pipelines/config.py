@@ -210,7 +210,14 @@ class PipelineConfig(Strict):
     tracking: Tracking = Field(default_factory=Tracking)
     ray: RaySettings = Field(default_factory=RaySettings)
     synthetic: Optional[Synthetic] = None
-    max_parallel_stages: int = Field(1, ge=1, description="transfer stages run at once (they share the cluster)")
+    max_parallel_stages: int = Field(
+        1, ge=1, description="transfer stages (or stage groups) run at once (they share the cluster)"
+    )
+    stage_groups: list[list[str]] = Field(
+        default_factory=list,
+        description="transfer stages that run one after another in one Ray Train worker group, "
+        "started once (small stages: the group start costs more than their training)",
+    )
     pretrain: PretrainStage
     stages: dict[str, TransferStage] = Field(default_factory=dict)
 
@@ -222,6 +229,19 @@ class PipelineConfig(Strict):
         for name, stage in self.all_stages().items():
             if stage.data.root.startswith(SYNTHETIC_PREFIX) and self.synthetic is None:
                 raise ValueError(f"stage {name} reads {stage.data.root} but the config has no 'synthetic' section")
+        grouped: list[str] = []
+        for group in self.stage_groups:
+            unknown = [name for name in group if name not in self.stages]
+            if unknown or not group:
+                raise ValueError(f"stage_groups: {unknown or group} are not transfer stages of this config")
+            if any(self.stages[name].scaling != self.stages[group[0]].scaling for name in group):
+                raise ValueError(
+                    f"stage_groups: {group} share one worker group, so their scaling must be the same "
+                    "(or take the stage out of its group)"
+                )
+            grouped += group
+        if len(grouped) != len(set(grouped)):
+            raise ValueError(f"stage_groups: a stage may be in one group only (got {self.stage_groups})")
         return self
 
     def resolved(self) -> "PipelineConfig":
@@ -239,6 +259,22 @@ class PipelineConfig(Strict):
 
     def all_stages(self) -> dict[str, StageBase]:
         return {"pretrain": self.pretrain, **self.stages}
+
+    def group_name(self, stage: str) -> str:
+        """The worker group ``stage`` runs in: its stages joined with '+' (a lone stage: its name)."""
+        return next(("+".join(group) for group in self.stage_groups if stage in group), stage)
+
+    def worker_groups(self, selected: Sequence[str]) -> list[tuple[str, list[str]]]:
+        """The selected transfer stages as ``(name, stages)`` worker groups: each of
+        ``stage_groups`` in its own order (named by its stages joined with '+'), every other
+        stage alone; groups in the config order of their first stage."""
+        out: dict[str, list[str]] = {}
+        for name in self.stages:
+            group = self.group_name(name)
+            members = [member for member in group.split("+") if member in selected]
+            if members:
+                out.setdefault(group, members)
+        return list(out.items())
 
     def stage_model(self, stage: StageBase) -> str:
         return stage.model or self.pretrain.model

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import ray
 import yaml
@@ -22,10 +22,8 @@ from mlflow.tracking import MlflowClient
 from rich.table import Table
 
 from pipelines.config import PipelineConfig, absolute
-from pipelines.stages.base import StageContext, StageError, StageOutcome, StagePlan, progress_display, run_stage
+from pipelines.stages.base import Planner, StageContext, StageError, StageOutcome, progress_display, run_worker_group
 from pipelines.tracking import KIND, RunLogger, ensure_experiment, flatten, resolve_tracking_uri, start_or_resume
-
-Planner = Callable[[StageContext, str, str], StagePlan]
 
 
 def planners() -> dict[str, Planner]:
@@ -115,16 +113,16 @@ def run_pipeline(
     outcome = PipelineOutcome(parent_id, experiment_id, uri)
     plans = planners()
     stage_specs = config.all_stages()
-    transfer = [name for name in stage_specs if name in selected and name != "pretrain"]
+    groups = config.worker_groups(selected)
     try:
         with display or nullcontext():
             if "pretrain" in selected:
-                result = run_stage(ctx, "pretrain", config.pretrain, plans["pretrain"])
+                (result,) = run_worker_group(ctx, "pretrain", ["pretrain"], plans)
                 outcome.stages.append(result)
                 ctx.encoder_checkpoint = result.encoder_checkpoint
-            elif transfer:
+            elif groups:
                 ctx.encoder_checkpoint = _finished_encoder(client, experiment_id, parent_id)
-            outcome.stages += _run_concurrently(ctx, transfer, plans, config.max_parallel_stages)
+            outcome.stages += _run_concurrently(ctx, groups, plans, config.max_parallel_stages)
     except BaseException:
         client.set_terminated(parent_id, "FAILED")
         raise
@@ -151,23 +149,24 @@ def summary_metrics(config: PipelineConfig, outcomes: Sequence[StageOutcome]) ->
     return out
 
 
-def _run_concurrently(ctx: StageContext, names: list[str], plans: dict[str, Planner], parallel: int) -> list[StageOutcome]:
-    """Transfer stages depend only on pretraining: run up to ``parallel`` at once. A failed
-    stage does not stop the others; the failures are raised together at the end."""
-    stages = ctx.config.stages
+def _run_concurrently(
+    ctx: StageContext, groups: list[tuple[str, list[str]]], plans: dict[str, Planner], parallel: int
+) -> list[StageOutcome]:
+    """Transfer stages depend only on pretraining: run up to ``parallel`` worker groups at
+    once. A failed group does not stop the others; the failures are raised together at the
+    end. Outcomes come back in config order."""
     results: dict[str, StageOutcome] = {}
-    failures: dict[str, BaseException] = {}
+    failures: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="stage") as pool:
-        futures = {pool.submit(run_stage, ctx, name, stages[name], plans[stages[name].task]): name for name in names}
+        futures = [pool.submit(run_worker_group, ctx, group, names, plans) for group, names in groups]
         for future in as_completed(futures):
-            name = futures[future]
             try:
-                results[name] = future.result()
+                results.update((result.name, result) for result in future.result())
             except Exception as exc:
-                failures[name] = exc
+                failures.append(exc)
     if failures:
-        raise StageError("; ".join(f"{exc}" for name, exc in failures.items()))
-    return [results[name] for name in names]
+        raise StageError("; ".join(f"{exc}" for exc in failures))
+    return [results[name] for name in ctx.config.stages if name in results]
 
 
 def _finished_encoder(client: MlflowClient, experiment_id: str, parent_id: str) -> Optional[str]:

@@ -110,7 +110,7 @@ def trial_config(base: PipelineConfig, sweep: SweepConfig, params: dict[str, Any
     if sweep.probe.batch_size:
         probe["batch_size"] = sweep.probe.batch_size
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
-    raw.update(name=f"{sweep.name}-{digest}", stages={"probe": probe}, max_parallel_stages=1)
+    raw.update(name=f"{sweep.name}-{digest}", stages={"probe": probe}, stage_groups=[], max_parallel_stages=1)
     return PipelineConfig.model_validate(raw)
 
 

@@ -25,6 +25,7 @@ STAGE = "mixmae.stage"
 COMPLETE = "mixmae.complete"
 FAILED_REASON = "mixmae.failure"
 ENCODER = "mixmae.encoder_checkpoint"
+CHECKPOINT = "mixmae.checkpoint"
 _MAX_PARAM = 6000
 
 

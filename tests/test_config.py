@@ -50,8 +50,10 @@ def test_bad_configs_fail_at_load_naming_the_field(tmp_path, edit, message):
 
 def test_set_overrides_any_field_and_are_validated(tmp_path):
     path = write(tmp_path, base())
-    config = load_config(path, ["pretrain.mask_ratio=0.75", "stages.coco.scaling.num_workers=2", "name=other"])
+    overrides = ["pretrain.mask_ratio=0.75", "stages.coco.scaling.num_workers=2", "stage_groups=[]", "name=other"]
+    config = load_config(path, overrides)
     assert config.pretrain.mask_ratio == 0.75 and config.stages["coco"].scaling.num_workers == 2
+    assert config.stage_groups == []
     with pytest.raises(ConfigError, match="pretrain.mask_ratio"):
         load_config(path, ["pretrain.mask_ratio=0"])
     with pytest.raises(ConfigError, match="key=value"):

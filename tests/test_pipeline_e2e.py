@@ -58,7 +58,7 @@ def test_a_pipeline_stopped_between_stages_continues_where_it_stopped(quickstart
 
 
 def test_every_stage_ran_as_a_nested_run(quickstart):
-    config, outcome, client, runs, *_ = quickstart
+    config, outcome, client, runs, work, _ = quickstart
     assert list(config.all_stages()) == ["pretrain", "inat2018", "inat2019", "places205", "places365", "coco", "ade20k"]
     assert set(runs) == set(config.all_stages())
     parent = client.get_run(outcome.run_id)
@@ -68,6 +68,10 @@ def test_every_stage_ran_as_a_nested_run(quickstart):
         assert run.data.tags["mlflow.parentRunId"] == outcome.run_id
         assert run.data.metrics["flops/train_per_image"] > 0 and run.data.metrics["time/wall_s"] > 0
         assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # pretraining and the two worker groups of transfer stages: three Ray Train runs
+    trainers = {p.name.removeprefix(f"{outcome.run_id}-") for p in (work / "runs").glob(f"{outcome.run_id}-*")}
+    assert trainers == {"pretrain", *("+".join(group) for group in config.stage_groups)}, trainers
+    assert sorted(n for group in config.stage_groups for n in group) == sorted(config.stages)
     # the transfer stages started from the pretraining stage's encoder
     encoder = runs["pretrain"].data.tags[ENCODER]
     assert all(runs[n].data.tags["init"] == encoder for n in config.stages)

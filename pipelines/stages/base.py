@@ -1,10 +1,11 @@
-"""Driver side of a stage: one MLflow run, one Ray Train ``TorchTrainer``, resumable.
+"""Driver side of stages: one MLflow run per stage, one Ray Train ``TorchTrainer`` per
+worker group of stages (usually a stage alone), resumable.
 
-Every stage is ``run_stage(ctx, name, spec, plan)``: the stage module decides the model,
-data and FLOPs (a :class:`StagePlan`), this module does the rest the same way for all:
-find or create the stage's MLflow run (a finished stage is skipped), log the resolved
-config, start the trainer under a name derived from the pipeline run (so re-running
-resumes from its checkpoints), show progress, and record the outcome.
+``run_worker_group(ctx, group, names, planners)`` runs stages the same way for all: the
+stage module decides the model, data and FLOPs (a :class:`StagePlan`); this module finds
+or creates each stage's MLflow run (a finished stage is skipped), logs the resolved config,
+starts the trainer under a name derived from the pipeline run (so re-running resumes from
+its checkpoints) and shows progress. The workers record each stage's completion.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import tempfile
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -27,8 +27,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from pipelines.config import SYNTHETIC_PREFIX, DataSpec, PipelineConfig, PretrainStage, StageBase
 from pipelines.data.manifest import DataSource, build_manifest, open_source, write_manifest
 from pipelines.stages.ingest import StageDataConfig
-from pipelines.stages.loop import ENCODER_FILE, LOSS_METRIC, META_FILE, LoopSpec
-from pipelines.tracking import COMPLETE, ENCODER, FAILED_REASON, KIND, STAGE, RunLogger, flatten, start_or_resume
+from pipelines.stages import entry
+from pipelines.stages.loop import LOSS_METRIC, META_FILE, LoopSpec, lr_steps, stage_dataset
+from pipelines.tracking import (
+    CHECKPOINT, COMPLETE, ENCODER, FAILED_REASON, KIND, STAGE, RunLogger, flatten, start_or_resume,
+)
 
 
 class StageError(RuntimeError):
@@ -70,7 +73,8 @@ class StageOutcome:
 class StagePlan:
     """What a stage module decides before training."""
 
-    train_fn: Callable[[dict], None]
+    worker: str
+    """The module of ``pipelines.stages`` whose ``run_worker`` trains it in a worker."""
     worker_config: dict[str, Any]
     datasets: dict[str, "ray.data.Dataset"]
     split: list[str]
@@ -84,6 +88,10 @@ class StagePlan:
     """Evaluation datasets: split unequally, so every image is scored exactly once."""
     keepalive: Any = None
     """Driver-side handles that must outlive the trainer (e.g. the named skip counter actor)."""
+
+
+Planner = Callable[[StageContext, str, str], StagePlan]
+"""``plan(ctx, stage_name, run_id)`` of a stage module."""
 
 
 def resolve_source(ctx: StageContext, stage_name: str, data: DataSpec) -> DataSource:
@@ -107,17 +115,18 @@ def resolve_source(ctx: StageContext, stage_name: str, data: DataSpec) -> DataSo
     return source
 
 
-def trainer_name(ctx: StageContext, stage_name: str) -> str:
-    return f"{ctx.parent_run_id}-{stage_name}"
+def trainer_name(ctx: StageContext, group: str) -> str:
+    return f"{ctx.parent_run_id}-{group}"
 
 
 def resume_epoch(ctx: StageContext, stage_name: str) -> int:
     """The epoch the newest checkpoint of this stage stopped in (0 without one), so that a
     resumed run's data continues with that epoch's order and pairing."""
     newest: dict[str, Any] = {}
-    for meta in (ctx.storage / trainer_name(ctx, stage_name)).glob(f"checkpoint_*/{META_FILE}"):
+    group = ctx.config.group_name(stage_name)
+    for meta in (ctx.storage / trainer_name(ctx, group)).glob(f"checkpoint_*/{META_FILE}"):
         info = json.loads(meta.read_text())
-        if info.get("step", -1) > newest.get("step", -1):
+        if info.get("stage") == stage_name and info.get("step", -1) > newest.get("step", -1):
             newest = info
     return int(newest.get("epoch", 0))
 
@@ -169,28 +178,27 @@ def _monitor(client: MlflowClient, run_id: str, name: str, total: int, progress:
     progress.update(task, completed=total, info="done")
 
 
-def run_stage(ctx: StageContext, name: str, spec: StageBase, plan_fn: Callable[[StageContext, str, str], StagePlan]) -> StageOutcome:
-    """Run (or resume, or skip if finished) stage ``name``; ``plan_fn(ctx, name, run_id)`` plans it."""
-    client = ctx.client()
-    config = ctx.config
-    tags = stage_tags(config, name, spec)
-    run = start_or_resume(client, ctx.experiment_id, name, {KIND: "stage", STAGE: name}, parent_id=ctx.parent_run_id)
-    run_id = run.info.run_id
-    if run.data.tags.get(COMPLETE) == "true":
-        client.set_terminated(run_id, "FINISHED")
-        return StageOutcome(name, run_id, dict(run.data.metrics), run.data.tags.get("mixmae.checkpoint"),
-                            run.data.tags.get(ENCODER), skipped=True)
+@dataclass
+class _Prepared:
+    name: str
+    spec: StageBase
+    run_id: str
+    plan: StagePlan
+    total_steps: int
+    worker_config: dict[str, Any]
+
+
+def _prepare(ctx: StageContext, name: str, spec: StageBase, run_id: str, plan_fn: Planner) -> _Prepared:
+    """Plan an unfinished stage and record its config on its MLflow run."""
     logger = RunLogger(ctx.tracking_uri, run_id)
     plan = plan_fn(ctx, name, run_id)
     logger.params(flatten("", spec.model_dump(mode="json")))
-    logger.tags({**tags, **plan.tags})
+    logger.tags({**stage_tags(ctx.config, name, spec), **plan.tags})
     logger.metrics(plan.flops, 0)
     with tempfile.TemporaryDirectory() as tmp:
         resolved = Path(tmp) / "config.yaml"
         resolved.write_text(yaml.safe_dump({"stage": name, **spec.model_dump(mode="json")}, sort_keys=False))
         logger.artifact(resolved)
-
-    from pipelines.stages.loop import lr_steps
 
     total, warmup = lr_steps(spec.epochs, plan.steps_per_epoch, spec.warmup_epochs, spec.max_steps)
     loop = LoopSpec(
@@ -214,58 +222,100 @@ def run_stage(ctx: StageContext, name: str, spec: StageBase, plan_fn: Callable[[
     )
     for key, value in plan.spec_overrides.items():
         setattr(loop, key, value)
-    scaling = spec.scaling
+    return _Prepared(name, spec, run_id, plan, total, {"worker": plan.worker, "loop": asdict(loop), **plan.worker_config})
+
+
+def _outcome(name: str, run, skipped: bool = False) -> StageOutcome:
+    tags = run.data.tags
+    return StageOutcome(name, run.info.run_id, dict(run.data.metrics), tags.get(CHECKPOINT) or None,
+                        tags.get(ENCODER) or None, skipped=skipped)
+
+
+def run_worker_group(ctx: StageContext, group: str, names: list[str], planners: dict[str, Planner]) -> list[StageOutcome]:
+    """Run stages ``names`` one after another in one Ray Train worker group (a lone stage is
+    a group of one). Finished stages are skipped; the rest run in one ``TorchTrainer`` named
+    after the pipeline run and ``group``, so running again resumes from its checkpoints.
+    A stage stopped by a data or divergence check does not stop the group's later stages;
+    the failures are raised together at the end."""
+    client = ctx.client()
+    specs = ctx.config.all_stages()
+    outcomes: dict[str, StageOutcome] = {}
+    pending: list[_Prepared] = []
+    for name in names:
+        run = start_or_resume(client, ctx.experiment_id, name, {KIND: "stage", STAGE: name}, parent_id=ctx.parent_run_id)
+        if run.data.tags.get(COMPLETE) == "true":
+            client.set_terminated(run.info.run_id, "FINISHED")
+            outcomes[name] = _outcome(name, run, skipped=True)
+        else:
+            spec = specs[name]
+            pending.append(_prepare(ctx, name, spec, run.info.run_id, planners["pretrain" if name == "pretrain" else spec.task]))
+    if pending:
+        _fit(ctx, group, pending)
+    failures = []
+    for stage in pending:
+        run = client.get_run(stage.run_id)
+        reason = run.data.tags.get(FAILED_REASON)
+        if run.data.tags.get(COMPLETE) == "true" and not reason:
+            client.set_terminated(stage.run_id, "FINISHED")
+            outcomes[stage.name] = _outcome(stage.name, client.get_run(stage.run_id))
+        else:
+            client.set_terminated(stage.run_id, "FAILED")
+            failures.append(reason or f"stage {stage.name} did not finish")
+    if failures:
+        raise StageError("; ".join(failures))
+    return [outcomes[name] for name in names]
+
+
+def _fit(ctx: StageContext, group: str, stages: list[_Prepared]) -> None:
+    client = ctx.client()
+    scaling = stages[0].spec.scaling  # the config requires one scaling per group
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+
+    def names(kind: str) -> list[str]:
+        return [stage_dataset(s.name, d) for s in stages for d in getattr(s.plan, kind)]
+
     trainer = TorchTrainer(
-        plan.train_fn,
-        train_loop_config={"loop": asdict(loop), **plan.worker_config},
+        entry.run_stages,
+        train_loop_config={"stages": [s.worker_config for s in stages]},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=trainer_name(ctx, name),
+            name=trainer_name(ctx, group),
             storage_path=str(ctx.storage),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Every stage's final checkpoint (final=1) outranks the periodic ones; Ray also
+            # always keeps the latest, which a restart resumes from.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=len(stages) + 1, checkpoint_score_attribute="final", checkpoint_score_order="max"
+            ),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
-            callbacks=ctx.callbacks.get(name, []),
+            callbacks=[callback for s in stages for callback in ctx.callbacks.get(s.name, [])],
         ),
-        datasets=plan.datasets,
-        dataset_config=StageDataConfig(plan.split, plan.evaluation),
+        datasets={stage_dataset(s.name, d): ds for s in stages for d, ds in s.plan.datasets.items()},
+        dataset_config=StageDataConfig(names("split"), names("evaluation")),
     )
     stop = threading.Event()
-    monitor = None
+    monitors = []
     if ctx.progress is not None:
-        monitor = threading.Thread(target=_monitor, args=(client, run_id, name, total, ctx.progress, stop), daemon=True)
-        monitor.start()
-    started = time.time()
-    if FAILED_REASON in run.data.tags:  # a resumed run starts with a clean slate
-        client.delete_tag(run_id, FAILED_REASON)
+        for s in stages:
+            args = (client, s.run_id, s.name, s.total_steps, ctx.progress, stop)
+            monitors.append(threading.Thread(target=_monitor, args=args, daemon=True))
+            monitors[-1].start()
+    for s in stages:  # a resumed run starts with a clean slate
+        if FAILED_REASON in client.get_run(s.run_id).data.tags:
+            client.delete_tag(s.run_id, FAILED_REASON)
     try:
-        result = trainer.fit()
+        trainer.fit()
     except Exception as exc:
-        reason = client.get_run(run_id).data.tags.get(FAILED_REASON) or f"{type(exc).__name__}: {exc}"
-        client.set_tag(run_id, FAILED_REASON, reason[:5000])
-        client.set_terminated(run_id, "FAILED")
-        raise StageError(f"stage {name} failed: {reason}") from exc
+        for s in stages:
+            tags = client.get_run(s.run_id).data.tags
+            if tags.get(COMPLETE) != "true" and FAILED_REASON not in tags:
+                client.set_tag(s.run_id, FAILED_REASON, f"stage {s.name} failed: {type(exc).__name__}: {exc}"[:5000])
     finally:
         stop.set()
-        if monitor:
+        for monitor in monitors:
             monitor.join()
-    stopped = client.get_run(run_id).data.tags.get(FAILED_REASON)
-    if stopped:
-        client.set_terminated(run_id, "FAILED")
-        raise StageError(stopped)
-    checkpoint = result.checkpoint.path if result.checkpoint else None
-    encoder = str(Path(checkpoint) / ENCODER_FILE) if checkpoint else None
-    wall = time.time() - started
-    logger.metrics({"time/wall_s": wall}, total)
-    if checkpoint:
-        logger.artifacts([Path(checkpoint) / f for f in sorted(p.name for p in Path(checkpoint).iterdir())], "checkpoint")
-    logger.tags({COMPLETE: "true", "mixmae.checkpoint": checkpoint or "", ENCODER: encoder or "", "mixmae.meta": META_FILE})
-    client.set_terminated(run_id, "FINISHED")
-    metrics = dict(client.get_run(run_id).data.metrics)
-    return StageOutcome(name, run_id, metrics, checkpoint, encoder)
 
 
 def steps_per_epoch(units: int, units_per_step: int, stage_name: str) -> int:

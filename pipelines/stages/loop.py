@@ -31,13 +31,32 @@ import torch.nn as nn
 from mixmae_core.checkpoint import load_state_dict, save_state_dict
 from mixmae_core.optim import build_scheduler
 from pipelines.data.quality import DataQualityError, check_skip_threshold
-from pipelines.tracking import FAILED_REASON, RunLogger
+from pipelines.tracking import CHECKPOINT, COMPLETE, ENCODER, FAILED_REASON, RunLogger
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 ENCODER_FILE = "encoder.safetensors"
 LOSS_METRIC = "train/loss"
+
+
+def stage_dataset(stage: str, name: str) -> str:
+    """The Ray Train dataset name of a stage's dataset (stages of a worker group share one trainer)."""
+    return f"{stage}.{name}"
+
+
+def _checkpoint_meta(checkpoint: Optional[ray.train.Checkpoint]) -> dict[str, Any]:
+    if checkpoint is None:
+        return {}
+    with checkpoint.as_directory() as d:
+        return json.loads((Path(d) / META_FILE).read_text())
+
+
+def first_to_run(stages: list[str]) -> int:
+    """Index of the first of a worker group's ``stages`` to run: the one the latest checkpoint
+    belongs to (it resumes; a final checkpoint just finishes again), else the first."""
+    stage = _checkpoint_meta(ray.train.get_checkpoint()).get("stage")
+    return stages.index(stage) if stage in stages else 0
 
 
 @dataclass
@@ -162,10 +181,11 @@ class _Checkpointer:
         self.task, self.model, self.optimizer, self.scheduler = task, model, optimizer, scheduler
         self.rank, self.spec = rank, spec
         self.last_good: Optional[str] = None
+        self.started = time.perf_counter()
 
     def restore(self, state: TrainState) -> bool:
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        if _checkpoint_meta(checkpoint).get("stage") != self.spec.stage:  # none, or an earlier stage's of the group
             return False
         with checkpoint.as_directory() as d:
             _unwrap(self.model).load_state_dict(load_state_dict(Path(d) / MODEL_FILE))
@@ -200,8 +220,19 @@ class _Checkpointer:
                 if final:
                     self.task.export(_unwrap(self.model), d)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "step": state.step, "final": final}, checkpoint=checkpoint)
+            ray.train.report({**metrics, "step": state.step, "final": int(final)}, checkpoint=checkpoint)
+            if final and self.rank == 0:
+                self._record_finished(Path(tmp), ray.train.get_checkpoint())
         self.last_good = f"step {state.step}"
+
+    def _record_finished(self, local: Path, persisted: ray.train.Checkpoint) -> None:
+        """Mark the stage finished on its MLflow run: the driver, and every later run of the
+        pipeline, read the outcome from these tags."""
+        logger = RunLogger(self.spec.tracking_uri, self.spec.run_id)
+        logger.metrics({"time/wall_s": time.perf_counter() - self.started}, self.spec.total_steps)
+        logger.artifacts(sorted(local.iterdir()), "checkpoint")
+        encoder = f"{persisted.path}/{ENCODER_FILE}" if (local / ENCODER_FILE).exists() else ""
+        logger.tags({COMPLETE: "true", CHECKPOINT: persisted.path, ENCODER: encoder, "mixmae.meta": META_FILE})
 
 
 class _Window:
@@ -313,6 +344,7 @@ def _train(task: Task, spec: LoopSpec) -> None:
     metrics: dict[str, float] = {}
     while state.step < spec.total_steps:
         skip = state.step_in_epoch * spec.accum_steps
+        resumed_in_epoch = skip > 0  # a checkpoint at an epoch's last step resumes with nothing left to do
         stepped = False
         batches = task.micro_batches(state.epoch)
         micro = 0
@@ -363,7 +395,7 @@ def _train(task: Task, spec: LoopSpec) -> None:
                 checkpointer.save(state, metrics)
         if state.step >= spec.total_steps:
             break
-        if not stepped and not skip:
+        if not stepped and not resumed_in_epoch:
             raise RuntimeError(
                 f"stage {spec.stage}: epoch {state.epoch} gave this worker no complete optimizer step; "
                 "the dataset is smaller than one global batch (lower batch_size or add data)"

@@ -28,8 +28,7 @@ from pipelines.stages.base import (
     split_size,
     steps_per_epoch,
 )
-from pipelines.stages import entry
-from pipelines.stages.loop import ENCODER_FILE, LoopSpec, Task, train
+from pipelines.stages.loop import ENCODER_FILE, LoopSpec, Task, stage_dataset, train
 
 
 @dataclass
@@ -45,6 +44,7 @@ class PretrainSettings:
     betas: tuple[float, float]
     fast: bool
     reconstructions: int
+    stage: str = "pretrain"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -74,7 +74,7 @@ class PretrainTask(Task):
         return build_optimizer(model, lr, self.s.weight_decay, tuple(self.s.betas), fused=fused)
 
     def micro_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        shard = ray.train.get_dataset_shard("train")
+        shard = ray.train.get_dataset_shard(stage_dataset(self.s.stage, "train"))
         # masks stay on the CPU (the encoder counts them there without a device sync)
         for batch in shard.iter_torch_batches(
             batch_size=self.s.micro_batch // 2,
@@ -139,6 +139,7 @@ def plan(ctx: StageContext, name: str, run_id: str) -> StagePlan:
     )
     report = flop_report(spec.model, spec.img_size, **spec.model_overrides)
     settings = PretrainSettings(
+        stage=name,
         model=spec.model,
         img_size=spec.img_size,
         mask_ratio=spec.mask_ratio,
@@ -152,7 +153,7 @@ def plan(ctx: StageContext, name: str, run_id: str) -> StagePlan:
         reconstructions=spec.reconstructions,
     )
     return StagePlan(
-        train_fn=entry.pretrain_worker,
+        worker="pretrain",
         worker_config={"task": settings.__dict__},
         datasets={"train": dataset},
         split=["train"],

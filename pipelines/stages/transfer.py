@@ -51,8 +51,7 @@ from pipelines.stages.base import (
     split_size,
     steps_per_epoch,
 )
-from pipelines.stages import entry
-from pipelines.stages.loop import ENCODER_FILE, LoopSpec, Task, train
+from pipelines.stages.loop import ENCODER_FILE, LoopSpec, Task, stage_dataset, train
 
 
 @dataclass
@@ -115,7 +114,7 @@ class TransferTask(Task):
         )
 
     def _batches(self, name: str, **kwargs) -> Iterator[dict]:
-        shard = ray.train.get_dataset_shard(name)
+        shard = ray.train.get_dataset_shard(stage_dataset(self.s.stage, name))
         yield from shard.iter_torch_batches(batch_size=self.s.micro_batch, device="cpu", prefetch_batches=2, **kwargs)
 
     def _images(self, batch: dict) -> torch.Tensor:
@@ -371,7 +370,7 @@ def plan(ctx: StageContext, name: str, run_id: str) -> StagePlan:
     flops = task_flops(TASKS[spec.task](settings), spec.img_size, train_factor)
     steps = steps_per_epoch(images, spec.batch_size, name)
     return StagePlan(
-        train_fn=entry.transfer_worker,
+        worker="transfer",
         worker_config={"task": settings.__dict__},
         datasets={"train": train_ds, "val": val_ds},
         split=["train"],

@@ -1,0 +1,143 @@
+"""Transfer stages sharing one Ray Train worker group (``stage_groups``): one trainer for the
+group, a killed worker resumes the stage it was in, a stage that stops does not stop the next."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import ConfigError, PipelineConfig, load_config
+from pipelines.pipeline import run_pipeline
+from pipelines.stages.base import StageError
+from pipelines.tracking import COMPLETE, ENCODER, FAILED_REASON
+
+GROUP = ["places205", "inat2018"]
+
+
+def make_config(tmp_path: Path, synthetic_data: dict, **first_stage) -> PipelineConfig:
+    def classify(root: str, **overrides) -> dict:
+        return {
+            "task": "classify", "init": "random", "img_size": 64, "data": {"layout": root.split(":")[0], "root": f"synthetic:{root.split(':')[1]}"},
+            "epochs": 4, "batch_size": 20, "base_lr": 1e-2, "warmup_epochs": 0, "layer_decay": None, "drop_path": 0.0,
+            "auto_augment": None, "mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0, "reprob": 0.0, "crop_pct": 1.0,
+            "log_every_steps": 1, "checkpoint_every_steps": 5, "eval_every_epochs": 4,
+            "scaling": {"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 1}, **overrides,
+        }
+
+    return PipelineConfig.model_validate(
+        {
+            "name": "group",
+            "storage": str(tmp_path / "runs"),
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "groups"},
+            "synthetic": {"root": str(Path(synthetic_data["pretrain"]).parent)},
+            "pretrain": {"model": "mixmae_swin_micro_w8", "img_size": 64, "epochs": 1,
+                         "data": {"layout": "imagefolder", "root": "synthetic:pretrain"}},
+            "stage_groups": [GROUP],
+            # config order differs from the group's: the group runs in its own order
+            "stages": {"inat2018": classify("inat:inat2018"), "places205": classify("places:places205", **first_stage)},
+        }
+    )
+
+
+def _runs(client: MlflowClient) -> dict:
+    experiment = client.get_experiment_by_name("groups").experiment_id
+    return {run.data.tags["mixmae.stage"]: run for run in client.search_runs([experiment], "tags.`mixmae.kind` = 'stage'")}
+
+
+def _steps(client: MlflowClient, run_id: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, "train/loss")]
+
+
+def _latest_registered_stage(storage: Path) -> str | None:
+    """The stage of the checkpoint Ray Train's controller registered last (what a restart resumes from)."""
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        if latest and (snapshot.parent / latest / "meta.json").is_file():
+            return json.loads((snapshot.parent / latest / "meta.json").read_text())["stage"]
+    return None
+
+
+def _kill_the_worker_in(storage: Path, stage: str, done: threading.Event, killed: list) -> None:
+    from ray.util.state import list_actors
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not done.is_set():
+        try:
+            current = _latest_registered_stage(storage)
+        except (OSError, ValueError):  # a snapshot being written
+            current = None
+        if current == stage:
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                killed.append(workers[-1].pid)
+                return
+        time.sleep(0.1)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_group_shares_one_trainer_and_a_killed_worker_resumes_its_current_stage(tmp_path, synthetic_data):
+    config = make_config(tmp_path, synthetic_data)
+    client = MlflowClient(config.tracking.uri)
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_the_worker_in, args=(tmp_path / "runs", "inat2018", done, killed), daemon=True)
+    killer.start()
+    try:
+        outcome = run_pipeline(config, stages=GROUP, progress=False)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "the test never got to kill the worker"
+    assert [stage.name for stage in outcome.stages] == ["inat2018", "places205"]  # config order
+    runs = _runs(client)
+    first, second = runs["places205"], runs["inat2018"]
+    # the finished first stage (80 images, 4 steps an epoch) was not trained again; the
+    # second (100 images) resumed from one of its checkpoints (every 5 steps)
+    assert _steps(client, first.info.run_id) == list(range(1, 17))
+    assert "mixmae.resumed_from" not in first.data.tags
+    assert second.data.tags["mixmae.resumed_from"] in {"step 5", "step 10", "step 15"}
+    assert _steps(client, second.info.run_id) == list(range(1, 21))  # continuous: no gap, no step twice
+    for run in (first, second):
+        assert run.info.status == "FINISHED" and run.data.tags[COMPLETE] == "true"
+        assert Path(run.data.tags[ENCODER]).is_file() and "val/top1" in run.data.metrics
+        assert "checkpoint/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    trainers = [p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith(outcome.run_id)]
+    assert trainers == [f"{outcome.run_id}-places205+inat2018"], trainers
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_stage_that_stops_does_not_stop_the_rest_of_its_group(tmp_path, synthetic_data):
+    config = make_config(tmp_path, synthetic_data, base_lr=1e9, max_steps=4, checkpoint_every_steps=100)
+    with pytest.raises(StageError, match=r"places205: loss became non-finite"):
+        run_pipeline(config, stages=GROUP, progress=False)
+    runs = _runs(MlflowClient(config.tracking.uri))
+    assert runs["places205"].info.status == "FAILED" and "non-finite" in runs["places205"].data.tags[FAILED_REASON]
+    assert runs["inat2018"].info.status == "FINISHED" and runs["inat2018"].data.tags[COMPLETE] == "true"
+
+
+def test_stage_groups_are_validated_and_ordered_as_written(tmp_path):
+    config = load_config(overrides=["stage_groups=[[coco,inat2018],[places365,ade20k]]"])
+    assert config.worker_groups(list(config.stages)) == [
+        ("coco+inat2018", ["coco", "inat2018"]),
+        ("inat2019", ["inat2019"]),
+        ("places205", ["places205"]),
+        ("places365+ade20k", ["places365", "ade20k"]),
+    ]
+    assert config.worker_groups(["ade20k"]) == [("places365+ade20k", ["ade20k"])]
+    assert config.group_name("ade20k") == "places365+ade20k" and config.group_name("pretrain") == "pretrain"
+    for groups, message in [
+        ("[[coco,nope]]", r"\['nope'\] are not transfer stages"),
+        ("[[pretrain,coco]]", r"\['pretrain'\] are not transfer stages"),
+        ("[[coco],[coco,inat2018]]", "in one group only"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(overrides=[f"stage_groups={groups}"])
+    with pytest.raises(ConfigError, match="scaling must be the same"):
+        load_config(overrides=["stage_groups=[[coco,inat2018]]", "stages.coco.scaling.num_workers=2"])
