@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from rich.table import Table
 
 from pipelines.config import PipelineConfig, absolute
+from pipelines.data.quality import skip_counter
 from pipelines.stages.base import Planner, StageContext, StageError, StageOutcome, progress_display, run_worker_group
 from pipelines.tracking import KIND, RunLogger, ensure_experiment, flatten, resolve_tracking_uri, start_or_resume
 
@@ -99,6 +101,7 @@ def run_pipeline(
         logger.artifact(path)
 
     init_ray(config)
+    counter_name = f"skips-{parent_id}-{uuid.uuid4().hex[:8]}"  # one per attempt: an old one may still be dying
     display = progress_display() if progress else None
     ctx = StageContext(
         config=config,
@@ -109,6 +112,8 @@ def run_pipeline(
         synthetic_roots=synthetic_roots(config),
         progress=display,
         callbacks=callbacks or {},
+        skip_counter=counter_name,
+        keepalive=[skip_counter(counter_name)],  # the actor lives as long as this handle
     )
     outcome = PipelineOutcome(parent_id, experiment_id, uri)
     plans = planners()

@@ -24,7 +24,7 @@ from pipelines.data.datasets import (
     segmentation_dataset,
 )
 from pipelines.data.manifest import build_manifest, pack_manifest, write_manifest
-from pipelines.data.quality import PARTNER_SKIPPED, DataQualityError, check_skip_threshold, skip_counter
+from pipelines.data.quality import PARTNER_SKIPPED, DataQualityError, SkipSink, check_skip_threshold, skip_counter
 from pipelines.data.synth import SCALES, SYNTH_LAYOUTS
 
 TINY = SCALES["tiny"]
@@ -192,7 +192,7 @@ def _snapshot(counter, attempted: int, timeout_s: float = 30.0) -> dict:
     """Counts arrive fire-and-forget: poll until they are all in (or the deadline passes)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        snap = ray.get(counter.snapshot.remote())
+        snap = counter.snapshot()
         if snap["attempted"] >= attempted or time.monotonic() > deadline:
             return snap
         time.sleep(0.05)
@@ -200,7 +200,9 @@ def _snapshot(counter, attempted: int, timeout_s: float = 30.0) -> dict:
 
 def test_bad_inputs_are_counted_and_the_threshold_fires(ray_local, bad_dataset, bad_images, tmp_path):
     manifest = write_manifest(build_manifest("places", bad_dataset, "train"), tmp_path / "bad.parquet")
-    counter = skip_counter(f"skips-{uuid.uuid4().hex}")
+    name = f"skips-{uuid.uuid4().hex}"
+    actor = skip_counter(name)
+    counter = SkipSink(name, "classify")
     rows = classification_dataset(manifest, split="train", img_size=32, train=False, counter=counter).take_all()
     snap = _snapshot(counter, len(bad_images) + 1)
     expected_skips = {r: 1 for _, s, r in bad_images.values() if s == "skipped"}
@@ -211,13 +213,14 @@ def test_bad_inputs_are_counted_and_the_threshold_fires(ray_local, bad_dataset, 
     with pytest.raises(DataQualityError, match="truncated.jpg"):
         check_skip_threshold(snap, min_attempted=10)
 
-    counter = skip_counter(f"skips-{uuid.uuid4().hex}")
+    counter = SkipSink(name, "pretrain")  # the same actor, a tally of its own
     pairs = pretrain_dataset(manifest, img_size=64, counter=counter).take_all()
     snap = _snapshot(counter, len(bad_images) + 1)
     dropped = snap["skipped"].pop(PARTNER_SKIPPED, 0)
     assert snap["skipped"] == expected_skips and dropped >= 1
     assert 2 * len(pairs) + dropped + len(expected_skips) == len(bad_images) + 1
     assert snap["attempted"] == len(bad_images) + 1
+    ray.kill(actor)
 
 
 def test_ray_train_workers_get_disjoint_shards_that_cover_the_epoch(ray_local, manifests, tmp_path):

@@ -12,6 +12,7 @@ import timm
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from ray.util.state import list_actors
 from typer.testing import CliRunner
 
 from mixmae_core.checkpoint import load_encoder_weights, load_state_dict
@@ -72,6 +73,9 @@ def test_every_stage_ran_as_a_nested_run(quickstart):
     trainers = {p.name.removeprefix(f"{outcome.run_id}-") for p in (work / "runs").glob(f"{outcome.run_id}-*")}
     assert trainers == {"pretrain", *("+".join(group) for group in config.stage_groups)}, trainers
     assert sorted(n for group in config.stage_groups for n in group) == sorted(config.stages)
+    # one skip counter actor per pipeline call (stopped after pretraining, then continued), not per stage
+    counters = list_actors(filters=[("class_name", "=", "SkipCounter")], limit=10_000)
+    assert sum(outcome.run_id in (actor.name or "") for actor in counters) == 2
     # the transfer stages started from the pretraining stage's encoder
     encoder = runs["pretrain"].data.tags[ENCODER]
     assert all(runs[n].data.tags["init"] == encoder for n in config.stages)

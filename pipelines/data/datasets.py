@@ -39,7 +39,7 @@ from ray.data.context import ShuffleStrategy
 
 from pipelines.data.decode import decode_image, decode_label_map
 from pipelines.data.manifest import DataSource, open_source
-from pipelines.data.quality import PARTNER_SKIPPED, Tally
+from pipelines.data.quality import PARTNER_SKIPPED, SkipSink, Tally
 from pipelines.data.transforms import (
     CROP_RATIO,
     PRETRAIN_SCALE,
@@ -65,7 +65,7 @@ STREAM_IMAGES = 32
 #: the skip counts it sends) outweighs the decoding on small datasets.
 MIN_TASK_IMAGES = 32
 
-Counter = Optional["ray.actor.ActorHandle"]
+Counter = Optional[SkipSink]
 
 
 # --------------------------------------------------------------------------- units

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Optional
 
 import ray
@@ -75,37 +77,59 @@ class Tally:
             "examples": {k: list(v) for k, v in self.examples.items()},
         }
 
-    def flush(self, counter: Optional["ray.actor.ActorHandle"]) -> None:
+    def flush(self, counter: Optional["SkipSink"]) -> None:
         """Send the counts to ``counter`` without waiting (or log skips when there is no counter)."""
         if not self.attempted:
             return
         if counter is not None:
-            counter.add.remote(self.as_dict())
+            counter.add(self.as_dict())
         elif self.skipped:
             log.warning("data pipeline skipped images (no SkipCounter attached): %s", self.as_dict())
 
 
 @ray.remote(num_cpus=0)
 class SkipCounter:
-    """Stage-wide totals of decode outcomes; see :meth:`Tally.as_dict` for the snapshot layout."""
+    """Totals of decode outcomes, one tally per key (a stage run). One actor serves a whole
+    pipeline: an actor is a process, with seconds of start-up, so not one per stage."""
 
     def __init__(self) -> None:
-        self._tally = Tally()
+        self._tallies: dict[str, Tally] = {}
+
+    def add(self, key: str, counts: dict[str, Any]) -> None:
+        self._tallies.setdefault(key, Tally()).merge(counts)
+
+    def snapshot(self, key: str) -> dict[str, Any]:
+        """``{attempted, ok, converted, skipped: {reason: n}, examples: {reason: [paths]}}``."""
+        return self._tallies.get(key, Tally()).as_dict()
+
+
+def skip_counter(name: str) -> "ray.actor.ActorHandle":
+    """Get or create the named :class:`SkipCounter` (use a name unique to the pipeline run).
+
+    It lives as long as the handle the creating driver keeps; hand stages a :class:`SkipSink` each.
+    """
+    return SkipCounter.options(name=name, get_if_exists=True).remote()
+
+
+@lru_cache(maxsize=8)
+def _actor(name: str) -> "ray.actor.ActorHandle":
+    return ray.get_actor(name)
+
+
+@dataclass(frozen=True)
+class SkipSink:
+    """One stage run's tally on a named :class:`SkipCounter`: what dataset builders and the
+    train loop hold. Two strings, so it pickles into every decode task for nothing."""
+
+    counter: str
+    key: str
 
     def add(self, counts: dict[str, Any]) -> None:
-        self._tally.merge(counts)
+        """Send counts without waiting."""
+        _actor(self.counter).add.remote(self.key, counts)
 
     def snapshot(self) -> dict[str, Any]:
-        """``{attempted, ok, converted, skipped: {reason: n}, examples: {reason: [paths]}}``."""
-        return self._tally.as_dict()
-
-
-def skip_counter(name: str, namespace: Optional[str] = None) -> "ray.actor.ActorHandle":
-    """Get or create the named :class:`SkipCounter` for one stage run (use a name unique to the run).
-
-    It lives as long as the driver that created it; pass the handle to the dataset builders.
-    """
-    return SkipCounter.options(name=name, namespace=namespace, get_if_exists=True).remote()
+        return ray.get(_actor(self.counter).snapshot.remote(self.key))
 
 
 def check_skip_threshold(

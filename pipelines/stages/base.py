@@ -26,6 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from pipelines.config import SYNTHETIC_PREFIX, DataSpec, PipelineConfig, PretrainStage, StageBase
 from pipelines.data.manifest import DataSource, build_manifest, open_source, write_manifest
+from pipelines.data.quality import SkipSink
 from pipelines.stages.ingest import StageDataConfig
 from pipelines.stages import entry
 from pipelines.stages.loop import LOSS_METRIC, META_FILE, LoopSpec, lr_steps, stage_dataset
@@ -54,6 +55,14 @@ class StageContext:
     """A shared live display: each running stage adds its own bar."""
     callbacks: dict[str, list] = field(default_factory=dict)
     """Extra ``ray.train.UserCallback``s per stage name (a Tune trial reports through one)."""
+    skip_counter: Optional[str] = None
+    """Name of the pipeline's :class:`~pipelines.data.quality.SkipCounter` actor."""
+    keepalive: list = field(default_factory=list)
+    """Driver-side handles that must outlive the stages (the named skip counter actor)."""
+
+    def skips(self, run_id: str) -> Optional[SkipSink]:
+        """Where a stage run's decode outcomes are counted (keyed by its MLflow run)."""
+        return SkipSink(self.skip_counter, run_id) if self.skip_counter else None
 
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
@@ -83,11 +92,8 @@ class StagePlan:
     flops: dict[str, float]
     tags: dict[str, str]
     spec_overrides: dict[str, Any] = field(default_factory=dict)
-    skip_counter: Optional[str] = None
     evaluation: list[str] = field(default_factory=list)
     """Evaluation datasets: split unequally, so every image is scored exactly once."""
-    keepalive: Any = None
-    """Driver-side handles that must outlive the trainer (e.g. the named skip counter actor)."""
 
 
 Planner = Callable[[StageContext, str, str], StagePlan]
@@ -166,7 +172,7 @@ def progress_display() -> Progress:
 def _monitor(client: MlflowClient, run_id: str, name: str, total: int, progress: Progress, stop: threading.Event) -> None:
     """Follow the stage's metrics in MLflow (what rank 0 logged) on the driver's display."""
     task = progress.add_task(name, total=total, info="starting workers")
-    while not stop.wait(2.0):
+    while not stop.wait(5.0):  # each poll is two MLflow queries; a group polls for all its stages
         try:
             history = client.get_metric_history(run_id, LOSS_METRIC)
             latest = client.get_run(run_id).data.metrics
@@ -216,7 +222,7 @@ def _prepare(ctx: StageContext, name: str, spec: StageBase, run_id: str, plan_fn
         checkpoint_every=spec.checkpoint_every_steps,
         seed=spec.seed,
         train_flops_per_image=plan.flops.get("flops/train_per_image", 0.0),
-        skip_counter=plan.skip_counter,
+        skip_counter=ctx.skip_counter,
         max_skip_fraction=spec.data.max_skip_fraction,
         bf16=spec.fast and spec.scaling.use_gpu,
     )

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from mixmae_core.checkpoint import load_state_dict, save_state_dict
 from mixmae_core.optim import build_scheduler
-from pipelines.data.quality import DataQualityError, check_skip_threshold
+from pipelines.data.quality import DataQualityError, SkipSink, check_skip_threshold
 from pipelines.tracking import CHECKPOINT, COMPLETE, ENCODER, FAILED_REASON, RunLogger
 
 MODEL_FILE = "model.safetensors"
@@ -79,6 +79,7 @@ class LoopSpec:
     seed: int = 0
     train_flops_per_image: float = 0.0
     skip_counter: Optional[str] = None
+    """The pipeline's SkipCounter actor; this stage's tally there is keyed by ``run_id``."""
     max_skip_fraction: float = 0.01
     bf16: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -281,7 +282,7 @@ def _train(task: Task, spec: LoopSpec) -> None:
     checkpointer = _Checkpointer(task, ddp_model, optimizer, scheduler, rank, spec)
     resumed = checkpointer.restore(state)
     logger = RunLogger.resume(spec.tracking_uri, spec.run_id, LOSS_METRIC) if rank == 0 else None
-    counter = ray.get_actor(spec.skip_counter) if (rank == 0 and spec.skip_counter) else None
+    counter = SkipSink(spec.skip_counter, spec.run_id) if (rank == 0 and spec.skip_counter) else None
     pictures = task.picture_steps(spec.total_steps)
     out_dir = Path(tempfile.mkdtemp(prefix=f"{spec.stage}-"))
     if logger and resumed:
@@ -326,7 +327,7 @@ def _train(task: Task, spec: LoopSpec) -> None:
         }
         data_problem = None
         if counter is not None:
-            snapshot = ray.get(counter.snapshot.remote())
+            snapshot = counter.snapshot()
             metrics["data/images_attempted"] = snapshot["attempted"]
             metrics["data/images_converted"] = snapshot["converted"]
             for reason, n in snapshot["skipped"].items():

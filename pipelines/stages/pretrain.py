@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -19,7 +18,6 @@ from mixmae_core.optim import build_optimizer
 from mixmae_core.viz import save_reconstruction_png
 from pipelines.data.collate import PairCollate, normalize_on_device
 from pipelines.data.datasets import pretrain_dataset
-from pipelines.data.quality import skip_counter
 from pipelines.stages.base import (
     StageContext,
     StagePlan,
@@ -126,8 +124,6 @@ def plan(ctx: StageContext, name: str, run_id: str) -> StagePlan:
     source = resolve_source(ctx, name, spec.data)
     images = split_size(source, spec.data.train_split, name)
     steps = steps_per_epoch(images // 2, spec.batch_size // 2, name)
-    counter_name = f"skips-{run_id}-{uuid.uuid4().hex[:8]}"  # one per attempt: an old one may still be dying
-    counter = skip_counter(counter_name)
     dataset = pretrain_dataset(
         source,
         split=spec.data.train_split,
@@ -135,7 +131,7 @@ def plan(ctx: StageContext, name: str, run_id: str) -> StagePlan:
         mask_ratio=spec.mask_ratio,
         seed=spec.seed,
         epoch=resume_epoch(ctx, name),
-        counter=counter,
+        counter=ctx.skips(run_id),
     )
     report = flop_report(spec.model, spec.img_size, **spec.model_overrides)
     settings = PretrainSettings(
@@ -166,6 +162,4 @@ def plan(ctx: StageContext, name: str, run_id: str) -> StagePlan:
             "data/train_images": images,
         },
         tags={"mask_ratio": str(spec.mask_ratio), "mask_mode": spec.mask_mode, "data": str(source.files[0])},
-        skip_counter=counter_name,
-        keepalive=counter,
     )

@@ -10,7 +10,6 @@ converted by ``mixmae convert``), so the gain of pretraining is one MLflow compa
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -41,7 +40,6 @@ from pipelines.data.datasets import (
     detection_dataset,
     segmentation_dataset,
 )
-from pipelines.data.quality import skip_counter
 from pipelines.stages.base import (
     StageContext,
     StageError,
@@ -333,9 +331,7 @@ def plan(ctx: StageContext, name: str, run_id: str) -> StagePlan:
     split_size(source, spec.data.val_split, name)
     weights = encoder_source(ctx, name, spec)
     model = ctx.config.stage_model(spec)
-    counter_name = f"skips-{run_id}-{uuid.uuid4().hex[:8]}"
-    counter = skip_counter(counter_name)
-    common = dict(img_size=spec.img_size, seed=spec.seed, counter=counter)
+    common = dict(img_size=spec.img_size, seed=spec.seed, counter=ctx.skips(run_id))
     epoch = resume_epoch(ctx, name)
     settings = TransferSettings(
         task=spec.task, model=model, img_size=spec.img_size, encoder_weights=weights,
@@ -379,8 +375,6 @@ def plan(ctx: StageContext, name: str, run_id: str) -> StagePlan:
         flops={**flops, "data/train_images": images},
         tags={"init": weights or "random", "task": spec.task, "data": str(source.files[0])},
         spec_overrides={"eval_every": max(1, round(spec.eval_every_epochs * steps))},
-        skip_counter=counter_name,
-        keepalive=counter,
     )
 
 
