@@ -13,7 +13,7 @@ compiled, with SDPA attention.
   most per-op launch overhead; ``compile="blocks"`` compiles per transformer block
   (each distinct shape once), which compiles faster.
 * ``attn_impl="flex"`` (FlexAttention: relative bias read in the kernel, segment block
-  mask) is registered here too. On an H200 with torch 2.11 its kernels ran slower than
+  mask, in ``mixmae_core.flex``) is selectable too. On an H200 with torch 2.11 its kernels ran slower than
   SDPA's memory-efficient kernel at these shapes (head dim 32, 100-196 tokens), so the
   fast path does not use it.
 """
@@ -21,56 +21,14 @@ compiled, with SDPA attention.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from mixmae_core.models.attention import AttentionContext, AttentionImpl, register_attention
 from mixmae_core.models.encoder import MixMAEBlock
 from mixmae_core.optim import build_optimizer
-
-_compiled_flex = torch.compile(flex_attention, dynamic=False)
-
-
-class FlexAttention(AttentionImpl):
-    name = "flex"
-
-    def prepare(self, context: AttentionContext) -> AttentionContext:
-        segments = context.segments
-        if segments is None:
-            return replace(context, prepared=None)
-
-        def same_segment(b, h, q_idx, kv_idx):
-            return segments[b, q_idx] == segments[b, kv_idx]
-
-        S, n = segments.shape
-        return replace(context, prepared=create_block_mask(same_segment, S, None, n, n, device=segments.device))
-
-    def attend(self, q, k, v, rel_bias, context, scale, dropout_p=0.0):
-        if dropout_p:
-            raise ValueError("flex attention has no attention dropout: set attn_drop_rate=0 or use attn_impl='sdpa'")
-        positions = context.positions
-        if positions is None:
-
-            def add_bias(score, b, h, q_idx, kv_idx):
-                return score + rel_bias[h, q_idx, kv_idx]
-
-        else:
-
-            def add_bias(score, b, h, q_idx, kv_idx):
-                return score + rel_bias[h, positions[b, q_idx], positions[b, kv_idx]]
-
-        # inside a compiled block dynamo lowers flex itself; eager GPU calls need the compiled
-        # kernel (eager flex is the dense reference math, which is what CPU tests want)
-        run = _compiled_flex if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
-        return run(q, k, v, score_mod=add_bias, block_mask=context.prepared, scale=scale)
-
-
-register_attention(FlexAttention())
-
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     """Compile every transformer block in place (encoder and decoder)."""

@@ -14,7 +14,6 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, make
 
 from mixmae_core.losses import patch_stats, patchify, unpatchify
 from mixmae_core.masking import pair_rows, swap_pairs, upsample_mask
-from mixmae_core.metrics import binary_masks
 
 
 @torch.no_grad()
@@ -78,6 +77,8 @@ def draw_detections(
     boxes, labels = boxes[keep], labels[keep]
     colours = [tuple(c) for c in palette(int(labels.max()) + 1)[labels].tolist()] if len(labels) else []
     if masks is not None and len(labels):
+        from mixmae_core.metrics import binary_masks  # torchmetrics: seconds to import, pretraining never draws boxes
+
         image = draw_segmentation_masks(image, binary_masks(masks.cpu())[keep], 0.5, colours)
     names = [class_names[i] if class_names else str(i) for i in labels.tolist()]
     if scores is not None:

@@ -49,3 +49,19 @@ def test_fast_step_matches_reference_step_over_several_updates():
     assert torch.allclose(ref_losses, fast_losses, rtol=1e-4)
     for (name, a), b in zip(ref.named_parameters(), fast.parameters()):
         assert torch.allclose(a, b, atol=1e-4), name  # Adam turns 1e-7 grad noise into ~1e-5 steps
+
+
+def test_a_pretraining_worker_loads_neither_inductor_nor_torchmetrics_until_asked():
+    """Every Ray Train worker imports its stage module; FlexAttention (torch's inductor) and
+    torchmetrics cost seconds each and pretraining on the default path uses neither."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pipelines.stages.pretrain\n"
+        "heavy = ('torch._inductor.compile_fx', 'torchmetrics', 'torch.nn.attention.flex_attention')\n"
+        "assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]\n"
+        "from mixmae_core.models.attention import get_attention\n"
+        "assert get_attention('flex').name == 'flex' and 'torch._inductor.compile_fx' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -10,7 +10,7 @@ Implementations are selected by name and compute the same function:
   implementation is tested against.
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with the relative bias
   and the segment mask folded into one additive bias.
-* ``flex``: FlexAttention (``mixmae_core.fast``): the bias is looked up inside the kernel
+* ``flex``: FlexAttention (``mixmae_core.flex``): the bias is looked up inside the kernel
   and never materialised, and tiles with no same-segment pair are skipped.
 
 An implementation has ``prepare(context)``, run once per stage (all blocks of a stage
@@ -59,7 +59,7 @@ def register_attention(impl: AttentionImpl) -> AttentionImpl:
 
 def get_attention(name: str) -> AttentionImpl:
     if name == "flex" and name not in _IMPLS:
-        import mixmae_core.fast  # noqa: F401  (registers "flex")
+        import mixmae_core.flex  # noqa: F401  (registers "flex"; loads torch's inductor)
     try:
         return _IMPLS[name]
     except KeyError:
