@@ -263,7 +263,7 @@ def run_worker_group(ctx: StageContext, group: str, names: list[str], planners: 
         reason = run.data.tags.get(FAILED_REASON)
         if run.data.tags.get(COMPLETE) == "true" and not reason:
             client.set_terminated(stage.run_id, "FINISHED")
-            outcomes[stage.name] = _outcome(stage.name, client.get_run(stage.run_id))
+            outcomes[stage.name] = _outcome(stage.name, run)
         else:
             client.set_terminated(stage.run_id, "FAILED")
             failures.append(reason or f"stage {stage.name} did not finish")

@@ -186,9 +186,11 @@ class _Checkpointer:
 
     def restore(self, state: TrainState) -> bool:
         checkpoint = ray.train.get_checkpoint()
-        if _checkpoint_meta(checkpoint).get("stage") != self.spec.stage:  # none, or an earlier stage's of the group
+        if checkpoint is None:
             return False
         with checkpoint.as_directory() as d:
+            if json.loads((Path(d) / META_FILE).read_text()).get("stage") != self.spec.stage:
+                return False  # an earlier stage's of the group
             _unwrap(self.model).load_state_dict(load_state_dict(Path(d) / MODEL_FILE))
             saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(saved["optimizer"])
