@@ -164,8 +164,9 @@ def test_ray_trains_dataset_manager_unpickles_the_data_config_without_torch_or_m
 def test_decode_tasks_are_neither_too_small_nor_too_large():
     assert units_per_task(100, 1, cpus=4, max_units=64) == 32  # small split: 32 images a task, not 7
     assert units_per_task(40, 2, cpus=4, max_units=64) == 16  # pairs: still 32 images
-    assert units_per_task(300, 2, cpus=2, max_units=64) == 38  # four tasks per CPU
-    assert units_per_task(100_000, 1, cpus=8, max_units=64) == 64  # capped block size
+    assert units_per_task(300, 2, cpus=2, max_units=256) == 150  # one task per CPU
+    assert units_per_task(1200, 2, cpus=2, max_units=256) == 200  # three equal waves, not 256+256+88
+    assert units_per_task(100_000, 1, cpus=8, max_units=64) == 64  # capped task size
     assert units_per_task(100, 1, cpus=4, max_units=16) == 16
 
 

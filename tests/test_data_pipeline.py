@@ -87,7 +87,7 @@ def test_odd_image_count_leaves_one_image_out(ray_local, manifests, tmp_path):
     table = pq.read_table(manifests["pretrain"], filters=pc.field("split") == "train").slice(0, 79)
     pq.write_table(table, tmp_path / "odd.parquet")
     rows = pretrain_dataset(tmp_path / "odd.parquet", img_size=64).take_all()
-    ids = [r["image_id_a"] for r in rows] + [r["image_id_b"] for r in rows]
+    ids = [i for r in rows for i in r["image_ids"]]
     assert len(rows) == 39 and len(set(ids)) == 78
 
 

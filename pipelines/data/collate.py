@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.util.torch_utils import convert_ndarray_to_torch_tensor
 
 
 def normalize_on_device(
@@ -36,17 +37,19 @@ class PairCollate(NumpyBatchCollateFn):
     """Pairs -> ``{"images": uint8 (2P, 3, S, S), "mask": bool (P, h, w), "image_ids": int64 (2P,)}``.
 
     Rows ``2k`` and ``2k+1`` of ``images`` are pair ``k``, as ``mixmae_core`` expects, so
-    ``iter_torch_batches(batch_size=P)`` yields ``2P`` images. The dict of tensors is moved
-    to the worker's device by ``iter_torch_batches``.
+    ``iter_torch_batches(batch_size=P)`` yields ``2P`` images. A pair row holds both views
+    in one ``(2, 3, S, S)`` tensor, so this layout is a reshape, not a copy. The dict of
+    tensors is moved to the worker's device by ``iter_torch_batches``; on the CPU,
+    ``images`` and ``image_ids`` may share the object store's read-only memory (as Ray's
+    own default collation does), so clone before writing to them in place.
     """
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        images = np.stack((batch["image_a"], batch["image_b"]), axis=1)
-        ids = np.stack((batch["image_id_a"], batch["image_id_b"]), axis=1)
+        images = batch["images"]
         return {
-            "images": torch.from_numpy(images.reshape(-1, *images.shape[2:])),
+            "images": convert_ndarray_to_torch_tensor(images.reshape(-1, *images.shape[2:])),
             "mask": torch.from_numpy(np.array(batch["mask"], dtype=bool)),
-            "image_ids": torch.from_numpy(ids.reshape(-1)),
+            "image_ids": convert_ndarray_to_torch_tensor(batch["image_ids"].reshape(-1)),
         }
 
 

@@ -64,6 +64,11 @@ STREAM_IMAGES = 32
 #: Fewest images per decode task: below this, Ray's per-task cost (scheduling, arguments,
 #: the skip counts it sends) outweighs the decoding on small datasets.
 MIN_TASK_IMAGES = 32
+#: Most images per decode task read from a manifest (about 10 s of decoding at 224 px):
+#: a core idles ~0.1 s between two tasks (Ray Data polls for finished tasks every 0.1 s),
+#: so tasks are long, but bounded so a retried task redoes little. Packed shards are
+#: bounded by the builder's ``max_units_per_block``: their task input is the encoded bytes.
+MAX_TASK_IMAGES = 2048
 
 Counter = Optional[SkipSink]
 
@@ -174,10 +179,12 @@ def _cluster_cpus() -> int:
 
 
 def units_per_task(n_units: int, group: int, cpus: int, max_units: int) -> int:
-    """Units one decode task handles: several tasks per CPU keep every core busy, as long
-    as a task is worth starting (:data:`MIN_TASK_IMAGES`); ``max_units`` bounds a block's
-    decoded size."""
-    return min(max_units, max(math.ceil(MIN_TASK_IMAGES / group), math.ceil(n_units / (4 * cpus))))
+    """Units one decode task handles: the split is cut into waves of one task per CPU,
+    as few waves as ``max_units`` allows, so tasks are long (few scheduling gaps) and of
+    equal size (the cores finish an epoch together rather than one core finishing it
+    alone); never below :data:`MIN_TASK_IMAGES` (a task must be worth starting)."""
+    waves = math.ceil(n_units / (cpus * max_units))
+    return min(max_units, max(math.ceil(MIN_TASK_IMAGES / group), math.ceil(n_units / (cpus * waves))))
 
 
 def _unit_stream(
@@ -199,7 +206,8 @@ def _unit_stream(
     if len(ids) < group:
         raise ValueError(f"split {split!r} of {source.files[0]} has {len(ids)} images; need at least {group}")
     n_units = len(ids) // group
-    per_block = units_per_task(n_units, group, _cluster_cpus(), max_units_per_block)
+    max_units = max_units_per_block if source.packed else math.ceil(MAX_TASK_IMAGES / group)
+    per_block = units_per_task(n_units, group, _cluster_cpus(), max_units)
     if not source.packed:
         table_ref = ray.put(source.table(split, columns))
         n_chunks = math.ceil(n_units / per_block)
@@ -301,7 +309,8 @@ def decode_pairs(
     draft: bool = True,
     counter: Counter = None,
 ) -> Iterator[dict]:
-    """Pair units -> ``image_a``/``image_b`` uint8 ``(P, 3, S, S)``, ``mask`` bool ``(P, h, w)``.
+    """Pair units -> ``images`` uint8 ``(P, 2, 3, S, S)``, ``mask`` bool ``(P, h, w)``,
+    ``image_ids`` ``(P, 2)``.
 
     Both views and the mask are drawn from the unit's ``seed``. A pair with a skipped
     image is dropped; the skipped image counts under its reason, its partner under
@@ -335,9 +344,9 @@ def decode_pairs(
         if not usable:
             continue
         rows.append(
-            image_a=views[0][1], image_b=views[1][1],
+            images=[view for _, view in views],
             mask=sample_mask(1, grid, mask_ratio, generator=torch.Generator().manual_seed(seed))[0].numpy(),
-            image_id_a=int(batch["image_id_a"][i]), image_id_b=int(batch["image_id_b"][i]), epoch=int(batch["epoch"][i]),
+            image_ids=[int(batch["image_id" + s][i]) for s in PAIR], epoch=int(batch["epoch"][i]),
         )
         if 2 * len(rows) >= STREAM_IMAGES:
             yield _pair_block(rows.take())
@@ -347,9 +356,13 @@ def decode_pairs(
 
 
 def _pair_block(out: dict[str, list]) -> dict[str, np.ndarray]:
+    pairs = len(out["images"])
+    images = np.stack([view for pair in out["images"] for view in pair])  # one copy, not a stack per pair
     return {
-        **{k: np.stack(out[k]) for k in ("image_a", "image_b", "mask")},
-        **{k: np.array(out[k], np.int64) for k in ("image_id_a", "image_id_b", "epoch")},
+        "images": images.reshape(pairs, 2, *images.shape[1:]),
+        "mask": np.stack(out["mask"]),
+        "image_ids": np.array(out["image_ids"], np.int64),
+        "epoch": np.array(out["epoch"], np.int64),
     }
 
 
@@ -461,10 +474,10 @@ def pretrain_dataset(
     draft: bool = True,
     counter: Counter = None,
 ) -> "ray.data.Dataset":
-    """MixMAE pretraining pairs: one row per pair with ``image_a``, ``image_b`` (uint8
-    ``(3, S, S)``, RandomResizedCrop(scale, bicubic) + flip), ``mask`` (bool
+    """MixMAE pretraining pairs: one row per pair with ``images`` (uint8 ``(2, 3, S, S)``,
+    the two views, each RandomResizedCrop(scale, bicubic) + flip), ``mask`` (bool
     ``(S/32, S/32)``, ``floor(L * mask_ratio)`` ones, ``sample_mask`` seeded per pair),
-    ``image_id_a``/``image_id_b`` and ``epoch``. Images are paired at random across the
+    ``image_ids`` ``(2,)`` and ``epoch``. Images are paired at random across the
     whole split, afresh every epoch; with an odd count one image sits the epoch out.
     Iterate with ``collate_fn=pipelines.data.collate.PairCollate()``.
     """
