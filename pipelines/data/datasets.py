@@ -67,7 +67,7 @@ MIN_TASK_IMAGES = 32
 #: Most images per decode task read from a manifest (about 10 s of decoding at 224 px):
 #: a core idles ~0.1 s between two tasks (Ray Data polls for finished tasks every 0.1 s),
 #: so tasks are long, but bounded so a retried task redoes little. Packed shards are
-#: bounded by the builder's ``max_units_per_block``: their task input is the encoded bytes.
+#: bounded by the builder's ``max_packed_units`` (their task input is the encoded bytes).
 MAX_TASK_IMAGES = 2048
 
 Counter = Optional[SkipSink]
@@ -196,7 +196,7 @@ def _unit_stream(
     shuffle: bool,
     seed: int,
     epoch: int,
-    max_units_per_block: int,
+    max_packed_units: int,
 ) -> tuple["ray.data.Dataset", Optional[int]]:
     """The split's rows as a dataset of units (see module docstring) and the batch size the
     decoding step should use on it."""
@@ -206,15 +206,15 @@ def _unit_stream(
     if len(ids) < group:
         raise ValueError(f"split {split!r} of {source.files[0]} has {len(ids)} images; need at least {group}")
     n_units = len(ids) // group
-    max_units = max_units_per_block if source.packed else math.ceil(MAX_TASK_IMAGES / group)
-    per_block = units_per_task(n_units, group, _cluster_cpus(), max_units)
+    max_units = max_packed_units if source.packed else math.ceil(MAX_TASK_IMAGES / group)
+    per_task = units_per_task(n_units, group, _cluster_cpus(), max_units)
     if not source.packed:
         table_ref = ray.put(source.table(split, columns))
-        n_chunks = math.ceil(n_units / per_block)
+        n_chunks = math.ceil(n_units / per_task)
         ds = ray.data.from_items([{"id": c} for c in range(n_chunks)], override_num_blocks=n_chunks).map_batches(
             _emit_units,
             batch_size=1,
-            fn_kwargs=dict(table=[table_ref], group=group, shuffle=shuffle, seed=seed, epoch0=epoch, chunk=per_block),
+            fn_kwargs=dict(table=[table_ref], group=group, shuffle=shuffle, seed=seed, epoch0=epoch, chunk=per_task),
         )
         # Whole blocks: a batch size here would be fused into the emitting step's input
         # bundling and pack many chunks into one task, serialising the decode.
@@ -224,10 +224,10 @@ def _unit_stream(
     ds = ray.data.from_items([{"file": f} for f in source.files], override_num_blocks=len(source.files))
     ds = ds.map_batches(_read_shards, batch_size=1, fn_kwargs=dict(columns=columns, split=split))
     if not shuffle:
-        return ds.map_batches(_as_units, batch_format="pyarrow", fn_kwargs=dict(epoch=epoch)), per_block
+        return ds.map_batches(_as_units, batch_format="pyarrow", fn_kwargs=dict(epoch=epoch)), per_task
     metadata = [pq.read_metadata(f) for f in source.files]
     encoded = sum(m.row_group(i).total_byte_size for m in metadata for i in range(m.num_row_groups))
-    n_buckets = max(1, min(n_units, max(math.ceil(n_units / per_block), math.ceil(encoded / _GROUP_BYTES))))
+    n_buckets = max(1, min(n_units, max(math.ceil(n_units / per_task), math.ceil(encoded / _GROUP_BYTES))))
     ds = ds.map_batches(
         _rank_rows,
         batch_format="pyarrow",
@@ -240,7 +240,7 @@ def _unit_stream(
     ds = ds.groupby("_bucket").map_groups(
         _zip_units, batch_format="pyarrow", fn_kwargs=dict(group=group, seed=seed, n_units=n_units)
     )
-    return ds, per_block
+    return ds, per_task
 
 
 # --------------------------------------------------------------------------- decoding UDFs
@@ -267,14 +267,14 @@ def _pipeline(
     shuffle: bool,
     seed: int,
     epoch: int,
-    max_units_per_block: int,
+    max_packed_units: int,
     img_size: int,
     **decode_kwargs: Any,
 ) -> "ray.data.Dataset":
     """Units of ``split`` (see :func:`_unit_stream`) decoded by ``decode``."""
     ds, batch_size = _unit_stream(
         source, split, columns, group=group, shuffle=shuffle, seed=seed, epoch=epoch,
-        max_units_per_block=max_units_per_block,
+        max_packed_units=max_packed_units,
     )
     ds = ds.map_batches(decode, batch_size=batch_size, fn_kwargs=dict(img_size=img_size, **decode_kwargs))
     ctx = ds.context  # shared with the datasets ``ds`` derives from, nobody else's
@@ -483,7 +483,7 @@ def pretrain_dataset(
     """
     return _pipeline(
         open_source(source), split, ["image_id", "path"], decode_pairs,
-        group=2, shuffle=True, seed=seed, epoch=epoch, max_units_per_block=64, img_size=img_size,
+        group=2, shuffle=True, seed=seed, epoch=epoch, max_packed_units=64, img_size=img_size,
         mask_ratio=mask_ratio, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip, draft=draft, counter=counter,
     )
 
@@ -511,7 +511,7 @@ def classification_dataset(
     """
     return _pipeline(
         open_source(source), split, ["image_id", "path", "label"], decode_classification,
-        group=1, shuffle=train, seed=seed, epoch=epoch, max_units_per_block=64, img_size=img_size,
+        group=1, shuffle=train, seed=seed, epoch=epoch, max_packed_units=64, img_size=img_size,
         train=train, transform=(auto_augment, crop_pct, interpolation, tuple(scale), hflip), counter=counter,
     )
 
@@ -537,7 +537,7 @@ def detection_dataset(
         raise ValueError(f"detection reads the coco layout; {source.files[0]} is {source.layout}")
     return _pipeline(
         source, split, ["image_id", "path", "annotation"], decode_detection,
-        group=1, shuffle=train, seed=seed, epoch=epoch, max_units_per_block=16, img_size=img_size,
+        group=1, shuffle=train, seed=seed, epoch=epoch, max_packed_units=16, img_size=img_size,
         train=train, category_ids=source.category_ids, counter=counter,
     )
 
@@ -562,7 +562,7 @@ def segmentation_dataset(
         raise ValueError(f"segmentation reads the ade20k layout; {source.files[0]} is {source.layout}")
     return _pipeline(
         source, split, ["image_id", "path", "annotation"], decode_segmentation,
-        group=1, shuffle=train, seed=seed, epoch=epoch, max_units_per_block=32, img_size=img_size,
+        group=1, shuffle=train, seed=seed, epoch=epoch, max_packed_units=32, img_size=img_size,
         train=train, scale_range=tuple(scale_range), counter=counter,
     )
 
