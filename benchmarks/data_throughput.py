@@ -5,11 +5,11 @@ Both sides run the same work on the same files: the epoch's pairing, decode
 per pair, and ``PairCollate`` into ``(2P, 3, S, S)`` uint8 batches. Ray Data gets a local
 cluster of N CPUs; the DataLoader gets N worker processes. One warm-up epoch each
 (worker start-up and imports), then the timed epochs, Ray and DataLoader epochs
-alternating so both see the same background load. Rates are medians over the epochs;
-ratios are medians of the per-epoch ratios (a Ray epoch against the DataLoader epoch
-right after it), which cancels most of a shared machine's drifting load. Images per
-CPU-second (all processes of the run: driver, Ray daemons and workers, DataLoader
-workers) is shown too.
+alternating (and which of the two goes first alternating too) so both see the same
+background load. Rates are medians over the epochs; ratios are medians of the per-epoch
+ratios (a Ray epoch against the DataLoader epoch next to it), which cancels most of a
+shared machine's drifting load. Images per CPU-second (all processes of the run: driver,
+Ray daemons and workers, DataLoader workers) is shown too.
 
 Every epoch is a new Ray Data execution (a fresh order and pairing), which costs about
 0.13 s of idle cores at the epoch's boundary; on a real dataset that is nothing, on a
@@ -131,7 +131,8 @@ def measure(manifest: Path, cores: int, img_size: int, epochs: int) -> dict[str,
         rates = {name: {"wall": [], "cpu": []} for name in runs}
         for epoch in range(epochs + 1):
             sampler.epoch = epoch
-            for name, batches in runs.items():
+            # Who goes first alternates, so a drifting machine speed favours neither side.
+            for name, batches in list(runs.items())[:: 1 if epoch % 2 else -1]:
                 start, cpu = time.perf_counter(), tree_cpu_seconds()
                 images = sum(len(b["images"]) for b in batches())
                 if epoch:

@@ -61,8 +61,8 @@ _GROUP_BYTES = 64 * 2**20
 #: Decoded images per block yielded from a running task: a task's first images reach the
 #: trainer long before the task ends, so tasks can be large (few scheduling gaps).
 STREAM_IMAGES = 32
-#: Blocks a decode task may have waiting for the driver before it pauses (38 MB at 224 px).
-STREAM_GEN_BUFFER_BLOCKS = 8
+#: Blocks a decode task may have waiting for the driver before it pauses (77 MB at 224 px).
+STREAM_GEN_BUFFER_BLOCKS = 16
 #: Fewest images per decode task: below this, Ray's per-task cost (scheduling, arguments,
 #: the skip counts it sends) outweighs the decoding on small datasets.
 MIN_TASK_IMAGES = 32
@@ -285,11 +285,12 @@ def _pipeline(
         # lets the first images of a long task reach the consumer while it still decodes.
         # (Not for packed shards: it would also cut their read and shuffle into tiny blocks.)
         ctx.target_max_block_size = STREAM_IMAGES * 3 * img_size * img_size
-        # A task pauses once this many of its blocks wait for the driver, which takes them
-        # only on its scheduling steps, after a background thread fetched each block's
-        # metadata (steps are up to 0.1 s apart when nothing new is ready). With Ray's
-        # default of 2 (and with 4 in some runs), a lone decode task (1 CPU) sat blocked
-        # in yield for 10-20% of the epoch; with 8, for 5%: the store writes themselves.
+        # A task pauses once this many of its blocks wait for the driver. The driver takes
+        # a task's next block only after a background thread fetched the previous block's
+        # metadata and a scheduling step (up to 0.1 s apart) emitted it, so a fast task
+        # outruns it for a while. A lone decode task (1 CPU, 2,400-image epochs) sat
+        # blocked in yield for 10-20% of an epoch with Ray's default of 2; with 8, for
+        # about 0.5 s in 2 of 6 epochs; with 16, 0.2 s in 1 of 6.
         ctx._max_num_blocks_in_streaming_gen_buffer = STREAM_GEN_BUFFER_BLOCKS
     # Per-operator reservations are sized from what Ray Data's rate-based cluster autoscaler
     # has reserved for the execution, which starts at one CPU and grows with measured
