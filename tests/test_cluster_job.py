@@ -35,7 +35,8 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def wait_for(check, what: str, deadline_s: float, process: subprocess.Popen):
+def wait_for(check, what: str, deadline_s: float, process: subprocess.Popen, log: Path):
+    """Poll ``check`` until it holds; if ``process`` dies first, fail with the end of its ``log``."""
     deadline = time.monotonic() + deadline_s
     while True:
         try:
@@ -44,7 +45,7 @@ def wait_for(check, what: str, deadline_s: float, process: subprocess.Popen):
         except Exception:
             pass
         if process.poll() is not None:
-            raise RuntimeError(f"{what}: the process exited with {process.returncode}")
+            raise RuntimeError(f"{what}: the process exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not ready after {deadline_s:.0f} s")
         time.sleep(0.5)
@@ -82,21 +83,24 @@ def stop(process: subprocess.Popen, marker: str) -> None:
 @pytest.fixture
 def mlflow_server(tmp_path):
     (port,) = free_ports(1)
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "mlflow_server.log"
+    with log.open("w") as out:  # the server writes to its own copy of the descriptor
+        server = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+             "--artifacts-destination", str(tmp_path / "art")],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: http_answers(f"{uri}/health"), "MLflow server", 120, server)
+        wait_for(lambda: http_answers(f"{uri}/health"), "MLflow server", 120, server, log)
         yield uri
     finally:
         stop(server, str(tmp_path / "server.db"))
 
 
 @pytest.fixture
-def ray_head():
+def ray_head(tmp_path):
     """`ray start --head --block` on loopback, with the venv first on PATH (as from an
     activated venv) and token auth, each port chosen free and a private temp dir, so a
     cluster already on this machine is neither reused nor disturbed."""
@@ -104,18 +108,21 @@ def ray_head():
     gcs, dashboard, client, agent, agent_grpc, metrics, env_agent, node, objects = free_ports(9)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-         "--num-cpus", "2", "--temp-dir", temp_dir, "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-         "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-         "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
-         "--runtime-env-agent-port", str(env_agent), "--node-manager-port", str(node),
-         "--object-manager-port", str(objects), "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "ray_start.log"
+    with log.open("w") as out:
+        head = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+             "--num-cpus", "2", "--temp-dir", temp_dir,
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+             "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
+             "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+             "--runtime-env-agent-port", str(env_agent), "--node-manager-port", str(node),
+             "--object-manager-port", str(objects), "--disable-usage-stats"],
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+        )
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_for(lambda: http_answers(f"{address}/api/version"), "Ray dashboard", 180, head)
+        wait_for(lambda: http_answers(f"{address}/api/version"), "Ray dashboard", 180, head, log)
         yield address, env
     finally:
         stop(head, temp_dir)
