@@ -58,11 +58,13 @@ PAIR = ("_a", "_b")
 MASK_STRIDE = 32
 #: Target encoded bytes per group when packed shards are regrouped into units.
 _GROUP_BYTES = 64 * 2**20
-#: Decoded images per block yielded from a running task: a task's first images reach the
-#: trainer long before the task ends, so tasks can be large (few scheduling gaps).
-STREAM_IMAGES = 32
-#: Blocks a decode task may have waiting for the driver before it pauses (77 MB at 224 px).
-STREAM_GEN_BUFFER_BLOCKS = 16
+#: Decoded bytes per block yielded from a running task (64 images at 224 px): a task's
+#: first images reach the trainer long before the task ends, so tasks can be large (few
+#: scheduling gaps). Each block costs its task about 3.5 ms to store whatever its size,
+#: so blocks are not smaller: at 32 images, that was 4% of a 224-px decode task.
+STREAM_BLOCK_BYTES = 64 * 3 * 224 * 224
+#: Blocks a decode task may have waiting for the driver before it pauses (77 MB).
+STREAM_GEN_BUFFER_BLOCKS = 8
 #: Decoded bytes the pipeline may hold ready, as a multiple of what its consumer has
 #: prefetched, before Ray Data stops reading its decode tasks' output (Ray's default: 2).
 DOWNSTREAM_QUEUE_RATIO = 8.0
@@ -287,13 +289,14 @@ def _pipeline(
         # Ray Data merges a task's yields into blocks up to this size; one yield per block
         # lets the first images of a long task reach the consumer while it still decodes.
         # (Not for packed shards: it would also cut their read and shuffle into tiny blocks.)
-        ctx.target_max_block_size = STREAM_IMAGES * 3 * img_size * img_size
+        ctx.target_max_block_size = stream_images(img_size) * 3 * img_size * img_size
         # A task pauses once this many of its blocks wait for the driver. The driver takes
         # a task's next block only after a background thread fetched the previous block's
         # metadata and a scheduling step (up to 0.1 s apart) emitted it, so a fast task
-        # outruns it for a while. A lone decode task (1 CPU, 2,400-image epochs) sat
-        # blocked in yield for 10-20% of an epoch with Ray's default of 2; with 8, for
-        # about 0.5 s in 2 of 6 epochs; with 16, 0.2 s in 1 of 6.
+        # outruns it for a while. A lone decode task (1 CPU, 2,400-image epochs of 6-8 s,
+        # 32-image blocks) sat blocked in yield for 0.9-1.1 s per epoch with Ray's default
+        # of 2, 0.4-0.6 s with 4, and 0.25-0.3 s with 16: only the storing of its blocks,
+        # no wait over 15 ms. 8 blocks of 64 images give the same 0.5 s of slack.
         ctx._max_num_blocks_in_streaming_gen_buffer = STREAM_GEN_BUFFER_BLOCKS
     # Ray Data weighs every live block of the last step (queued, awaiting its metadata,
     # or already inside the consumer's iterator being formatted and collated) against
@@ -311,6 +314,12 @@ def _pipeline(
     # Object-store backpressure from the other policies stays in force.
     ctx.op_resource_reservation_enabled = False
     return ds
+
+
+def stream_images(img_size: int) -> int:
+    """Images per block yielded by a decode task at ``img_size``: :data:`STREAM_BLOCK_BYTES`
+    of uint8 RGB."""
+    return max(1, STREAM_BLOCK_BYTES // (3 * img_size * img_size))
 
 
 def mask_grid(img_size: int) -> tuple[int, int]:
@@ -335,7 +344,7 @@ def decode_pairs(
 
     Both views and the mask are drawn from the unit's ``seed``. A pair with a skipped
     image is dropped; the skipped image counts under its reason, its partner under
-    ``partner_skipped``. Yields a block every :data:`STREAM_IMAGES` images (none when
+    ``partner_skipped``. Yields a block every :func:`stream_images` images (none when
     every pair was dropped: Ray Data cannot store an empty tensor column).
     """
     # Imported here, not with the module: every process that unpickles the dataset (Ray
@@ -344,7 +353,7 @@ def decode_pairs(
     import torch
     from mixmae_core.masking import sample_mask
 
-    grid = mask_grid(img_size)
+    grid, per_block = mask_grid(img_size), stream_images(img_size)
     tally, rows = Tally(), _Rows()
     for i in range(len(batch["seed"])):
         seed = int(batch["seed"][i])
@@ -369,7 +378,7 @@ def decode_pairs(
             mask=sample_mask(1, grid, mask_ratio, generator=torch.Generator().manual_seed(seed))[0].numpy(),
             image_ids=[int(batch["image_id" + s][i]) for s in PAIR], epoch=int(batch["epoch"][i]),
         )
-        if 2 * len(rows) >= STREAM_IMAGES:
+        if 2 * len(rows) >= per_block:
             yield _pair_block(rows.take())
     tally.flush(counter)
     if len(rows):
@@ -405,11 +414,13 @@ class _Rows:
         return out
 
 
-def _decode_rows(batch: dict, counter: Counter, sample: Callable[[Any, int], Any]) -> Iterator[dict[str, list]]:
+def _decode_rows(
+    batch: dict, counter: Counter, sample: Callable[[Any, int], Any], img_size: int
+) -> Iterator[dict[str, list]]:
     """Decode each row's image and let ``sample(result, i)`` turn it into output fields
-    (or a skip reason string); yields the fields as lists every :data:`STREAM_IMAGES` rows
+    (or a skip reason string); yields the fields as lists every :func:`stream_images` rows
     (nothing when all were skipped: Ray Data cannot store an empty tensor column)."""
-    tally, rows = Tally(), _Rows()
+    tally, rows, per_block = Tally(), _Rows(), stream_images(img_size)
     for i in range(len(batch["image_id"])):
         path = str(batch["path"][i])
         result = decode_image(_image_src(batch, i))
@@ -421,7 +432,7 @@ def _decode_rows(batch: dict, counter: Counter, sample: Callable[[Any, int], Any
         if fields is None:
             continue
         rows.append(**fields, image_id=int(batch["image_id"][i]))
-        if len(rows) >= STREAM_IMAGES:
+        if len(rows) >= per_block:
             yield rows.take()
     tally.flush(counter)
     if len(rows):
@@ -438,7 +449,7 @@ def decode_classification(
             seed_global_rngs(int(batch["seed"][i]))
         return {"image": tf(result.image), "label": int(batch["label"][i])}
 
-    for out in _decode_rows(batch, counter, sample):
+    for out in _decode_rows(batch, counter, sample, img_size):
         yield {"image": np.stack(out["image"]), "label": np.array(out["label"], np.int64), "image_id": np.array(out["image_id"])}
 
 
@@ -454,7 +465,7 @@ def decode_detection(
         )
         return {"image": letterbox(result.image, img_size, flip), **{k: targets[k] for k in ("boxes", "labels", "masks")}}
 
-    for out in _decode_rows(batch, counter, sample):
+    for out in _decode_rows(batch, counter, sample, img_size):
         yield {
             "image": np.stack(out["image"]),
             **{k: _ragged(out[k]) for k in ("boxes", "labels", "masks")},
@@ -474,7 +485,7 @@ def decode_segmentation(
         image, label = segmentation_sample(result.image, labels, img_size, rng, scale_range)
         return {"image": image, "label": label}
 
-    for out in _decode_rows(batch, counter, sample):
+    for out in _decode_rows(batch, counter, sample, img_size):
         yield {"image": np.stack(out["image"]), "label": np.stack(out["label"]), "image_id": np.array(out["image_id"])}
 
 
