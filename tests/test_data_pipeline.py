@@ -16,14 +16,18 @@ import torch
 
 from pipelines.data.collate import DetectionCollate, PairCollate
 from pipelines.data.datasets import (
+    STREAM_BLOCK_BYTES,
     build_dataset,
     classification_dataset,
     coco_ground_truth,
+    decode_classification,
+    decode_pairs,
     detection_dataset,
     pretrain_dataset,
     segmentation_dataset,
+    units_for_chunk,
 )
-from pipelines.data.manifest import build_manifest, pack_manifest, write_manifest
+from pipelines.data.manifest import build_manifest, open_source, pack_manifest, write_manifest
 from pipelines.data.quality import PARTNER_SKIPPED, DataQualityError, SkipSink, check_skip_threshold, skip_counter
 from pipelines.data.synth import SCALES, SYNTH_LAYOUTS
 
@@ -89,6 +93,22 @@ def test_odd_image_count_leaves_one_image_out(ray_local, manifests, tmp_path):
     rows = pretrain_dataset(tmp_path / "odd.parquet", img_size=64).take_all()
     ids = [i for r in rows for i in r["image_ids"]]
     assert len(rows) == 39 and len(set(ids)) == 78
+
+
+def test_decode_tasks_yield_blocks_bounded_in_bytes_at_every_image_size(manifests):
+    """A block holds at most STREAM_BLOCK_BYTES of images (64 at 224 px, 16 at 448), so
+    the blocks a decode task keeps waiting stay bounded in bytes at every image size."""
+    table = open_source(manifests["pretrain"]).table("train", ["image_id", "path", "label"])
+    pairs = units_for_chunk(table, 0, chunk=24, group=2, shuffle=True, seed=0, epoch=0)
+    singles = units_for_chunk(table, 0, chunk=80, group=1, shuffle=False, seed=0, epoch=0)
+    expected = {224: ([48], [64, 16]), 448: ([16, 16, 16], [16] * 5)}
+    for size, (pair_images, single_images) in expected.items():
+        blocks = list(decode_pairs(pairs, img_size=size, mask_ratio=0.5))
+        assert [b["images"].shape[0] * 2 for b in blocks] == pair_images
+        assert all(b["images"].nbytes <= STREAM_BLOCK_BYTES for b in blocks)
+        blocks = list(decode_classification(singles, img_size=size, train=False, transform=()))
+        assert [len(b["image"]) for b in blocks] == single_images
+        assert all(b["image"].nbytes <= STREAM_BLOCK_BYTES for b in blocks)
 
 
 def test_packed_shards_give_the_same_pairs_and_images(ray_local, manifests, tmp_path):
