@@ -12,8 +12,8 @@ shared machine's drifting load. Images per CPU-second (all processes of the run:
 Ray daemons and workers, DataLoader workers) is shown too.
 
 Every epoch is a new Ray Data execution (a fresh order and pairing), which costs about
-0.13 s of idle cores at the epoch's boundary; on a real dataset that is nothing, on a
-600-image epoch (under 2 s on 2 cores) it is several percent.
+0.07 s of idle cores at the epoch's boundary; on a real dataset that is nothing, on a
+600-image epoch (1-2 s) it is several percent.
 
     python benchmarks/data_throughput.py [--images 2400] [--epochs 7] [--img-size 224] [--cores 1 2]
 """
