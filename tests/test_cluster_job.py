@@ -35,6 +35,12 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def launch(args: list[str], log: Path, **popen) -> subprocess.Popen:
+    """Start ``args`` with stdout and stderr going to ``log`` (the child keeps its own descriptor)."""
+    with log.open("w") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, **popen)
+
+
 def wait_for(check, what: str, deadline_s: float, process: subprocess.Popen, log: Path):
     """Poll ``check`` until it holds; if ``process`` dies first, fail with the end of its ``log``."""
     deadline = time.monotonic() + deadline_s
@@ -86,13 +92,11 @@ def stop(process: subprocess.Popen, marker: str) -> None:
 def mlflow_server(tmp_path):
     (port,) = free_ports(1)
     log = tmp_path / "mlflow_server.log"
-    with log.open("w") as out:  # the server writes to its own copy of the descriptor
-        server = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-             "--artifacts-destination", str(tmp_path / "art")],
-            stdout=out, stderr=subprocess.STDOUT,
-        )
+    server = launch(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art")],
+        log,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: http_answers(f"{uri}/health"), "MLflow server", 120, server, log)
@@ -111,17 +115,15 @@ def ray_head(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     log = tmp_path / "ray_start.log"
-    with log.open("w") as out:
-        head = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-             "--num-cpus", "2", "--temp-dir", temp_dir,
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-             "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-             "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
-             "--runtime-env-agent-port", str(env_agent), "--node-manager-port", str(node),
-             "--object-manager-port", str(objects), "--disable-usage-stats"],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
-        )
+    head = launch(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+         "--num-cpus", "2", "--temp-dir", temp_dir, "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+         "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
+         "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+         "--runtime-env-agent-port", str(env_agent), "--node-manager-port", str(node),
+         "--object-manager-port", str(objects), "--disable-usage-stats"],
+        log, env=env,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         wait_for(lambda: http_answers(f"{address}/api/version"), "Ray dashboard", 180, head, log)
