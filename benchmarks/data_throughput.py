@@ -11,9 +11,9 @@ ratios (a Ray epoch against the DataLoader epoch next to it), which cancels most
 shared machine's drifting load. Images per CPU-second (all processes of the run: driver,
 Ray daemons and workers, DataLoader workers) is shown too.
 
-Every epoch is a new Ray Data execution (a fresh order and pairing), which costs about
-0.07 s of idle cores at the epoch's boundary; on a real dataset that is nothing, on a
-600-image epoch (1-2 s) it is several percent.
+Every epoch is a new Ray Data execution (a fresh order and pairing), which leaves the
+cores idle for a moment at the epoch's boundary: nothing on a real dataset, several
+percent on a 600-image epoch (the README's data figures).
 
     python benchmarks/data_throughput.py [--images 2400] [--epochs 7] [--img-size 224] [--cores 1 2]
 """
@@ -37,7 +37,9 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines.data.collate import PairCollate
-from pipelines.data.datasets import decode_pairs, pretrain_dataset, units_for_chunk
+from pipelines.data.datasets import pretrain_dataset
+from pipelines.data.order import units_for_chunk
+from pipelines.data.samples import decode_pairs
 from pipelines.data.manifest import build_manifest, open_source, write_manifest
 
 PAIRS_PER_BATCH = 16

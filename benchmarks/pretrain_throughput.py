@@ -22,6 +22,7 @@ import platform
 import statistics
 import time
 
+import timm
 import torch
 
 import mixmae_core
@@ -37,7 +38,7 @@ def variants(device: torch.device, names: list[str]) -> dict[str, StepOptions]:
         # the easy steps: the same, compiled
         "sdpa+compile": StepOptions(attn_impl="sdpa", compile="blocks", bf16=bf16),
         "fast": StepOptions.fast(device),
-        # alternatives measured on the way (README: GPU figures)
+        # alternatives, kept so the README's GPU table can be reproduced
         "fast-blocks": replace(StepOptions.fast(device), compile="blocks"),
         "fast-flex": replace(StepOptions.fast(device), compile="blocks", attn_impl="flex"),
         "fast-explicit": replace(StepOptions.fast(device), attn_impl="reference"),
@@ -158,7 +159,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.model = args.model or ("mixmae_swin_base_w14" if device.type == "cuda" else "mixmae_swin_micro_w8")
     args.batch = args.batch or (128 if device.type == "cuda" else 16)
-    args.img_size = args.img_size or mixmae_core.VARIANTS[args.model].get("img_size", 224)
+    args.img_size = args.img_size or timm.get_pretrained_cfg(args.model).input_size[-1]
 
     torch.manual_seed(0)
     base = mixmae_core.create_model(args.model, img_size=args.img_size).to(device)

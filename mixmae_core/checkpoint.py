@@ -20,7 +20,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from timm.layers import resize_rel_pos_bias_table
 
-from mixmae_core.models.pos_embed import sincos_2d
+from mixmae_core.layers import sincos_2d
 
 StateDict = dict[str, torch.Tensor]
 PathLike = Union[str, os.PathLike]
@@ -126,12 +126,4 @@ def adapt_to_encoder(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
 def load_encoder_weights(model: nn.Module, source: Union[PathLike, Mapping[str, torch.Tensor]], strict: bool = True):
     """Load pretraining, classifier or official weights into an encoder/classifier."""
     state_dict = load_state_dict(source) if isinstance(source, (str, os.PathLike)) else dict(source)
-    result = model.load_state_dict(adapt_to_encoder(encoder_state_dict(state_dict), model), strict=strict)
-    return result
-
-
-def timm_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> StateDict:
-    """timm's ``pretrained_filter_fn``: adapts a local checkpoint given through
-    ``pretrained_cfg_overlay=dict(file=PATH)``. The variants' configs carry no URL or hub id,
-    so timm never fetches weights for them."""
-    return adapt_to_encoder(encoder_state_dict(state_dict), model)
+    return model.load_state_dict(adapt_to_encoder(encoder_state_dict(state_dict), model), strict=strict)

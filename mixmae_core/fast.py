@@ -1,21 +1,19 @@
 """The fast pretraining path, selectable; the reference path stays the default.
 
-``StepOptions.fast(device)`` is what measured fastest (``benchmarks/pretrain_throughput.py``,
-README "GPU figures"): bf16 autocast, fused AdamW, ``split_groups`` and the whole forward
-compiled, with SDPA attention.
+``StepOptions.fast(device)`` is the combination ``benchmarks/pretrain_throughput.py``
+measured fastest on a GPU: bf16 autocast, fused AdamW, ``split_groups`` and the whole
+forward compiled, with SDPA attention. It agrees with the reference step to float noise
+(``tests/test_core_fast.py`` on the CPU, the benchmark on the GPU).
 
-* ``split_groups=True``: stages whose window covers the map (3 and 4 at 224, 20 of the
-  24 blocks of Swin-B) run one sequence per (image, group), so no attention work is
-  spent on cross-image pairs there. Windows of stages 1-2 straddle mask units and keep
-  the segment mask.
+* ``split_groups=True``: levels whose window covers the map (3 and 4 at 224, 20 of the 24
+  blocks of Swin-B) run one sequence per (image, group), so no attention work is spent on
+  cross-image pairs there. Windows of levels 1-2 straddle mask units and keep the mask.
 * ``compile="model"``: one graph for the forward (and its backward) fuses norms,
-  activations, residuals, the layout gathers and the bias construction, and removes
-  most per-op launch overhead; ``compile="blocks"`` compiles per transformer block
-  (each distinct shape once), which compiles faster.
-* ``attn_impl="flex"`` (FlexAttention: relative bias read in the kernel, segment block
-  mask, in ``mixmae_core.flex``) is selectable too. On an H200 with torch 2.11 its kernels ran slower than
-  SDPA's memory-efficient kernel at these shapes (head dim 32, 100-196 tokens), so the
-  fast path does not use it.
+  activations, residuals, the layout gathers and the bias construction, and removes most
+  per-op launch overhead; ``compile="blocks"`` compiles per transformer block (each distinct
+  shape once), which compiles faster.
+* ``attn_impl="flex"`` (FlexAttention) is selectable too; the benchmark's table says why
+  the fast path does not pick it.
 """
 
 from __future__ import annotations
@@ -27,8 +25,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from mixmae_core.models.encoder import MixMAEBlock
+from mixmae_core.encoders.swin import SwinBlock
 from mixmae_core.optim import build_optimizer
+
 
 def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
     """Compile every transformer block in place (encoder and decoder)."""
@@ -36,7 +35,7 @@ def compile_blocks(model: nn.Module, **compile_kwargs) -> nn.Module:
 
     _raise_cache_limits()
     for module in model.modules():
-        if isinstance(module, (MixMAEBlock, Block)):
+        if isinstance(module, (SwinBlock, Block)):
             module.compile(dynamic=False, **compile_kwargs)
     return model
 
@@ -68,8 +67,7 @@ def apply_step_options(model: nn.Module, options: StepOptions) -> nn.Module:
     """Switch a MixMAE model (or encoder) to ``options``' attention, layout and compilation."""
     encoder = getattr(model, "encoder", model)
     encoder.set_attn_impl(options.attn_impl)
-    for stage in encoder.layers:
-        stage.split_groups = options.split_groups
+    encoder.set_split_groups(options.split_groups)
     if options.compile not in ("off", "blocks", "model"):
         raise ValueError(f"compile must be 'off', 'blocks' or 'model', got {options.compile!r}")
     if options.compile == "model":

@@ -69,11 +69,11 @@ def train_step_flops(model: nn.Module, images: torch.Tensor) -> float:
 def flop_report(name: str, img_size: int | None = None, **overrides: Any) -> FlopReport:
     import timm
 
-    from mixmae_core.models import VARIANTS, create_model
+    from mixmae_core.mixmae import METHOD_ARGS, create_model
 
-    size = img_size or VARIANTS[name].get("img_size", 224)
+    size = img_size or timm.get_pretrained_cfg(name).input_size[-1]
     kwargs = dict(overrides, img_size=size)
-    classifier = timm.create_model(name, num_classes=1000, **kwargs)
+    classifier = timm.create_model(name, num_classes=1000, **{k: v for k, v in kwargs.items() if k not in METHOD_ARGS})
     pretrain = create_model(name, **kwargs)
     images = torch.randn(2, 3, size, size)
     return FlopReport(

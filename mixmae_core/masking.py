@@ -1,4 +1,4 @@
-"""Mixing masks and pair bookkeeping.
+"""Masks, pairs and patches: the geometry MixMAE and the baselines share.
 
 Conventions used throughout the project:
 
@@ -10,6 +10,8 @@ Conventions used throughout the project:
 * Expanded to rows (``pair_rows``) the same map is also the attention group of every
   token of a mixed input: group 0 tokens come from the row's own image, group 1 from its
   partner; attention never crosses groups.
+* A patch vector (``patchify``) is ordered (row, column, channel), as MAE's and the
+  official MixMAE code's reconstruction targets.
 """
 
 from __future__ import annotations
@@ -110,3 +112,33 @@ def upsample_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def mix_pairs(tokens: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
     """Mix NHWC tokens of partners: where ``row_mask`` is set a row shows its partner's token."""
     return torch.where(row_mask[..., None], swap_pairs(tokens), tokens)
+
+
+def mix_images(images: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """The mixed inputs: where ``groups`` ``(B, h, w)`` is set, row b shows its partner's pixels.
+
+    ``images`` are NCHW with sides a multiple of the grid's; the groups are upsampled to pixels.
+    """
+    pixels = upsample_mask(groups.to(images.device, non_blocking=True), tuple(images.shape[-2:]))[:, None]
+    return torch.where(pixels, swap_pairs(images), images)
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, L, patch * patch * C)``, each vector ordered (row, col, channel)."""
+    B, C, H, W = images.shape
+    x = images.reshape(B, C, H // patch, patch, W // patch, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // patch) * (W // patch), patch * patch * C)
+
+
+def unpatchify(patches: torch.Tensor, patch: int, grid_size: tuple[int, int], channels: int = 3) -> torch.Tensor:
+    B = patches.shape[0]
+    h, w = grid_size
+    x = patches.reshape(B, h, w, patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, h * patch, w * patch)
+
+
+def patch_stats(patches: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and std (unbiased variance, as MAE and the official MixMAE code)."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    std = (patches.var(dim=-1, keepdim=True) + eps).sqrt()
+    return mean, std

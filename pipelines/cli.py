@@ -74,7 +74,7 @@ def _load(config: Optional[Path], overrides: list[str]):
 
 def _run(cfg, stages: Optional[list[str]], resume: Optional[str]) -> None:
     from pipelines.pipeline import run_pipeline, summary_table
-    from pipelines.stages.base import StageError
+    from pipelines.stages.jobs import StageError
 
     try:
         outcome = run_pipeline(cfg, stages=stages, resume=resume)
@@ -171,13 +171,18 @@ def plan(
 ) -> None:
     """Per stage: GFLOPs, optimizer steps, training FLOPs and estimated device-hours."""
     from pipelines.plan import bill
+    from pipelines.stages.jobs import StageError
 
     cfg = _load(config, overrides)
     rates = {}
     for item in throughput:
         name, _, value = item.partition("=")
         rates[name] = float(value)
-    bills = bill(cfg, rates, tflops, benchmark)
+    try:
+        bills = bill(cfg, rates, tflops, benchmark)
+    except StageError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps([b.as_dict() for b in bills]))
         return

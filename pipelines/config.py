@@ -2,8 +2,10 @@
 
 One schema serves every command: ``mixmae run`` runs ``pretrain`` and then ``stages``
 in order, ``mixmae pretrain`` runs only ``pretrain``. Defaults are the paper's recipes
-(../shared/paper-notes.md); a wrong key, type or value fails at load with one message
-naming the field. Relative paths are resolved against the working directory.
+(the README's "Configs" section lists them); a wrong key, type or value fails at load
+with one message naming the field. Relative paths are resolved against the working
+directory. The validated sections travel to the Ray Train workers as they are, so this
+module imports neither torch nor timm at load (the validators that need them import them).
 """
 
 from __future__ import annotations
@@ -14,9 +16,6 @@ from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from mixmae_core.masking import validate_mask_ratio
-from mixmae_core.models import VARIANTS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "ray_configs" / "pipelines" / "quickstart.yaml"
@@ -76,8 +75,10 @@ class StageBase(Strict):
     @field_validator("model")
     @classmethod
     def _known_model(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and v not in VARIANTS:
-            raise ValueError(f"unknown model {v!r}; choose one of {sorted(VARIANTS)}")
+        from mixmae_core.encoders import available_encoders
+
+        if v is not None and v not in available_encoders():
+            raise ValueError(f"unknown model {v!r}; choose one of {available_encoders()}")
         return v
 
     @field_validator("img_size")
@@ -103,8 +104,10 @@ class StageBase(Strict):
 class PretrainStage(StageBase):
     task: Literal["pretrain"] = "pretrain"
     model: str = "mixmae_swin_base_w14"
-    mask_ratio: float = 0.5
-    mask_mode: Literal["pair", "batch"] = "pair"
+    mask_ratio: float = Field(0.5, description="share of the coarse units taken from the partner")
+    mask_mode: Literal["pair", "batch"] = Field(
+        "pair", description="'pair': a mask per pair; 'batch': one per worker micro-batch, as the official code"
+    )
     norm_pix_loss: bool = True
     epochs: float = Field(600, gt=0)
     batch_size: int = Field(2048, gt=0)
@@ -116,10 +119,15 @@ class PretrainStage(StageBase):
     @field_validator("mask_ratio")
     @classmethod
     def _ratio(cls, v: float) -> float:
+        from mixmae_core.masking import validate_mask_ratio
+
         return validate_mask_ratio(v)
 
     @model_validator(mode="after")
     def _pairs(self):
+        from mixmae_core.masking import num_mixed
+
+        num_mixed((self.img_size // 32, self.img_size // 32), self.mask_ratio)
         if self.micro_batch() % 2:
             raise ValueError(
                 f"each worker's micro-batch ({self.micro_batch()} = batch_size / (num_workers x accum_steps)) "

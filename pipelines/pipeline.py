@@ -23,15 +23,11 @@ from mlflow.tracking import MlflowClient
 from rich.table import Table
 
 from pipelines.config import PipelineConfig, absolute
-from pipelines.data.quality import skip_counter
-from pipelines.stages.base import Planner, StageContext, StageError, StageOutcome, progress_display, run_worker_group
+from pipelines.data.quality import start_skip_counter
+from pipelines.stages.driver import StageOutcome, progress_display, run_worker_group
+from pipelines.stages.jobs import StageError
+from pipelines.stages.prepare import StageContext
 from pipelines.tracking import KIND, RunLogger, ensure_experiment, flatten, resolve_tracking_uri, start_or_resume
-
-
-def planners() -> dict[str, Planner]:
-    from pipelines.stages import pretrain, transfer
-
-    return {"pretrain": pretrain.plan, **transfer.PLANNERS}
 
 
 @dataclass
@@ -112,22 +108,21 @@ def run_pipeline(
         synthetic_roots=synthetic_roots(config),
         progress=display,
         callbacks=callbacks or {},
-        skip_counter=counter_name,
-        keepalive=[skip_counter(counter_name)],  # the actor lives as long as this handle
+        skip_counter_name=counter_name,
+        keepalive=[start_skip_counter(counter_name)],  # the actor lives as long as this handle
     )
     outcome = PipelineOutcome(parent_id, experiment_id, uri)
-    plans = planners()
     stage_specs = config.all_stages()
     groups = config.worker_groups(selected)
     try:
         with display or nullcontext():
             if "pretrain" in selected:
-                (result,) = run_worker_group(ctx, "pretrain", ["pretrain"], plans)
+                (result,) = run_worker_group(ctx, "pretrain", ["pretrain"])
                 outcome.stages.append(result)
                 ctx.encoder_checkpoint = result.encoder_checkpoint
             elif groups:
                 ctx.encoder_checkpoint = _finished_encoder(client, experiment_id, parent_id)
-            outcome.stages += _run_concurrently(ctx, groups, plans, config.max_parallel_stages)
+            outcome.stages += _run_concurrently(ctx, groups, config.max_parallel_stages)
     except BaseException:
         client.set_terminated(parent_id, "FAILED")
         raise
@@ -154,16 +149,14 @@ def summary_metrics(config: PipelineConfig, outcomes: Sequence[StageOutcome]) ->
     return out
 
 
-def _run_concurrently(
-    ctx: StageContext, groups: list[tuple[str, list[str]]], plans: dict[str, Planner], parallel: int
-) -> list[StageOutcome]:
+def _run_concurrently(ctx: StageContext, groups: list[tuple[str, list[str]]], parallel: int) -> list[StageOutcome]:
     """Transfer stages depend only on pretraining: run up to ``parallel`` worker groups at
     once. A failed group does not stop the others; the failures are raised together at the
     end. Outcomes come back in config order."""
     results: dict[str, StageOutcome] = {}
     failures: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="stage") as pool:
-        futures = [pool.submit(run_worker_group, ctx, group, names, plans) for group, names in groups]
+        futures = [pool.submit(run_worker_group, ctx, group, names) for group, names in groups]
         for future in as_completed(futures):
             try:
                 results.update((result.name, result) for result in future.result())

@@ -1,8 +1,8 @@
 """The bill before launching: per stage FLOPs, optimizer steps and estimated device-hours.
 
-FLOPs are measured with torch's counter on the real models (the same numbers the stages
-log). Image counts come from the data when it is on this machine, else from the stage's
-``data.num_images``. Device-hours need a throughput per device: given per stage
+Steps and FLOPs come from the functions the stages use (``pipelines.stages.prepare``),
+FLOPs measured with torch's counter on the real models. Image counts come from the data
+when it is on this machine, else from the stage's ``data.num_images``. Device-hours need a throughput per device: given per stage
 (``--throughput pretrain=1520``), read from a ``benchmarks/pretrain_throughput.py`` JSON, or
 derived from an achieved TFLOP/s (``--tflops``); without one the hours are left out.
 """
@@ -10,12 +10,12 @@ derived from an achieved TFLOP/s (``--tflops``); without one the hours are left 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from pipelines.config import DetectStage, PipelineConfig, PretrainStage, StageBase
+from pipelines.config import DetectStage, PipelineConfig, PretrainStage, SegmentStage, StageBase
+from pipelines.stages.prepare import schedule, stage_flops
 
 
 @dataclass
@@ -45,32 +45,18 @@ def _images(config: PipelineConfig, name: str, stage: StageBase) -> int:
     if stage.data.num_images:
         return stage.data.num_images
     from pipelines.pipeline import synthetic_roots
-    from pipelines.stages.base import StageContext, resolve_source, split_size
+    from pipelines.stages.prepare import StageContext, resolve_source, split_size
 
     ctx = StageContext(config, "", "", "plan", Path(config.storage).resolve() / "plan", synthetic_roots(config))
     return split_size(resolve_source(ctx, name, stage.data), stage.data.train_split, name)
 
 
-def _flops(config: PipelineConfig, name: str, stage: StageBase) -> tuple[float, float]:
-    """(forward MACs, training FLOPs per image) of the stage's model. Heads are sized for
-    1000 classes (80 for detection): their share of the FLOPs is negligible."""
-    from mixmae_core.flops import flop_report
-
-    model = config.stage_model(stage)
-    if isinstance(stage, PretrainStage):
-        report = flop_report(model, stage.img_size, **stage.model_overrides)
-        return report.gflops * 1e9, report.train_gflops_per_image * 1e9
-    from pipelines.stages.transfer import TASKS, TransferSettings, detector_kwargs, task_flops
-
-    settings = TransferSettings(
-        task=stage.task, model=model, img_size=stage.img_size, encoder_weights=None,
-        model_overrides=stage.model_overrides, micro_batch=1, num_classes=getattr(stage, "num_classes", 80 if stage.task == "detect" else 1000),
-        weight_decay=0.0, betas=(0.9, 0.999), layer_decay=None, drop_path=0.0, fast=False, stage=name,
-        mode=getattr(stage, "mode", "finetune"), decoder_channels=getattr(stage, "decoder_channels", 512),
-        detector=detector_kwargs(stage) if isinstance(stage, DetectStage) else {},
-    )
-    flops = task_flops(TASKS[stage.task](settings), stage.img_size, 1.0 if settings.mode == "linear_probe" else 3.0)
-    return flops["flops/task_gmacs"] * 1e9, flops["flops/train_per_image"]
+def _head_classes(stage: StageBase) -> int:
+    """Classes of the head the bill prices: the task's own where the config says, else
+    ImageNet's 1000 (COCO's 80 for detection); a head's share of the FLOPs is negligible."""
+    if isinstance(stage, SegmentStage):
+        return stage.num_classes
+    return 80 if isinstance(stage, DetectStage) else 1000
 
 
 def bill(
@@ -87,12 +73,10 @@ def bill(
     out = []
     for name, stage in config.all_stages().items():
         n = _images(config, name, stage)
-        macs, per_image = _flops(config, name, stage)
-        units, per_step = (n // 2, stage.batch_size // 2) if isinstance(stage, PretrainStage) else (n, stage.batch_size)
-        steps_per_epoch = max(units // per_step, 1)
-        steps = math.ceil(stage.epochs * steps_per_epoch)
-        if stage.max_steps:
-            steps = min(steps, stage.max_steps)
+        flops = stage_flops(config, name, stage, _head_classes(stage))
+        macs = 1e9 * flops.get("flops/encoder_gmacs", flops.get("flops/task_gmacs"))
+        per_image = flops["flops/train_per_image"]
+        steps = schedule(name, stage, n).total_steps
         images = steps * stage.batch_size
         rate, source = throughput.get(name), "given"
         if rate is None and measured and isinstance(stage, PretrainStage):

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
-import ray
 import yaml
 from mlflow.tracking import MlflowClient
 from pydantic import Field, ValidationError, model_validator

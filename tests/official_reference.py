@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 
-from mixmae_core.models.pos_embed import sincos_2d
+from mixmae_core.layers import sincos_2d
 
 
 def _rel_index(ws: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ import torch
 import mixmae_core
 from mixmae_core.fast import StepOptions, apply_step_options, make_train_step
 from mixmae_core.masking import sample_mask
-from mixmae_core.models.attention import AttentionContext, get_attention
+from mixmae_core.encoders.attention import AttentionContext, get_attention
 
 MICRO = "mixmae_swin_micro_w8"
 
@@ -61,7 +61,7 @@ def test_a_pretraining_worker_loads_neither_inductor_nor_torchmetrics_until_aske
         "import sys, pipelines.stages.pretrain\n"
         "heavy = ('torch._inductor.compile_fx', 'torchmetrics', 'torch.nn.attention.flex_attention')\n"
         "assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]\n"
-        "from mixmae_core.models.attention import get_attention\n"
+        "from mixmae_core.encoders.attention import get_attention\n"
         "assert get_attention('flex').name == 'flex' and 'torch._inductor.compile_fx' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

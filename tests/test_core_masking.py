@@ -10,7 +10,7 @@ from mixmae_core.masking import (
     upsample_mask,
     validate_mask_ratio,
 )
-from mixmae_core.models.encoder import stage_windows
+from mixmae_core.encoders.swin import level_windows
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 0.75, 0.99])
@@ -75,7 +75,7 @@ def test_swap_pairs_and_mix_follow_row_convention():
 )
 def test_no_merge_window_spans_two_images(img_size, windows):
     """Every 2x2 patch merge at every stage sees one segment only, so merges never mix images."""
-    geometry = stage_windows((img_size, img_size), 4, windows)
+    geometry = level_windows((img_size, img_size), 4, windows)
     coarse = geometry[-1][0]
     mask = sample_mask(8, coarse, 0.5, generator=torch.Generator().manual_seed(1))
     for res, _ in geometry[:-1]:

@@ -3,15 +3,15 @@ import timm
 import torch
 
 import mixmae_core
-from mixmae_core.losses import reconstruction_target
-from mixmae_core.masking import pair_rows, sample_mask, upsample_mask
-from mixmae_core.models.attention import (
+from mixmae_core.encoders.attention import (
     PAD_SEGMENT,
     AttentionContext,
     ReferenceAttention,
     get_attention,
     register_attention,
 )
+from mixmae_core.masking import mix_images, mix_pairs, pair_rows, sample_mask, upsample_mask
+from mixmae_core.mixmae import norm_pix_target
 
 MICRO = "mixmae_swin_micro_w8"
 
@@ -39,8 +39,8 @@ def _isolation_holds(model):
     changed[1] = torch.randn(3, 64, 64)
     with torch.no_grad():
         out_a, out_b = model(images, mask), model(changed, mask)
-        feat_a = _image_features(model.encoder.forward_features(images, mask), mask)
-        feat_b = _image_features(model.encoder.forward_features(changed, mask), mask)
+        feat_a = _image_features(model.forward_encoder(images, pair_rows(mask)), mask)
+        feat_b = _image_features(model.forward_encoder(changed, pair_rows(mask)), mask)
     pred_same = torch.allclose(out_a.pred[0], out_b.pred[0], atol=1e-5)
     feat_same = torch.allclose(feat_a[0], feat_b[0], atol=1e-5)
     assert not torch.allclose(feat_a[1], feat_b[1], atol=1e-3)  # the change itself was seen
@@ -59,7 +59,7 @@ def test_isolation_test_fails_without_attention_masking():
         def prepare(self, context):
             return AttentionContext(positions=context.positions)
 
-    register_attention(Unmasked())
+    register_attention(Unmasked.name, Unmasked)
     assert not _isolation_holds(_micro(attn_impl="unmasked-for-test"))
 
 
@@ -73,7 +73,7 @@ def test_loss_equals_independent_norm_pix_mse_and_outputs_have_contract_shapes()
     mean, var = patches.mean(-1, keepdim=True), patches.var(-1, unbiased=True, keepdim=True)
     target = (patches - mean) / (var + 1e-6).sqrt()
     assert torch.allclose(out.loss, ((out.pred - target) ** 2).mean(), rtol=1e-6)
-    assert torch.allclose(reconstruction_target(images, 32), target, atol=1e-6)
+    assert torch.allclose(norm_pix_target(images, 32), target, atol=1e-6)
 
 
 def test_each_prediction_comes_from_the_copy_where_its_patch_was_hidden():
@@ -98,14 +98,22 @@ def test_each_prediction_comes_from_the_copy_where_its_patch_was_hidden():
             assert not torch.allclose(pred[b, other], base[b, other], atol=1e-4), (b, p)
 
 
-def test_every_image_position_hidden_exactly_once_across_its_pair():
+def test_mixing_shows_every_pixel_of_a_pair_exactly_once_across_its_two_inputs():
     mask = sample_mask(5, (7, 7), 0.5, generator=torch.Generator().manual_seed(2))
+    # pixel value = image * 10**6 + position: the mixed rows say whose pixel sits where
+    images = (torch.arange(10)[:, None] * 10**6 + torch.arange(224 * 224)).view(10, 1, 224, 224)
+    mixed = mix_images(images, pair_rows(mask))
+    unit_of = torch.arange(224)[:, None] // 32 * 7 + torch.arange(224)[None] // 32
     for k in range(5):
-        m = mask[k]
-        shown_in_row = {2 * k: torch.where(m, 2 * k + 1, 2 * k), 2 * k + 1: torch.where(m, 2 * k, 2 * k + 1)}
-        for image in (2 * k, 2 * k + 1):
-            hidden = sum((shown != image).int() for shown in shown_in_row.values())
-            assert (hidden == 1).all()
+        shown = mixed[2 * k : 2 * k + 2].flatten()
+        assert torch.equal(shown.sort().values, images[2 * k : 2 * k + 2].flatten().sort().values)
+        # row 2k shows its own pixels where its unit's mask is clear, its partner's where set
+        source = torch.where(mask[k].flatten()[unit_of], 2 * k + 1, 2 * k)
+        assert torch.equal(mixed[2 * k, 0], source * 10**6 + torch.arange(224 * 224).view(224, 224))
+    assert (mixed != images).any()  # the check above is not vacuous: pixels moved
+    # the model mixes NHWC tokens the same way
+    tokens = mix_pairs(images.permute(0, 2, 3, 1), upsample_mask(pair_rows(mask), (224, 224)))
+    assert torch.equal(tokens.permute(0, 3, 1, 2), mixed)
 
 
 def test_fixed_mask_makes_the_step_deterministic_and_accepts_hw_mask():
@@ -201,10 +209,10 @@ def test_dense_inputs_that_do_not_tile_are_padded_to_windows():
 
 
 def test_padding_slots_are_never_attended():
-    from mixmae_core.models.encoder import MixMAEStage
+    from mixmae_core.encoders.swin import SwinLevel
 
     torch.manual_seed(0)
-    stage = MixMAEStage(16, 16, 1, 2, (8, 8), downsample=False, drop_path=[0.0], attn_impl="reference").eval()
+    stage = SwinLevel(16, 16, 1, 2, (8, 8), downsample=False, drop_path=[0.0], attn_impl="reference").eval()
     x = torch.randn(1, 12, 20, 16)
     layout = stage.layout(x, None, None)
     assert layout.index.shape == (6, 64) and (~layout.valid).sum() == 6 * 64 - 12 * 20
@@ -240,7 +248,7 @@ def test_group_split_layout_computes_the_same_step(impl):
 
 
 def test_group_layout_has_no_cross_image_slots():
-    from mixmae_core.models.layout import group_layout
+    from mixmae_core.encoders.attention import group_layout
 
     segments = upsample_mask(pair_rows(sample_mask(3, (4, 4), 0.5)), (8, 8)).to(torch.uint8)
     layout = group_layout(6, 8, 8, segments, 8 * 4)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipelines.data.collate import normalize_on_device
-from pipelines.data.datasets import units_per_task
+from pipelines.data.order import units_per_task
 from pipelines.data.decode import decode_image, decode_label_map
 from pipelines.data.quality import PARTNER_SKIPPED, DataQualityError, Tally, check_skip_threshold
 from pipelines.data.transforms import (
@@ -148,7 +148,7 @@ def test_ray_trains_dataset_manager_unpickles_the_data_config_without_torch_or_m
     """Every stage starts a DatasetManager actor that unpickles the stage's data config."""
     from ray import cloudpickle
 
-    from pipelines.stages.ingest import StageDataConfig
+    from pipelines.data.ray_internals import StageDataConfig
 
     code = (
         "import pickle, sys\n"

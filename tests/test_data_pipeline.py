@@ -16,19 +16,17 @@ import torch
 
 from pipelines.data.collate import DetectionCollate, PairCollate
 from pipelines.data.datasets import (
-    STREAM_BLOCK_BYTES,
     build_dataset,
     classification_dataset,
     coco_ground_truth,
-    decode_classification,
-    decode_pairs,
     detection_dataset,
     pretrain_dataset,
     segmentation_dataset,
-    units_for_chunk,
 )
 from pipelines.data.manifest import build_manifest, open_source, pack_manifest, write_manifest
-from pipelines.data.quality import PARTNER_SKIPPED, DataQualityError, SkipSink, check_skip_threshold, skip_counter
+from pipelines.data.quality import PARTNER_SKIPPED, DataQualityError, StageSkips, check_skip_threshold, start_skip_counter
+from pipelines.data.order import units_for_chunk
+from pipelines.data.samples import STREAM_BLOCK_BYTES, decode_classification, decode_pairs
 from pipelines.data.synth import SCALES, SYNTH_LAYOUTS
 
 TINY = SCALES["tiny"]
@@ -221,9 +219,9 @@ def _snapshot(counter, attempted: int, timeout_s: float = 30.0) -> dict:
 def test_bad_inputs_are_counted_and_the_threshold_fires(ray_local, bad_dataset, bad_images, tmp_path):
     manifest = write_manifest(build_manifest("places", bad_dataset, "train"), tmp_path / "bad.parquet")
     name = f"skips-{uuid.uuid4().hex}"
-    actor = skip_counter(name)
-    counter = SkipSink(name, "classify")
-    rows = classification_dataset(manifest, split="train", img_size=32, train=False, counter=counter).take_all()
+    actor = start_skip_counter(name)
+    counter = StageSkips(name, "classify")
+    rows = classification_dataset(manifest, split="train", img_size=32, train=False, skips=counter).take_all()
     snap = _snapshot(counter, len(bad_images) + 1)
     expected_skips = {r: 1 for _, s, r in bad_images.values() if s == "skipped"}
     assert snap["skipped"] == expected_skips
@@ -233,8 +231,8 @@ def test_bad_inputs_are_counted_and_the_threshold_fires(ray_local, bad_dataset, 
     with pytest.raises(DataQualityError, match="truncated.jpg"):
         check_skip_threshold(snap, min_attempted=10)
 
-    counter = SkipSink(name, "pretrain")  # the same actor, a tally of its own
-    pairs = pretrain_dataset(manifest, img_size=64, counter=counter).take_all()
+    counter = StageSkips(name, "pretrain")  # the same actor, a tally of its own
+    pairs = pretrain_dataset(manifest, img_size=64, skips=counter).take_all()
     snap = _snapshot(counter, len(bad_images) + 1)
     dropped = snap["skipped"].pop(PARTNER_SKIPPED, 0)
     assert snap["skipped"] == expected_skips and dropped >= 1
@@ -274,7 +272,7 @@ def test_a_single_worker_reads_its_datasets_in_process_with_fresh_epochs(ray_loc
     from ray.train.torch import TorchTrainer
     from ray.util.state import list_actors
 
-    from pipelines.stages.ingest import StageDataConfig
+    from pipelines.data.ray_internals import StageDataConfig
 
     def train_fn(config):
         train, val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import PipelineConfig
 from pipelines.pipeline import run_pipeline
-from pipelines.stages.base import StageError
+from pipelines.stages.jobs import StageError
 from pipelines.tracking import COMPLETE, FAILED_REASON
 
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -7,8 +7,8 @@ import pycocotools.mask as mask_utils
 import pytest
 import torch
 
-from mixmae_core.metrics import classification_metrics, coco_evaluate, segmentation_metrics
-from mixmae_core.viz import draw_detections, draw_segmentation, palette
+from mixmae_core.tasks.metrics import classification_metrics, coco_evaluate, segmentation_metrics
+from mixmae_core.tasks.pictures import draw_detections, draw_segmentation, palette
 
 H, W = 64, 80
 LABEL_TO_CATEGORY = {1: 7, 2: 11}  # contiguous model labels -> sparse COCO ids

@@ -5,10 +5,10 @@ import torch
 
 import mixmae_core
 from mixmae_core.checkpoint import save_state_dict
-from mixmae_core.models.classification import build_classifier, build_linear_probe
-from mixmae_core.models.detection import build_mask_rcnn
-from mixmae_core.models.encoder import MixMAESwin
-from mixmae_core.models.segmentation import build_upernet, dense_trunk
+from mixmae_core.tasks.classification import build_classifier, build_linear_probe
+from mixmae_core.tasks.detection import build_mask_rcnn
+from mixmae_core.encoders.swin import MixMAESwin
+from mixmae_core.tasks.segmentation import build_upernet, dense_trunk
 
 MICRO = "mixmae_swin_micro_w8"
 SIZE = 128

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import ConfigError, PipelineConfig, load_config
 from pipelines.pipeline import run_pipeline
-from pipelines.stages.base import StageError
+from pipelines.stages.jobs import StageError
 from pipelines.tracking import COMPLETE, ENCODER, FAILED_REASON
 
 GROUP = ["places205", "inat2018"]

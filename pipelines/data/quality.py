@@ -1,8 +1,9 @@
 """Counting what the data pipeline converted or skipped, and failing loudly when it is too much.
 
-Pipeline UDFs fill a :class:`Tally` per batch and send it, fire-and-forget, to a named
-:class:`SkipCounter` actor created for the stage run. The training loop reads
-``snapshot()`` at logging steps, logs it and calls :func:`check_skip_threshold`.
+Decode tasks fill a :class:`Tally` per batch and send it, fire-and-forget, to the
+pipeline's :class:`SkipCounter` actor through their stage's :class:`StageSkips`. The
+training loop reads ``snapshot()`` at logging steps, logs it and calls
+:func:`check_skip_threshold`.
 """
 
 from __future__ import annotations
@@ -77,14 +78,14 @@ class Tally:
             "examples": {k: list(v) for k, v in self.examples.items()},
         }
 
-    def flush(self, counter: Optional["SkipSink"]) -> None:
-        """Send the counts to ``counter`` without waiting (or log skips when there is no counter)."""
+    def flush(self, skips: Optional["StageSkips"]) -> None:
+        """Send the counts to ``skips`` without waiting (or log skips when there is none)."""
         if not self.attempted:
             return
-        if counter is not None:
-            counter.add(self.as_dict())
+        if skips is not None:
+            skips.add(self.as_dict())
         elif self.skipped:
-            log.warning("data pipeline skipped images (no SkipCounter attached): %s", self.as_dict())
+            log.warning("data pipeline skipped images (no skip counter attached): %s", self.as_dict())
 
 
 @ray.remote(num_cpus=0)
@@ -103,10 +104,10 @@ class SkipCounter:
         return self._tallies.get(key, Tally()).as_dict()
 
 
-def skip_counter(name: str) -> "ray.actor.ActorHandle":
+def start_skip_counter(name: str) -> "ray.actor.ActorHandle":
     """Get or create the named :class:`SkipCounter` (use a name unique to the pipeline run).
 
-    It lives as long as the handle the creating driver keeps; hand stages a :class:`SkipSink` each.
+    It lives as long as the handle the creating driver keeps; hand stages a :class:`StageSkips` each.
     """
     return SkipCounter.options(name=name, get_if_exists=True).remote()
 
@@ -117,8 +118,8 @@ def _actor(name: str) -> "ray.actor.ActorHandle":
 
 
 @dataclass(frozen=True)
-class SkipSink:
-    """One stage run's tally on a named :class:`SkipCounter`: what dataset builders and the
+class StageSkips:
+    """One stage run's tally on the named :class:`SkipCounter`: what dataset builders and the
     train loop hold. Two strings, so it pickles into every decode task for nothing."""
 
     counter: str

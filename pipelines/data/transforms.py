@@ -120,7 +120,7 @@ def classification_transform(
 
 def seed_global_rngs(seed: int) -> None:
     """timm's transforms draw from the ``random``, NumPy and torch global generators."""
-    import torch  # loaded already by timm's transforms, the only callers
+    import torch  # here, not at load: the decode path imports no torch
 
     random.seed(seed)
     np.random.seed(seed % 2**32)

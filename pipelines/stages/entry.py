@@ -9,10 +9,11 @@ import importlib
 
 
 def run_stages(config: dict) -> None:
-    """Train a worker group's stages one after another. After a restart, the stages before
-    the one its latest checkpoint belongs to are finished and do not run again."""
-    from pipelines.stages.loop import first_to_run
+    """Train a worker group's jobs (``config["jobs"]``) one after another. After a restart,
+    the jobs before the one its latest checkpoint belongs to are finished and do not run again.
+    Each job's task class is ``TASK`` of the module named after its task."""
+    from pipelines.stages.loop import first_to_run, train
 
-    stages = config["stages"]
-    for stage in stages[first_to_run([s["loop"]["stage"] for s in stages]) :]:
-        importlib.import_module(f"pipelines.stages.{stage['worker']}").run_worker(stage)
+    jobs = config["jobs"]
+    for job in jobs[first_to_run([j.name for j in jobs]) :]:
+        train(importlib.import_module(f"pipelines.stages.{job.task}").TASK(job))

@@ -1,22 +1,22 @@
 """The training loop every stage runs inside its Ray Train workers.
 
 A stage supplies a :class:`Task` (model, optimizer, micro-batches, loss, optional
-evaluation and pictures); this module owns what they share: gradient accumulation and
-clipping, the per-step schedule, rank-0 MLflow logging, throughput / data-wait / FLOPs
-accounting, skipped-image counts, checkpoints through ``ray.train.report`` and resuming
-from them, and the non-finite-loss guard.
+evaluation and pictures) built from its :class:`~pipelines.stages.jobs.StageJob`; this
+module owns what they share: gradient accumulation and clipping, the per-step schedule,
+rank-0 MLflow logging, throughput / data-wait / FLOPs accounting, skipped-image counts,
+checkpoints through ``ray.train.report`` and resuming from them, and the non-finite-loss
+guard.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -30,7 +30,9 @@ import torch.nn as nn
 
 from mixmae_core.checkpoint import load_state_dict, save_state_dict
 from mixmae_core.optim import build_scheduler
-from pipelines.data.quality import DataQualityError, SkipSink, check_skip_threshold
+from pipelines.data.quality import DataQualityError, check_skip_threshold
+from pipelines.data.transforms import seed_global_rngs
+from pipelines.stages.jobs import LoopSpec, StageJob
 from pipelines.tracking import CHECKPOINT, COMPLETE, ENCODER, FAILED_REASON, RunLogger
 
 MODEL_FILE = "model.safetensors"
@@ -38,11 +40,6 @@ STATE_FILE = "trainer_state.pt"
 META_FILE = "meta.json"
 ENCODER_FILE = "encoder.safetensors"
 LOSS_METRIC = "train/loss"
-
-
-def stage_dataset(stage: str, name: str) -> str:
-    """The Ray Train dataset name of a stage's dataset (stages of a worker group share one trainer)."""
-    return f"{stage}.{name}"
 
 
 def _checkpoint_meta(checkpoint: Optional[ray.train.Checkpoint]) -> dict[str, Any]:
@@ -57,32 +54,6 @@ def first_to_run(stages: list[str]) -> int:
     belongs to (it resumes; a final checkpoint just finishes again), else the first."""
     stage = _checkpoint_meta(ray.train.get_checkpoint()).get("stage")
     return stages.index(stage) if stage in stages else 0
-
-
-@dataclass
-class LoopSpec:
-    """Plain settings the driver sends to every worker (picklable, no Ray or MLflow objects)."""
-
-    stage: str
-    tracking_uri: str
-    run_id: str
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    lr: float
-    min_lr: float
-    accum_steps: int = 1
-    clip_grad: Optional[float] = None
-    log_every: int = 10
-    checkpoint_every: int = 500
-    eval_every: Optional[int] = None
-    seed: int = 0
-    train_flops_per_image: float = 0.0
-    skip_counter: Optional[str] = None
-    """The pipeline's SkipCounter actor; this stage's tally there is keyed by ``run_id``."""
-    max_skip_fraction: float = 0.01
-    bf16: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,6 +72,11 @@ class StopTraining(Exception):
 
 class Task:
     """What a stage plugs into :func:`train`. Methods run on every worker unless noted."""
+
+    def __init__(self, job: StageJob):
+        self.job = job
+        self.spec = job.spec
+        self.device = torch.device("cpu")
 
     def build(self, device: torch.device) -> nn.Module:
         raise NotImplementedError
@@ -135,12 +111,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
@@ -162,16 +132,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _all_gather(obj: Any) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def world_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (a collective: every rank must call it)."""
+    if world_size() == 1:
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
+    out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
 
 
 def _reduce(values: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         values = values.clone()
         dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
     return values
@@ -204,7 +183,7 @@ class _Checkpointer:
 
     def save(self, state: TrainState, metrics: dict[str, float], final: bool = False) -> None:
         """Every rank calls this (``ray.train.report`` is a barrier); rank 0 writes."""
-        rngs = _all_gather(_rng_state())
+        rngs = all_gather(_rng_state())
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.rank == 0:
@@ -257,13 +236,14 @@ class _Window:
         self.micro += 1
 
 
-def train(task: Task, spec: LoopSpec) -> None:
+def train(task: Task) -> None:
     """Run (or resume) a stage's training in this Ray Train worker.
 
     A :class:`StopTraining` condition ends the worker normally after tagging the MLflow
     run with the reason; the driver turns that tag into the stage's error.
     """
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    spec = task.job.loop
     try:
         _train(task, spec)
     except StopTraining as exc:
@@ -275,7 +255,7 @@ def _train(task: Task, spec: LoopSpec) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    _seed_everything(spec.seed * 1000 + rank)
+    seed_global_rngs(spec.seed * 1000 + rank)
     model = task.build(device)
     optimizer = task.optimizer(model, spec.lr)
     scheduler = build_scheduler(optimizer, spec.total_steps, spec.warmup_steps, spec.min_lr)
@@ -284,7 +264,7 @@ def _train(task: Task, spec: LoopSpec) -> None:
     checkpointer = _Checkpointer(task, ddp_model, optimizer, scheduler, rank, spec)
     resumed = checkpointer.restore(state)
     logger = RunLogger.resume(spec.tracking_uri, spec.run_id, LOSS_METRIC) if rank == 0 else None
-    counter = SkipSink(spec.skip_counter, spec.run_id) if (rank == 0 and spec.skip_counter) else None
+    skips = spec.skips if rank == 0 else None
     pictures = task.picture_steps(spec.total_steps)
     out_dir = Path(tempfile.mkdtemp(prefix=f"{spec.stage}-"))
     if logger and resumed:
@@ -328,8 +308,8 @@ def _train(task: Task, spec: LoopSpec) -> None:
             **(extra or {}),
         }
         data_problem = None
-        if counter is not None:
-            snapshot = counter.snapshot()
+        if skips is not None:
+            snapshot = skips.snapshot()
             metrics["data/images_attempted"] = snapshot["attempted"]
             metrics["data/images_converted"] = snapshot["converted"]
             for reason, n in snapshot["skipped"].items():
@@ -413,11 +393,3 @@ def _train(task: Task, spec: LoopSpec) -> None:
         logger.metrics(final_metrics, state.step)
         logger.artifacts(task.pictures(_unwrap(ddp_model), state.step, True, out_dir), "pictures")
     checkpointer.save(state, {**metrics, **final_metrics}, final=True)
-
-
-def lr_steps(epochs: float, steps_per_epoch: int, warmup_epochs: float, max_steps: Optional[int]) -> tuple[int, int]:
-    """(total optimizer steps, warmup steps) of a schedule given in epochs."""
-    total = max(1, math.ceil(epochs * steps_per_epoch))
-    if max_steps:
-        total = min(total, max_steps)
-    return total, min(int(round(warmup_epochs * steps_per_epoch)), max(total - 1, 0))

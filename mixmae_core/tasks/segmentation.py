@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import segmentation_models_pytorch as smp
+import torch.nn as nn
 
-from mixmae_core.models.classification import EncoderAttention, EncoderWeights, prepare_dense_trunk
-from mixmae_core.models.encoder import MixMAESwin
+from mixmae_core.tasks.classification import EncoderAttention, EncoderWeights, prepare_dense_trunk
 
 
 class MixMAEUPerNet(EncoderAttention, smp.UPerNet):
@@ -51,6 +51,6 @@ def build_upernet(
     return model
 
 
-def dense_trunk(model: smp.UPerNet) -> MixMAESwin:
-    """The ``MixMAESwin`` inside an smp model (smp's timm wrapper holds timm's feature getter)."""
+def dense_trunk(model: smp.UPerNet) -> nn.Module:
+    """The encoder inside an smp model (smp's timm wrapper holds timm's feature getter)."""
     return model.encoder.model.model

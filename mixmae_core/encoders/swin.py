@@ -1,33 +1,50 @@
-"""The MixMAE encoder: Swin without shifted windows, with segment-masked window attention.
+"""MixMAE's Swin: Swin without shifted windows, every attention masked per image.
 
-One class serves pretraining (``forward_features(x, mask=...)`` mixes pairs and masks
-attention per image), classification (``forward``), and dense heads
+One class serves pretraining (``embed`` + ``forward_tokens(x, groups)``: the encoder
+contract of ``mixmae_core/mixmae.py``), classification (``forward``) and dense heads
 (``forward_intermediates`` / ``timm.create_model(..., features_only=True)``).
+
+Every window attention runs through ``mixmae_core.encoders.attention`` with the groups as
+segments; patch merging concatenates 2x2 tokens, which never straddle a 32-px mask unit
+at stride 4-16, so nothing else moves information between images.
+
+Variants (``@register_model`` below): micro (tests, the CPU quickstart), tiny, base, large
+and huge with windows 14,14,14,7 at 224 (stages 3-4 global), base and large with windows
+16,16,24,12 at 384 for fine-tuning.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath, Mlp, PatchEmbed, gen_relative_position_index, to_2tuple, trunc_normal_
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
 from torch.utils.checkpoint import checkpoint
 
-from mixmae_core.masking import mix_pairs, pair_rows, upsample_mask
-from mixmae_core.models.attention import AttentionContext, AttentionImpl, get_attention
-from mixmae_core.models.layout import SequenceLayout, group_layout, window_layout
-from mixmae_core.models.pos_embed import sincos_2d
+from mixmae_core.checkpoint import StateDict, adapt_to_encoder, encoder_state_dict
+from mixmae_core.encoders.attention import (
+    AttentionContext,
+    SequenceLayout,
+    WindowAttention,
+    get_attention,
+    group_layout,
+    window_layout,
+)
+from mixmae_core.layers import init_weights, sincos_2d
+from mixmae_core.masking import upsample_mask
 
 
-def stage_windows(
+def level_windows(
     img_size: tuple[int, int], patch_size: int, window_size: Sequence[int], strict: bool = True
 ) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """Per stage ``(resolution, window)``; a window larger than its map is clamped to it.
+    """Per level ``(resolution, window)``; a window larger than its map is clamped to it.
 
-    With ``strict`` raises a ValueError naming the stage when the image does not tile
+    With ``strict`` raises a ValueError naming the level when the image does not tile
     into windows; otherwise such maps are padded to whole windows at run time.
     """
     stride = patch_size * 2 ** (len(window_size) - 1)
@@ -49,49 +66,8 @@ def stage_windows(
     return out
 
 
-class WindowAttention(nn.Module):
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        window: tuple[int, int],
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-    ):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.window_size = window
-        self.scale = (dim // num_heads) ** -0.5
-        self.attn_drop = attn_drop
-        self.relative_position_bias_table = nn.Parameter(
-            torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1), num_heads)
-        )
-        self.register_buffer("relative_position_index", gen_relative_position_index(window).view(-1), persistent=False)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-        trunc_normal_(self.relative_position_bias_table, std=0.02)
-
-    def relative_bias(self) -> torch.Tensor:
-        n = self.window_size[0] * self.window_size[1]
-        bias = self.relative_position_bias_table[self.relative_position_index].view(n, n, -1)
-        return bias.permute(2, 0, 1)
-
-    def forward(
-        self, x: torch.Tensor, impl: AttentionImpl, context: AttentionContext, rel_bias: torch.Tensor
-    ) -> torch.Tensor:
-        S, n, C = x.shape
-        q, k, v = self.qkv(x).view(S, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        dropout_p = self.attn_drop if self.training else 0.0
-        x = impl.attend(q, k, v, rel_bias, context, self.scale, dropout_p)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(S, n, C)))
-
-
-class MixMAEBlock(nn.Module):
-    """Pre-norm transformer block on a stage's window (or group) sequences ``(S, n, C)``."""
+class SwinBlock(nn.Module):
+    """Pre-norm transformer block on a level's window (or group) sequences ``(S, n, C)``."""
 
     def __init__(
         self,
@@ -113,16 +89,16 @@ class MixMAEBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(
-        self, x: torch.Tensor, impl: AttentionImpl, context: AttentionContext, rel_bias: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, impl, context: AttentionContext, rel_bias: torch.Tensor) -> torch.Tensor:
         """``rel_bias``: this block's ``attn.relative_bias()``, passed in so that a compiled
         block sees it as an input (FlexAttention can then read it inside its kernel)."""
         x = x + self.drop_path1(self.attn(self.norm1(x), impl, context, rel_bias))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
-class MixMAEStage(nn.Module):
+class SwinLevel(nn.Module):
+    """Patch merging (levels 2-4), then blocks on one layout of the level's map."""
+
     def __init__(
         self,
         in_dim: int,
@@ -144,7 +120,7 @@ class MixMAEStage(nn.Module):
         self.set_attn_impl(attn_impl)
         self.downsample = PatchMerging(in_dim, dim, norm_layer=norm_layer) if downsample else nn.Identity()
         self.blocks = nn.ModuleList(
-            MixMAEBlock(dim, num_heads, window, drop_path=drop_path[i], norm_layer=norm_layer, **block_kwargs)
+            SwinBlock(dim, num_heads, window, drop_path=drop_path[i], norm_layer=norm_layer, **block_kwargs)
             for i in range(depth)
         )
 
@@ -162,8 +138,8 @@ class MixMAEStage(nn.Module):
     def forward(
         self, x: torch.Tensor, segments: Optional[torch.Tensor] = None, partner_tokens: Optional[int] = None
     ) -> torch.Tensor:
-        """``x``: ``(B, H, W, C)`` before downsampling; ``segments``: ``(B, H', W')`` uint8 at this
-        stage's resolution or None; ``partner_tokens``: partner tokens per row if equal for all rows."""
+        """``x``: ``(B, H, W, C)`` before merging; ``segments``: ``(B, H', W')`` uint8 at this
+        level's resolution or None; ``partner_tokens``: partner tokens per row if equal for all rows."""
         x = self.downsample(x)
         layout = self.layout(x, segments, partner_tokens)
         context = self._impl.prepare(AttentionContext(layout.segments, layout.positions))
@@ -204,31 +180,30 @@ class MixMAESwin(nn.Module):
         **kwargs,
     ):
         """``attn_impl``: "reference", "sdpa" or "flex". ``split_groups``: in pretraining, run
-        stages whose window covers the map as one sequence per (image, group).
-        ``strict_windows=False`` (dense tasks) pads stage maps that windows do not tile, as
+        levels whose window covers the map as one sequence per (image, group).
+        ``strict_windows=False`` (dense tasks) pads level maps that windows do not tile, as
         Swin detection backbones do, instead of refusing the size."""
         super().__init__()
-        kwargs.pop("pretrained_cfg", None)
-        kwargs.pop("pretrained_cfg_overlay", None)
-        if kwargs:
-            raise TypeError(f"unexpected arguments for MixMAESwin: {sorted(kwargs)}")
-        num_stages = len(depths)
-        if len(num_heads) != num_stages:
+        unexpected = kwargs.keys() - {"pretrained_cfg", "pretrained_cfg_overlay"}  # timm passes these
+        if unexpected:
+            raise TypeError(f"unexpected arguments for MixMAESwin: {sorted(unexpected)}")
+        num_levels = len(depths)
+        if len(num_heads) != num_levels:
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length")
         if isinstance(window_size, int):
-            window_size = (window_size,) * num_stages
-        if len(window_size) != num_stages:
-            raise ValueError(f"window_size {tuple(window_size)} needs one entry per stage ({num_stages})")
+            window_size = (window_size,) * num_levels
+        if len(window_size) != num_levels:
+            raise ValueError(f"window_size {tuple(window_size)} needs one entry per stage ({num_levels})")
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         self.img_size = to_2tuple(img_size)
         self.patch_size = patch_size
-        self.stride = patch_size * 2 ** (num_stages - 1)
+        self.stride = patch_size * 2 ** (num_levels - 1)
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.embed_dim = embed_dim
         self.window_size = tuple(window_size)
-        geometry = stage_windows(self.img_size, patch_size, self.window_size, strict_windows)
+        geometry = level_windows(self.img_size, patch_size, self.window_size, strict_windows)
 
         self.patch_embed = PatchEmbed(
             img_size=self.img_size,
@@ -241,14 +216,14 @@ class MixMAESwin(nn.Module):
         )
         self.register_buffer("absolute_pos_embed", sincos_2d(geometry[0][0], embed_dim), persistent=False)
 
-        dims = [embed_dim * 2**i for i in range(num_stages)]
+        dims = [embed_dim * 2**i for i in range(num_levels)]
         self.num_features = self.head_hidden_size = dims[-1]
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.layers = nn.ModuleList()
         self.feature_info = []
-        for i in range(num_stages):
+        for i in range(num_levels):
             self.layers.append(
-                MixMAEStage(
+                SwinLevel(
                     in_dim=dims[max(i - 1, 0)],
                     dim=dims[i],
                     depth=depths[i],
@@ -269,7 +244,7 @@ class MixMAESwin(nn.Module):
         self.norm = norm_layer(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     # ----------------------------------------------------------------- timm protocol
     @torch.jit.ignore
@@ -287,8 +262,8 @@ class MixMAESwin(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
+        for level in self.layers:
+            level.grad_checkpointing = enable
 
     def get_classifier(self) -> nn.Module:
         return self.head
@@ -300,53 +275,60 @@ class MixMAESwin(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def set_attn_impl(self, name: str) -> None:
-        for stage in self.layers:
-            stage.set_attn_impl(name)
+        for level in self.layers:
+            level.set_attn_impl(name)
 
-    # ----------------------------------------------------------------- forward
-    def _embed(self, x: torch.Tensor, mask: Optional[torch.Tensor]):
-        """Patch-embed, mix partners when a pair mask is given, add position embedding.
+    def set_split_groups(self, enable: bool) -> None:
+        for level in self.layers:
+            level.split_groups = enable
 
-        Returns the tokens, the per-row coarse segment map (or None) and the number of
-        partner units per row when it is the same for every pair (or None).
-        """
+    # ----------------------------------------------------------------- the encoder contract
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` -> stem tokens ``(B, H/4, W/4, C)``, each image on its own."""
         H, W = x.shape[-2:]
         if H % self.stride or W % self.stride:
             raise ValueError(f"input size {H}x{W} is not a multiple of the encoder stride {self.stride}")
-        x = self.patch_embed(x)
-        row_mask = partner_units = None
-        if mask is not None:
-            # counted where the mask lives: free for CPU masks, one sync for device masks
-            counts = mask.flatten(1).sum(1)
+        return self.patch_embed(x)
+
+    def forward_tokens(
+        self, x: torch.Tensor, groups: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stem tokens (here possibly mixed) -> (final-normed last map, per-level maps), NHWC.
+
+        ``groups``: bool ``(B, h, w)`` on the stride-32 grid (any device), or None. With it,
+        every window attention is restricted to tokens of one group.
+        """
+        partner_units = None
+        if groups is not None:
+            # counted where the groups live: free for CPU masks, one sync for device masks
+            counts = groups.flatten(1).sum(1)
             partner_units = int(counts[0]) if bool((counts == counts[0]).all()) else None
-            row_mask = pair_rows(mask.to(x.device, non_blocking=True))
-            x = mix_pairs(x, upsample_mask(row_mask, x.shape[1:3]))
+            groups = groups.to(x.device, non_blocking=True)
+        features = list(self._levels(x + self._pos_embed(x), groups, partner_units))
+        return self.norm(features[-1]), features
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         pos = self.absolute_pos_embed
         if tuple(pos.shape[:2]) != tuple(x.shape[1:3]):
             pos = sincos_2d(tuple(x.shape[1:3]), self.embed_dim).to(x.device)
-        return x + pos.to(x.dtype), row_mask, partner_units
+        return pos.to(x.dtype)
 
-    def _stages(self, x, row_mask, partner_units, stop: Optional[int] = None):
-        coarse = None if row_mask is None else row_mask.shape[1:]
-        for i, stage in enumerate(self.layers[:stop]):
+    def _levels(self, x, groups, partner_units, stop: Optional[int] = None):
+        coarse = None if groups is None else groups.shape[1:]
+        for i, level in enumerate(self.layers[:stop]):
             res = (x.shape[1] // (2 if i else 1), x.shape[2] // (2 if i else 1))
             segments = partner_tokens = None
-            if row_mask is not None:
-                segments = upsample_mask(row_mask, res).to(torch.uint8)
-                partner_tokens = None if partner_units is None else partner_units * (res[0] // coarse[0]) * (res[1] // coarse[1])
-            x = stage(x, segments, partner_tokens)
-            yield i, x
+            if groups is not None:
+                segments = upsample_mask(groups, res).to(torch.uint8)
+                if partner_units is not None:
+                    partner_tokens = partner_units * (res[0] // coarse[0]) * (res[1] // coarse[1])
+            x = level(x, segments, partner_tokens)
+            yield x
 
-    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Images ``(B, 3, H, W)`` -> normed final map ``(B, h, w, C)``.
-
-        With ``mask`` (bool ``(B//2, h, w)`` on the coarse grid, any device) rows 2k/2k+1
-        are mixed and every attention is restricted to tokens of one image.
-        """
-        x, row_mask, partner_units = self._embed(x, mask)
-        for _, x in self._stages(x, row_mask, partner_units):
-            pass
-        return self.norm(x)
+    # ----------------------------------------------------------------- classification and dense heads
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` -> normed final map ``(B, h, w, C)``."""
+        return self.forward_tokens(self.embed(x))[0]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
@@ -366,14 +348,15 @@ class MixMAESwin(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ):
-        """Stage feature maps for dense heads (timm's intermediates protocol)."""
+        """Level feature maps for dense heads (timm's intermediates protocol)."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.layers), indices)
-        x, _, _ = self._embed(x, None)
+        x = self.embed(x)
+        x = x + self._pos_embed(x)
         last = len(self.layers) - 1
         intermediates = []
-        for i, x in self._stages(x, None, None, stop=max_index + 1 if stop_early else None):
+        for i, x in enumerate(self._levels(x, None, None, stop=max_index + 1 if stop_early else None)):
             if i in take:
                 feat = self.norm(x) if norm and i == last else x
                 intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else feat)
@@ -382,13 +365,97 @@ class MixMAESwin(nn.Module):
         return (self.norm(x) if i == last else x), intermediates
 
 
-def _init_weights(module: nn.Module) -> None:
-    # xavier for linears as in MAE/the official MixMAE code
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+# --------------------------------------------------------------------- timm registration
 
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: MixMAESwin) -> StateDict:
+    """timm's ``pretrained_filter_fn``: any checkpoint layout ``load_encoder_weights`` reads
+    (pretraining, classifier, official), fitted to ``model``'s windows and head. Given
+    through ``pretrained_cfg_overlay=dict(file=PATH)``: the configs below carry no URL or
+    hub id, so timm never fetches weights for these variants."""
+    return adapt_to_encoder(encoder_state_dict(state_dict), model)
+
+
+def _cfg(img_size: int = 224) -> dict[str, Any]:
+    return dict(
+        url="", num_classes=1000, input_size=(3, img_size, img_size), pool_size=None,
+        crop_pct=0.875 if img_size == 224 else 1.0, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj", classifier="head", license="apache-2.0",
+    )
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "mixmae_swin_micro_w8": _cfg(64),
+        "mixmae_swin_tiny_w14": _cfg(),
+        "mixmae_swin_base_w14": _cfg(),
+        "mixmae_swin_large_w14": _cfg(),
+        "mixmae_swin_huge_w14": _cfg(),
+        "mixmae_swin_base_w16_384": _cfg(384),
+        "mixmae_swin_large_w16_384": _cfg(384),
+    }
+)
+
+_W14 = (14, 14, 14, 7)
+_B = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+_L = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
+
+
+def _create(name: str, pretrained: bool, model_args: dict[str, Any], **kwargs: Any) -> MixMAESwin:
+    kwargs = {**model_args, **kwargs}
+    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs["depths"]))))
+    return build_model_with_cfg(
+        MixMAESwin,
+        name,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+
+
+@register_model
+def mixmae_swin_micro_w8(pretrained: bool = False, **kwargs: Any) -> MixMAESwin:
+    """Tests and the CPU quickstart: 64-128 px, windows of 8."""
+    args = dict(img_size=64, embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=(8, 8, 8, 8))
+    return _create("mixmae_swin_micro_w8", pretrained, args, **kwargs)
+
+
+@register_model
+def mixmae_swin_tiny_w14(pretrained: bool = False, **kwargs: Any) -> MixMAESwin:
+    """Swin-T/W14 for single-GPU work."""
+    args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=_W14)
+    return _create("mixmae_swin_tiny_w14", pretrained, args, **kwargs)
+
+
+@register_model
+def mixmae_swin_base_w14(pretrained: bool = False, **kwargs: Any) -> MixMAESwin:
+    """Swin-B/W14, the paper's main model (88M parameters, 16.3 GFLOPs at 224)."""
+    return _create("mixmae_swin_base_w14", pretrained, dict(**_B, window_size=_W14), **kwargs)
+
+
+@register_model
+def mixmae_swin_large_w14(pretrained: bool = False, **kwargs: Any) -> MixMAESwin:
+    """Swin-L/W14 (197M parameters, 35.9 GFLOPs at 224)."""
+    return _create("mixmae_swin_large_w14", pretrained, dict(**_L, window_size=_W14), **kwargs)
+
+
+@register_model
+def mixmae_swin_huge_w14(pretrained: bool = False, **kwargs: Any) -> MixMAESwin:
+    """Swin-H/W14 (about 658M parameters; the paper's "600M")."""
+    args = dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88), window_size=_W14)
+    return _create("mixmae_swin_huge_w14", pretrained, args, **kwargs)
+
+
+@register_model
+def mixmae_swin_base_w16_384(pretrained: bool = False, **kwargs: Any) -> MixMAESwin:
+    """Swin-B/W16 for 384-px fine-tuning (windows 16,16,24,12)."""
+    args = dict(**_B, img_size=384, window_size=(16, 16, 24, 12))
+    return _create("mixmae_swin_base_w16_384", pretrained, args, **kwargs)
+
+
+@register_model
+def mixmae_swin_large_w16_384(pretrained: bool = False, **kwargs: Any) -> MixMAESwin:
+    """Swin-L/W16 for 384-px fine-tuning (windows 16,16,24,12)."""
+    args = dict(**_L, img_size=384, window_size=(16, 16, 24, 12))
+    return _create("mixmae_swin_large_w16_384", pretrained, args, **kwargs)

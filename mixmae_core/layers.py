@@ -1,7 +1,8 @@
-"""Fixed 2-D sin-cos position embeddings in the MAE layout.
+"""What methods and encoders share: MAE's fixed 2-D sin-cos position table and MAE's
+weight initialisation.
 
-The layout (``[sin(x), cos(x), sin(y), cos(y)]`` over a quarter of the channels each,
-x the column index) is the one of MAE and of the official MixMAE code, so converted
+The table's layout (``[sin(x), cos(x), sin(y), cos(y)]`` over a quarter of the channels
+each, x the column index) is the one of MAE and of the official MixMAE code, so converted
 official checkpoints see exactly the embedding they were trained with. timm's
 ``build_sincos2d_pos_embed`` orders the channels differently, hence this helper.
 """
@@ -9,6 +10,7 @@ official checkpoints see exactly the embedding they were trained with. timm's
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 
 def sincos_2d(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -23,3 +25,15 @@ def sincos_2d(grid_size: tuple[int, int], dim: int, temperature: float = 10000.0
         angles = coord[..., None] * omega
         parts += [angles.sin(), angles.cos()]
     return torch.cat(parts, dim=-1).float()
+
+
+def init_weights(module: nn.Module) -> None:
+    """Xavier-uniform linears with zero bias, unit LayerNorms: MAE's and the official MixMAE
+    code's initialisation (``model.apply(init_weights)``)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

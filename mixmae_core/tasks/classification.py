@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 
 from mixmae_core.checkpoint import PathLike, StateDict, load_encoder_weights
-from mixmae_core.models.encoder import MixMAESwin
 
 EncoderWeights = Optional[Union[PathLike, StateDict]]
 
@@ -31,13 +30,11 @@ class EncoderAttention:
     fall into the last group: full learning rate).
     """
 
-    def _encoder(self) -> tuple[str, MixMAESwin]:
-        return next((name, m) for name, m in self.named_modules() if isinstance(m, MixMAESwin))
+    def _encoder(self) -> tuple[str, nn.Module]:
+        return next((name, m) for name, m in self.named_modules() if is_encoder(m))
 
     def set_attn_impl(self, name: str) -> None:
-        for module in self.modules():
-            if isinstance(module, MixMAESwin):
-                module.set_attn_impl(name)
+        self._encoder()[1].set_attn_impl(name)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -60,7 +57,12 @@ class EncoderAttention:
         return {f"{prefix}.{name}" for name in encoder.no_weight_decay()}
 
 
-def prepare_dense_trunk(trunk: MixMAESwin, encoder_weights: EncoderWeights = None) -> None:
+def is_encoder(module: nn.Module) -> bool:
+    """Whether ``module`` is an encoder under the contract of ``mixmae_core/mixmae.py``."""
+    return hasattr(module, "forward_tokens") and hasattr(module, "embed")
+
+
+def prepare_dense_trunk(trunk: nn.Module, encoder_weights: EncoderWeights = None) -> None:
     """Load weights into a trunk used through its stage maps, then drop its final norm.
 
     Dense heads normalise every stage map themselves, so the pretrained final norm would be
@@ -83,7 +85,7 @@ def create_encoder(
     """``timm.create_model`` of a MixMAE variant with encoder weights loaded.
 
     ``features_only=True`` returns timm's ``FeatureGetterNet`` (``.model`` is the
-    ``MixMAESwin``; forward gives the four NCHW stage maps) without head or final norm.
+    encoder; forward gives the four NCHW stage maps) without head or final norm.
     """
     if features_only:
         overrides = {**overrides, "num_classes": 0}
@@ -110,7 +112,7 @@ def build_classifier(
     encoder_weights: EncoderWeights = None,
     drop_path_rate: float = 0.1,
     **overrides: Any,
-) -> MixMAESwin:
+) -> nn.Module:
     """Fine-tuning classifier: encoder, global average pooling, linear head (a fresh head
     unless the checkpoint is a classifier with ``num_classes`` outputs)."""
     return create_encoder(
@@ -132,7 +134,7 @@ class LinearProbe(EncoderAttention, nn.Module):
     features being probed.
     """
 
-    def __init__(self, encoder: MixMAESwin, num_classes: int):
+    def __init__(self, encoder: nn.Module, num_classes: int):
         super().__init__()
         self.encoder = encoder.requires_grad_(False).eval()
         self.head = nn.Sequential(

@@ -23,7 +23,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from mixmae_core.models.classification import EncoderAttention, EncoderWeights, create_encoder
+from mixmae_core.tasks.classification import EncoderAttention, EncoderWeights, create_encoder
 
 
 class EncoderFPN(EncoderAttention, nn.Module):

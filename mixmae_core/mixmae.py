@@ -1,0 +1,219 @@
+"""MixMAE: Mixed and Masked Autoencoder (Lin et al., CVPR 2023), the whole method.
+
+A forward pass, in the order the paper tells it (official code: Sense-X/MixMIM):
+
+1. Draw a mask on the encoder's stride-32 grid (7x7 at 224): ``floor(h*w*r)`` units per
+   pair, r = 0.5. Rows 2k and 2k+1 of a batch are partners.
+2. Mix: patch-embed every image on its own, then row 2k shows row 2k+1's tokens where the
+   mask is set and row 2k+1 shows row 2k's there, so each pair gives two complementary mixed
+   inputs and every patch of both images is visible exactly once.
+3. Encode the mixed inputs with the mask as groups: everything that moves information
+   between tokens stays inside one image, so an image's features never depend on its partner.
+4. Unmix: two copies of each mixed input's last map, one keeping the row's own tokens and
+   one keeping its partner's, the other positions filled with one learnable mask token.
+5. Decode (8 ViT blocks, 512 wide) and predict 32x32x3 pixels per position; each image's
+   prediction at a position comes from the copy in which that position was hidden.
+6. Loss: mean squared error against per-patch normalised pixels (norm-pix), one term per
+   (image, patch).
+
+The encoder contract. MixMAE pretrains any hierarchical encoder that offers
+
+* ``stride`` (input pixels per last-level token: the 32-px mask unit), ``img_size`` and
+  ``num_features`` (channels of the last level);
+* ``embed(images) -> (B, H, W, C)``: stem tokens, each image on its own;
+* ``forward_tokens(x, groups=None) -> (last, features)``: ``x`` the (mixed) stem tokens,
+  ``groups`` bool ``(B, h, w)`` on the stride grid (any device); with groups, attention,
+  sub-sampled keys and convolutions between tokens never cross groups. ``last`` is the
+  final-normed last map ``(B, h, w, C')``, ``features`` the per-level maps (NHWC).
+
+``mixmae_core.encoders`` holds encoders that keep it, one file per family; the isolation
+test (an image's output does not change when its partner changes) is the proof.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+
+from mixmae_core.layers import init_weights, sincos_2d
+from mixmae_core.masking import (
+    MaskMode,
+    check_even_batch,
+    mix_pairs,
+    normalize_mask,
+    pair_rows,
+    patch_stats,
+    patchify,
+    sample_mask,
+    swap_pairs,
+    upsample_mask,
+    validate_mask_ratio,
+)
+
+
+@dataclass
+class MixMAEOutput:
+    loss: torch.Tensor
+    """Scalar norm-pix MSE over every (image, coarse patch) target."""
+    pred: torch.Tensor
+    """``(B, L, stride*stride*3)``: per image, each position predicted by the copy in which it was hidden."""
+    mask: torch.Tensor
+    """``(B//2, h, w)`` bool: True where row 2k's mixed input shows row 2k+1's token."""
+
+
+class MixMAEDecoder(nn.Module):
+    """Unmix into two copies per mixed input, then a small ViT predicts pixels."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        grid_size: tuple[int, int],
+        patch: int,
+        out_chans: int = 3,
+        dim: int = 512,
+        depth: int = 8,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+    ):
+        super().__init__()
+        self.dim = dim
+        self.embed = nn.Linear(in_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_2d(grid_size, dim).flatten(0, 1), persistent=False)
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.pred = nn.Linear(dim, patch * patch * out_chans)
+        self.apply(init_weights)
+        trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, z: torch.Tensor, groups: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """``z``: ``(B, L, C)`` encoder tokens of the mixed inputs; ``groups``: ``(B, L)`` bool.
+
+        Returns ``(B, L, patch*patch*C)``: image b's prediction at every position, taken
+        from the copy in which that position of image b was hidden.
+        """
+        x = self.embed(z)
+        token = self.mask_token.to(x.dtype).expand_as(x)
+        m = groups[..., None]
+        # copy "own" keeps the row's own tokens and predicts its image where m is set;
+        # copy "partner" keeps the partner's tokens and predicts the partner where m is not.
+        own, partner = torch.where(m, token, x), torch.where(m, x, token)
+        pos = self.pos_embed
+        if pos.shape[0] != x.shape[1]:
+            pos = sincos_2d(grid_size, self.dim).flatten(0, 1).to(x.device)
+        x = torch.cat([own, partner]) + pos.to(x.dtype)
+        for block in self.blocks:
+            x = block(x)
+        own_rec, partner_rec = self.pred(self.norm(x)).chunk(2)
+        return torch.where(m, own_rec, swap_pairs(partner_rec))
+
+
+def norm_pix_target(images: torch.Tensor, patch: int, norm_pix: bool = True) -> torch.Tensor:
+    """Pixels patchified at ``patch``; with ``norm_pix`` normalised per patch (unbiased variance)."""
+    target = patchify(images.float(), patch)
+    if norm_pix:
+        mean, std = patch_stats(target)
+        target = (target - mean) / std
+    return target
+
+
+class MixMAE(nn.Module):
+    """An encoder under the contract above + the unmixing decoder + the norm-pix loss.
+
+    ``forward(images, mask=None)`` takes float images ``(B, 3, H, W)`` with partners in
+    rows 2k/2k+1 and returns a ``MixMAEOutput``. Without ``mask`` one is drawn with
+    ``mask_ratio``: per pair, or one for the whole batch with ``mask_mode="batch"`` (the
+    official code's choice).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mask_ratio: float = 0.5,
+        mask_mode: MaskMode = "pair",
+        norm_pix_loss: bool = True,
+    ):
+        super().__init__()
+        self.mask_ratio = validate_mask_ratio(mask_ratio)
+        if mask_mode not in ("pair", "batch"):
+            raise ValueError(f"mask_mode must be 'pair' or 'batch', got {mask_mode!r}")
+        self.mask_mode = mask_mode
+        self.norm_pix_loss = norm_pix_loss
+        self.encoder = encoder
+        self.stride = encoder.stride
+        self.grid_size = (encoder.img_size[0] // self.stride, encoder.img_size[1] // self.stride)
+        self.decoder = MixMAEDecoder(
+            encoder.num_features, self.grid_size, self.stride, dim=decoder_dim, depth=decoder_depth,
+            num_heads=decoder_num_heads,
+        )
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"decoder.mask_token"}
+
+    def set_attn_impl(self, name: str) -> None:
+        self.encoder.set_attn_impl(name)
+
+    def sample_mask(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+        check_even_batch(batch_size)
+        return sample_mask(
+            batch_size // 2, self.grid_size, self.mask_ratio, mode=self.mask_mode, generator=generator, device=device
+        )
+
+    def forward_encoder(self, images: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """Mix partners by ``groups`` ``(B, h, w)`` and encode per image -> ``(B, h, w, C)``."""
+        x = self.encoder.embed(images)  # (B, H, W, C): each image's own tokens
+        x = mix_pairs(x, upsample_mask(groups.to(x.device, non_blocking=True), x.shape[1:3]))
+        z, _ = self.encoder.forward_tokens(x, groups)
+        return z
+
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over every value: each (image, patch) appears once in ``pred``."""
+        target = norm_pix_target(images, self.stride, self.norm_pix_loss)
+        return (pred.float() - target).pow(2).mean()
+
+    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> MixMAEOutput:
+        B, _, H, W = images.shape
+        check_even_batch(B)
+        grid = (H // self.stride, W // self.stride)
+        # masks are drawn (and may be given) on the CPU: the encoder counts them there for free
+        if mask is None:
+            mask = sample_mask(B // 2, grid, self.mask_ratio, mode=self.mask_mode)
+        else:
+            mask = normalize_mask(mask, B // 2, grid)
+        groups = pair_rows(mask)  # (B, h, w): True where a row shows its partner's token
+        z = self.forward_encoder(images, groups)
+        pred = self.decoder(z.flatten(1, 2), groups.to(images.device, non_blocking=True).flatten(1), grid)
+        return MixMAEOutput(loss=self.forward_loss(images, pred), pred=pred, mask=mask.to(images.device))
+
+
+PAPER_DECODER = dict(decoder_dim=512, decoder_depth=8, decoder_num_heads=16)
+SMALL_DECODERS: dict[str, dict[str, int]] = {
+    "mixmae_swin_micro_w8": dict(decoder_dim=128, decoder_depth=2, decoder_num_heads=4),
+}
+"""Decoders of the test-sized encoders; every other encoder gets the paper's 512 x 8."""
+METHOD_ARGS = ("decoder_dim", "decoder_depth", "decoder_num_heads", "mask_ratio", "mask_mode", "norm_pix_loss")
+
+
+def create_model(encoder: str, **kwargs: Any) -> MixMAE:
+    """The pretraining model on a registered encoder (``mixmae_swin_base_w14``, ...).
+
+    ``kwargs`` may name MixMAE's arguments (``METHOD_ARGS``) or the encoder's (``img_size``,
+    ``attn_impl``, ...); the decoder defaults to the paper's.
+    """
+    method = {**PAPER_DECODER, **SMALL_DECODERS.get(encoder, {})}
+    method.update({k: kwargs.pop(k) for k in METHOD_ARGS if k in kwargs})
+    if not timm.is_model(encoder):
+        raise ValueError(f"unknown encoder {encoder!r}; choose one of {timm.list_models('mixmae_*')}")
+    return MixMAE(timm.create_model(encoder, num_classes=0, **kwargs), **method)

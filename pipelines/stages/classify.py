@@ -1,0 +1,79 @@
+"""The classification stages' worker (iNat2018/2019, Places205/365, ImageNet-1K): a fine-tuned
+classifier with mixup/cutmix, random erasing and label smoothing, or a linear probe on the
+frozen encoder (MAE's recipe); top-1/top-5 over the whole validation split."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+from mixmae_core.tasks.classification import build_classifier, build_linear_probe
+from mixmae_core.tasks.metrics import classification_metrics
+from pipelines.stages.transfer import TransferTask
+
+
+class ClassifyTask(TransferTask):
+    @property
+    def probe(self) -> bool:
+        return self.spec.mode == "linear_probe"
+
+    @property
+    def layer_decay_applies(self) -> bool:  # a probe trains the head alone
+        return not self.probe
+
+    def build_model(self) -> nn.Module:
+        job, spec = self.job, self.spec
+        kwargs = dict(img_size=spec.img_size, encoder_weights=job.encoder_weights, **spec.model_overrides)
+        if self.probe:
+            return build_linear_probe(job.model, job.num_classes, **kwargs)
+        return build_classifier(job.model, job.num_classes, drop_path_rate=spec.drop_path, **kwargs)
+
+    def build(self, device: torch.device) -> nn.Module:
+        model = super().build(device)
+        spec = self.spec
+        self.mixup = None
+        if not self.probe and (spec.mixup > 0 or spec.cutmix > 0):
+            self.mixup = Mixup(
+                mixup_alpha=spec.mixup, cutmix_alpha=spec.cutmix, label_smoothing=spec.label_smoothing,
+                num_classes=self.job.num_classes,
+            )
+        reprob = 0.0 if self.probe else spec.reprob
+        self.erase = RandomErasing(reprob, mode="pixel", device=str(device)) if reprob > 0 else None
+        if self.mixup:
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif spec.label_smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(spec.label_smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+        return model
+
+    def micro_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.batches("train", drop_last=True):
+            images = self.images(batch)
+            targets = batch["label"].to(self.device)
+            if self.erase is not None:
+                images = self.erase(images)
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            yield images, targets
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+        images, targets = batch
+        return self.criterion(model(images), targets), images.shape[0]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        metrics = classification_metrics(self.job.num_classes).to(self.device)
+        model.eval()
+        for batch in self.batches("val"):
+            metrics.update(model(self.images(batch)), batch["label"].to(self.device))
+        model.train()
+        return {f"val/{k}": float(v) for k, v in metrics.compute().items()}
+
+
+TASK = ClassifyTask

@@ -1,0 +1,74 @@
+"""What the driver sends each Ray Train worker: typed, picklable, and light to import.
+
+Ray Train's controller unpickles the train loop's config in every run, so this module
+(and what it imports: the config schema, the skip-count handle) must not pull in torch,
+timm or MLflow; the worker modules that use the settings import those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from pipelines.config import ClassifyStage, DetectStage, PretrainStage, SegmentStage
+from pipelines.data.quality import StageSkips
+
+StageSpec = Union[PretrainStage, ClassifyStage, DetectStage, SegmentStage]
+
+
+class StageError(RuntimeError):
+    """A stage cannot run or failed; the message says why (and where its last checkpoint is)."""
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """What the shared training loop needs, resolved by the driver."""
+
+    stage: str
+    tracking_uri: str
+    run_id: str
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    lr: float
+    """Peak learning rate (``base_lr`` scaled by the global batch)."""
+    min_lr: float
+    accum_steps: int = 1
+    clip_grad: Optional[float] = None
+    log_every: int = 10
+    checkpoint_every: int = 500
+    eval_every: Optional[int] = None
+    """Optimizer steps between evaluations (None: only at the end)."""
+    seed: int = 0
+    train_flops_per_image: float = 0.0
+    skips: Optional[StageSkips] = None
+    max_skip_fraction: float = 0.01
+    bf16: bool = False
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """One stage as its workers run it: the stage's validated config section, the loop
+    settings, and what the driver resolved (encoder variant and weights, classes)."""
+
+    name: str
+    spec: StageSpec
+    model: str
+    """The encoder variant (the stage's own, else the pretraining stage's)."""
+    encoder_weights: Optional[str] = None
+    """Checkpoint the encoder starts from (None: random initialisation)."""
+    num_classes: int = 0
+    class_names: tuple[str, ...] = ()
+    coco_gt: Any = None
+    """Detection: Ray object reference to the validation split's COCO ground truth."""
+    loop: Optional[LoopSpec] = None
+    """None only for a job built to be measured (``stage_flops``), never trained."""
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
+
+
+def stage_dataset(stage: str, name: str) -> str:
+    """The Ray Train dataset name of a stage's dataset (stages of a worker group share one trainer)."""
+    return f"{stage}.{name}"
