@@ -1,10 +1,11 @@
 # Two entry points for a fresh machine (see README):
 #   make quickstart   install, then run the quickstart pipeline (local Ray, local MLflow, synthetic data, CPU)
-#   make test         install, then run the test suite
+#   make test         install, then run the test suite (every tier)
+#   make test-fast    the unit tier only (no Ray): under 2 minutes
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install quickstart test
+.PHONY: install quickstart test test-fast
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -19,3 +20,6 @@ quickstart: install
 
 test: install
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m fast

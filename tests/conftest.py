@@ -1,8 +1,17 @@
-"""Shared fixtures: one local Ray cluster per test session (starting Ray costs seconds)."""
+"""Shared fixtures: one local Ray cluster per test session (starting Ray costs seconds).
+
+Tiers (pytest markers, given here so no test can be left out of one):
+
+* ``fast``: unit tests in this process, no Ray (``make test-fast``, under 2 minutes);
+* ``ray``: tests on the session's local Ray cluster (they use the ``ray_local`` fixture);
+* ``cluster``: tests that start their own cluster or servers (``ray start``, ``mlflow
+  server``), marked ``@pytest.mark.cluster`` in their module.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -10,6 +19,27 @@ import pytest
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("cluster"):
+            continue
+        item.add_marker(pytest.mark.ray if "ray_local" in item.fixturenames else pytest.mark.fast)
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_ray(request):
+    """A test of the fast tier that starts Ray belongs in another tier."""
+    def running() -> bool:
+        ray = sys.modules.get("ray")
+        return ray is not None and ray.is_initialized()
+
+    before = running()
+    yield
+    if request.node.get_closest_marker("fast") and running() and not before:
+        sys.modules["ray"].shutdown()
+        pytest.fail("a fast-tier test started Ray: give it the ray_local fixture")
 
 
 @pytest.fixture(scope="session")

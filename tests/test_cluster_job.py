@@ -22,6 +22,8 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import REPO_ROOT
 
+pytestmark = pytest.mark.cluster
+
 BIN = Path(sys.executable).parent
 
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.config import DEFAULT_CONFIG, REPO_ROOT
-from pipelines.report import collect
+from pipelines.report import ReportRow, collect, mark_pareto
 from pipelines.sweep import FLOPS_METRIC, PROBE_METRIC, load_sweep, run_sweep
 
 
@@ -44,13 +44,18 @@ def test_two_trial_sweep_is_recorded_and_resumable(tmp_path, ray_local, syntheti
     assert sorted(t.data.params["mask_ratio"] for t in trials) == ["0.25", "0.5"]
     for trial in trials:
         assert trial.data.params["epochs"] == "2" and trial.data.tags["mixmae.kind"] == "pipeline"
-        assert trial.data.metrics[FLOPS_METRIC] > 0 and 0 <= trial.data.metrics[PROBE_METRIC] <= 1
         stages = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{trial.info.run_id}'")
         assert sorted(s.data.tags["mixmae.stage"] for s in stages) == ["pretrain", "probe"]
+        pretrain = next(s for s in stages if s.data.tags["mixmae.stage"] == "pretrain")
         probe = next(s for s in stages if s.data.tags["mixmae.stage"] == "probe")
         assert probe.data.params["mode"] == "linear_probe"
+        # the trial's two numbers are its stages' own: 4 steps of 16 images, and the probe's top-1
+        assert trial.data.metrics[FLOPS_METRIC] == pretrain.data.metrics["flops/train_total"]
+        assert trial.data.metrics[FLOPS_METRIC] == pytest.approx(4 * 16 * pretrain.data.metrics["flops/train_per_image"])
+        assert trial.data.metrics[PROBE_METRIC] == probe.data.metrics["val/top1"]
     rows, label = collect(client, "sweeps")
-    assert label == PROBE_METRIC and len(rows) == 2 and any(r.pareto for r in rows)
+    assert label == PROBE_METRIC and len(rows) == 2
+    assert [r.accuracy for r in rows if r.pareto] == [max(r.accuracy for r in rows)]  # equal FLOPs: the better one
     # resuming a finished sweep reruns nothing and records no new trial
     _, again = run_sweep(sweep, base)
     assert len(again) == 2
@@ -88,3 +93,15 @@ def test_plan_matches_hand_checked_numbers():
     assert probe["gflops"] == pytest.approx(pretrain["gflops"], rel=0.01)
     assert probe["train_flops_per_image"] == pytest.approx(2 * probe["gflops"] * 1e9)
     assert probe["device_hours"] == pytest.approx(probe["images"] * probe["train_flops_per_image"] / 100e12 / 3600)
+
+
+def test_the_pareto_front_holds_exactly_the_runs_nothing_beats():
+    rows = [
+        ReportRow("a", "a", 1.0, 0.50, "", ""),
+        ReportRow("b", "b", 2.0, 0.40, "", ""),  # costs more, scores less than a
+        ReportRow("c", "c", 2.0, 0.70, "", ""),
+        ReportRow("d", "d", 3.0, 0.70, "", ""),  # as good as c, for more
+        ReportRow("e", "e", 4.0, 0.90, "", ""),
+    ]
+    mark_pareto(rows)
+    assert [r.name for r in rows if r.pareto] == ["a", "c", "e"]
