@@ -1,4 +1,5 @@
-"""Pretraining step throughput: the reference path and the fast path side by side in one run.
+"""Pretraining step throughput, side by side in one run: MixMAE's reference and fast paths,
+or (``--methods``) MixMAE, SimMIM and MAE.
 
 For each variant: images/s (median over timed steps after warm-up, CUDA events on GPU),
 peak memory, and achieved TFLOP/s, where FLOPs are torch's flop count of one reference
@@ -6,8 +7,14 @@ step (forward + backward of the full masked attention, so the same numerator for
 row). Before timing, a numerical check compares the fast path's loss and gradients with
 an fp32 reference-attention step on the same weights, on fresh random inputs and masks.
 
+With ``--methods mixmae,simmim,mae`` each method runs its own step on the encoder
+(MAE on the ViT of about the same size: ``--vit``), all on the reference path, and its
+FLOPs are its own step's as it runs (MAE's encoder on a quarter of the tokens, SimMIM's on
+every token, MixMAE's on mixed inputs).
+
     python benchmarks/pretrain_throughput.py                       # CPU: micro model
     python benchmarks/pretrain_throughput.py --model mixmae_swin_base_w14 --batch 128   # GPU
+    python benchmarks/pretrain_throughput.py --methods mixmae,simmim,mae               # methods
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ import torch
 import mixmae_core
 from mixmae_core.fast import StepOptions, apply_step_options, autocast_for, make_train_step
 from mixmae_core.flops import train_step_flops
+from mixmae_core.masking import sample_mask
+from mixmae_core.methods import create_pretraining_model, pretraining_step
+
+#: MAE's encoder next to each hierarchical one: a plain ViT of about the same FLOPs
+VIT_FOR = {"mixmae_swin_micro_w8": "mae_vit_micro_p8", "mixmae_swin_base_w14": "vit_base_patch16_224"}
 
 
 def variants(device: torch.device, names: list[str]) -> dict[str, StepOptions]:
@@ -47,14 +59,16 @@ def variants(device: torch.device, names: list[str]) -> dict[str, StepOptions]:
 
 
 def random_batch(batch: int, size: int, model, device, generator):
+    """Images and the pipeline's pair masks at the model's ratio (MAE draws its own)."""
     images = torch.randn(batch, 3, size, size, generator=generator).to(device)
-    return images, model.sample_mask(batch, generator=generator)
+    grid = (size // 32, size // 32)
+    return images, sample_mask(batch // 2, grid, getattr(model, "mask_ratio", 0.5), generator=generator)
 
 
 def gradients(model, options, images, mask, device):
     model.zero_grad(set_to_none=True)
     with autocast_for(device, options):
-        loss = model(images, mask).loss
+        loss = pretraining_step(model, images, mask).loss
     loss.backward()
     grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
     return loss.detach().float(), grads
@@ -154,6 +168,8 @@ def main() -> None:
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--profile", default=None, metavar="VARIANT", help="print the top kernels of one step")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--methods", default=None, help="compare pretraining methods instead, e.g. mixmae,simmim,mae")
+    parser.add_argument("--vit", default=None, help="MAE's encoder (default: the ViT matching --model)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,6 +177,9 @@ def main() -> None:
     args.batch = args.batch or (128 if device.type == "cuda" else 16)
     args.img_size = args.img_size or timm.get_pretrained_cfg(args.model).input_size[-1]
 
+    if args.methods:
+        compare_methods(args, device)
+        return
     torch.manual_seed(0)
     base = mixmae_core.create_model(args.model, img_size=args.img_size).to(device)
     flops_img = train_step_flops(base, torch.randn(2, 3, args.img_size, args.img_size, device=device))
@@ -206,6 +225,32 @@ def main() -> None:
             f"{name:>14} | {row['img_per_s']:9.1f} | {row['img_per_s_span']:10.1f} | {speedup:6.2f} | "
             f"{row['peak_gib']:8.2f} | {row['tflops']:8.3f}"
         )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def compare_methods(args, device) -> None:
+    """One row per method on ``args.model`` (MAE on ``args.vit``), the reference path for all."""
+    options = StepOptions(bf16=device.type == "cuda")
+    card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
+    result = {"date": datetime.date.today().isoformat(), "device": card, "torch": torch.__version__,
+              "batch": args.batch, "img_size": args.img_size, "methods": {}}
+    for method in args.methods.split(","):
+        encoder = args.vit or VIT_FOR.get(args.model, "vit_base_patch16_224") if method == "mae" else args.model
+        torch.manual_seed(0)
+        model = create_pretraining_model(method, encoder, img_size=args.img_size).to(device)
+        flops = train_step_flops(model, torch.randn(2, 3, args.img_size, args.img_size, device=device))
+        row = time_variant(model, options, args, device)
+        row.update(encoder=encoder, train_gflop_per_image=flops / 1e9, tflops=flops * row["img_per_s"] / 1e12)
+        result["methods"][method] = row
+        del model
+        print(f"{method:>7} on {encoder}: {row['img_per_s']:.1f} img/s, {flops / 1e9:.3f} GFLOP/img", flush=True)
+    print(f"\nbatch {args.batch}, {args.img_size}px on {card}, torch {torch.__version__}, {result['date']}, reference path")
+    print(f"{'method':>7} | {'encoder':<22} | {'GFLOP/img':>9} | {'img/s':>9} | {'TFLOP/s':>8} | {'peak GiB':>8}")
+    for method, row in result["methods"].items():
+        print(f"{method:>7} | {row['encoder']:<22} | {row['train_gflop_per_image']:9.3f} | {row['img_per_s']:9.1f} | "
+              f"{row['tflops']:8.3f} | {row['peak_gib']:8.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

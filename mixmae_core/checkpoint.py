@@ -5,22 +5,32 @@ Key layouts understood by ``encoder_state_dict``:
 * our pretraining model: ``encoder.*`` and ``decoder.*``;
 * our classifier (timm layout, downsample at the start of stages 2-4, ``head.*``);
 * the official Sense-X/MixMIM code (pretraining or fine-tuned): downsample at the end of
-  stages 1-3, ``mask_token``/``decoder_*`` at top level, persistent position buffers.
+  stages 1-3, ``mask_token``/``decoder_*`` at top level, persistent position buffers; as
+  ``main_pretrain.py`` / ``main_finetune.py`` save it (``model``, ``optimizer``, ``epoch``,
+  ``scaler``, ``args``) or the bare ``model`` dict.
+
+Every file is read with ``torch.load(weights_only=True)``, allowing exactly what those
+files hold beyond tensors (an ``argparse.Namespace``); a file that is not a checkpoint is
+refused with a :class:`CheckpointError` naming what was expected and what was found.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from timm.layers import resize_rel_pos_bias_table
+from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
 
-from mixmae_core.layers import sincos_2d
+from mixmae_core.layers import interpolate_table, sincos_2d
 
 StateDict = dict[str, torch.Tensor]
 PathLike = Union[str, os.PathLike]
@@ -33,6 +43,12 @@ _OFFICIAL_DECODER = {
     "decoder_pred.": "decoder.pred.",
 }
 _DROPPED_BUFFERS = ("relative_position_index", "attn_mask")
+#: The position grid of the official pretraining at 224 px, which its 384-px fine-tuning interpolates.
+OFFICIAL_PRETRAIN_GRID = 56
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint this project reads; the message says what was expected and found."""
 
 
 def save_state_dict(path: PathLike, state_dict: Mapping[str, torch.Tensor], metadata: Optional[dict] = None) -> None:
@@ -51,12 +67,39 @@ def load_state_dict(path: PathLike) -> StateDict:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise CheckpointError(f"{path}: expected a safetensors file, found one that does not read ({exc})") from None
+    expected = "a state dict, or a training checkpoint with 'model' (and optimizer, epoch, scaler, args)"
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if not found:
+            raise CheckpointError(f"{path}: expected {expected} saved by torch.save, found unreadable bytes") from None
+        raise CheckpointError(
+            f"{path}: expected {expected}, found an object of type {found.group(1)}; not loaded (unsafe to unpickle)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: expected {expected} saved by torch.save, found unreadable bytes ({exc})") from None
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        kind = type(obj).__name__ if not isinstance(obj, dict) else f"a dict with keys {sorted(obj)[:6]}"
+        raise CheckpointError(f"{path}: expected {expected}, found {kind}")
     return dict(obj)
+
+
+def checkpoint_info(path: PathLike) -> dict[str, str]:
+    """What a safetensors file written by this project says of itself (``model``, ``method``,
+    ``img_size``, ``source``), read from its header only; empty for other files."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
 
 
 def is_official(state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -66,17 +109,21 @@ def is_official(state_dict: Mapping[str, torch.Tensor]) -> bool:
 def convert_official(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     """Official MixMIM keys -> ours (pretraining: ``encoder.``/``decoder.`` prefixes; fine-tuned: timm layout).
 
-    The fixed sin-cos position tables are not weights in our model; they are checked
-    against ours so a checkpoint trained with another convention is refused, not misread.
+    The encoder's position table is kept, as ``(h, w, C)``: the official 384-px fine-tuning
+    interpolates the 224-px table rather than drawing a new one. Every table is checked to be
+    the fixed 2-D sin-cos one, or one interpolated from the 224-px grid, so a checkpoint
+    trained with another convention is refused, not misread.
     """
     pretraining = "decoder_pred.weight" in state_dict
     out: StateDict = {}
     for key, value in state_dict.items():
         if key.endswith(_DROPPED_BUFFERS):
             continue
-        if key in ("absolute_pos_embed", "decoder_pos_embed"):
+        if key == "decoder_pos_embed":  # the decoder draws its own, at its fixed grid
             _check_sincos(key, value)
             continue
+        if key == "absolute_pos_embed":
+            value = _check_sincos(key, value)
         decoder_key = next((new + key[len(old) :] for old, new in _OFFICIAL_DECODER.items() if key.startswith(old)), None)
         if decoder_key is not None:
             out[decoder_key] = value
@@ -86,12 +133,37 @@ def convert_official(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
-def _check_sincos(key: str, value: torch.Tensor) -> None:
+#: (width, input size) of the official models -> the variant that reads them
+_OFFICIAL_VARIANTS = {
+    (128, 224): "mixmae_swin_base_w14", (192, 224): "mixmae_swin_large_w14", (352, 224): "mixmae_swin_huge_w14",
+    (128, 384): "mixmae_swin_base_w16_384", (192, 384): "mixmae_swin_large_w16_384",
+}
+
+
+def official_variant(converted: Mapping[str, torch.Tensor]) -> Optional[tuple[str, int]]:
+    """(variant name, input size) of a converted official checkpoint, told by its stem width and
+    position table; None for a size this project has no variant of."""
+    prefix = "encoder." if "encoder.patch_embed.proj.weight" in converted else ""
+    width = converted[prefix + "patch_embed.proj.weight"].shape[0]
+    table = converted.get(prefix + "absolute_pos_embed")
+    size = 224 if table is None else table.shape[0] * 4
+    name = _OFFICIAL_VARIANTS.get((width, size))
+    return (name, size) if name else None
+
+
+def _check_sincos(key: str, value: torch.Tensor) -> torch.Tensor:
+    """``value`` as an ``(h, w, C)`` table, if it is the fixed sin-cos one (at its own grid, or
+    interpolated from the official 224-px grid); else a CheckpointError."""
     n, dim = value.shape[-2:]
     side = int(round(n**0.5))
-    ours = sincos_2d((side, side), dim).flatten(0, 1)
-    if side * side != n or not torch.allclose(value.reshape(n, dim).float(), ours, atol=1e-5):
-        raise ValueError(f"{key} in the checkpoint is not the fixed 2-D sin-cos table this model uses")
+    table = value.reshape(side, side, dim).float() if side * side == n else None
+    candidates = (sincos_2d((side, side), dim), interpolate_table(sincos_2d((OFFICIAL_PRETRAIN_GRID,) * 2, dim), (side, side)))
+    if table is None or not any(torch.allclose(table, c, atol=1e-5) for c in candidates):
+        raise CheckpointError(
+            f"{key}: expected the fixed 2-D sin-cos position table (or one interpolated from "
+            f"{OFFICIAL_PRETRAIN_GRID}x{OFFICIAL_PRETRAIN_GRID}), found another {tuple(value.shape)} table"
+        )
+    return table
 
 
 def encoder_state_dict(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
@@ -105,7 +177,9 @@ def encoder_state_dict(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 
 def adapt_to_encoder(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> StateDict:
     """Fit an encoder state dict to ``model``: resize relative-position tables for other
-    windows, and keep the model's own head when the checkpoint has none or another size."""
+    windows, interpolate absolute position tables for another image size (bicubic, as the
+    official fine-tuning), and keep the model's own head when the checkpoint has none or
+    another size."""
     own = model.state_dict()
     out: StateDict = {}
     for key, value in state_dict.items():
@@ -114,6 +188,11 @@ def adapt_to_encoder(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
             value = resize_rel_pos_bias_table(
                 value, new_window_size=attn.window_size, new_bias_shape=tuple(own[key].shape)
             )
+        if key == "pos_embed" and key in own and own[key].shape != value.shape:  # a ViT at another size
+            prefix = getattr(model, "num_prefix_tokens", 1)
+            value = resample_abs_pos_embed(value, new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix)
+        if key == "absolute_pos_embed" and key in own and own[key].shape != value.shape:  # Swin at another size
+            value = interpolate_table(value, tuple(own[key].shape[:2]))
         if key.startswith("head.") and (key not in own or own[key].shape != value.shape):
             continue
         out[key] = value

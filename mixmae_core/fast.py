@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from mixmae_core.encoders.swin import SwinBlock
+from mixmae_core.methods import pretraining_step
 from mixmae_core.optim import build_optimizer
 
 
@@ -64,12 +65,16 @@ class StepOptions:
 
 
 def apply_step_options(model: nn.Module, options: StepOptions) -> nn.Module:
-    """Switch a MixMAE model (or encoder) to ``options``' attention, layout and compilation."""
-    encoder = getattr(model, "encoder", model)
-    encoder.set_attn_impl(options.attn_impl)
-    encoder.set_split_groups(options.split_groups)
+    """Switch a pretraining model (or encoder) to ``options``' attention, layout and
+    compilation; what an encoder does not have (a ViT's attention choice, Twins' and PVTv2's
+    group split) is left alone."""
     if options.compile not in ("off", "blocks", "model"):
         raise ValueError(f"compile must be 'off', 'blocks' or 'model', got {options.compile!r}")
+    encoder = getattr(model, "encoder", model)
+    if hasattr(encoder, "set_attn_impl"):
+        encoder.set_attn_impl(options.attn_impl)
+    if hasattr(encoder, "set_split_groups"):
+        encoder.set_split_groups(options.split_groups)
     if options.compile == "model":
         _raise_cache_limits()
         model.compile(dynamic=False)
@@ -93,7 +98,7 @@ def make_train_step(
 
     def step(images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         with autocast_for(device, options):
-            loss = model(images, mask).loss
+            loss = pretraining_step(model, images, mask).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,5 +1,5 @@
-"""What methods and encoders share: MAE's fixed 2-D sin-cos position table and MAE's
-weight initialisation.
+"""What methods and encoders share: MAE's fixed 2-D sin-cos position table (and its
+bicubic resizing, as the official fine-tuning does it) and MAE's weight initialisation.
 
 The table's layout (``[sin(x), cos(x), sin(y), cos(y)]`` over a quarter of the channels
 each, x the column index) is the one of MAE and of the official MixMAE code, so converted
@@ -37,3 +37,14 @@ def init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def interpolate_table(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A ``(h, w, C)`` position table resized to ``grid`` bicubically, as the official
+    fine-tuning's ``interpolate_pos_embed`` does."""
+    if tuple(table.shape[:2]) == tuple(grid):
+        return table
+    resized = torch.nn.functional.interpolate(
+        table.permute(2, 0, 1)[None].float(), size=tuple(grid), mode="bicubic", align_corners=False
+    )
+    return resized[0].permute(1, 2, 0).to(table.dtype)

@@ -142,3 +142,12 @@ def patch_stats(patches: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor,
     mean = patches.mean(dim=-1, keepdim=True)
     std = (patches.var(dim=-1, keepdim=True) + eps).sqrt()
     return mean, std
+
+
+def norm_pix_target(images: torch.Tensor, patch: int, norm_pix: bool = True) -> torch.Tensor:
+    """Pixels patchified at ``patch``; with ``norm_pix`` normalised per patch (unbiased variance)."""
+    target = patchify(images.float(), patch)
+    if norm_pix:
+        mean, std = patch_stats(target)
+        target = (target - mean) / std
+    return target

@@ -20,7 +20,9 @@ The encoder contract. MixMAE pretrains any hierarchical encoder that offers
 
 * ``stride`` (input pixels per last-level token: the 32-px mask unit), ``img_size`` and
   ``num_features`` (channels of the last level);
-* ``embed(images) -> (B, H, W, C)``: stem tokens, each image on its own;
+* ``embed(images, groups=None) -> (B, H, W, C)``: stem tokens, each image on its own; with
+  ``groups`` (below) a token reads only pixels of units in its own group (a stem whose
+  kernels overlap would otherwise read the pixels the mixed input hides);
 * ``forward_tokens(x, groups=None) -> (last, features)``: ``x`` the (mixed) stem tokens,
   ``groups`` bool ``(B, h, w)`` on the stride grid (any device); with groups, attention,
   sub-sampled keys and convolutions between tokens never cross groups. ``last`` is the
@@ -45,13 +47,16 @@ from mixmae_core.layers import init_weights, sincos_2d
 from mixmae_core.masking import (
     MaskMode,
     check_even_batch,
+    mix_images,
     mix_pairs,
+    norm_pix_target,
     normalize_mask,
     pair_rows,
     patch_stats,
     patchify,
     sample_mask,
     swap_pairs,
+    unpatchify,
     upsample_mask,
     validate_mask_ratio,
 )
@@ -116,15 +121,6 @@ class MixMAEDecoder(nn.Module):
         return torch.where(m, own_rec, swap_pairs(partner_rec))
 
 
-def norm_pix_target(images: torch.Tensor, patch: int, norm_pix: bool = True) -> torch.Tensor:
-    """Pixels patchified at ``patch``; with ``norm_pix`` normalised per patch (unbiased variance)."""
-    target = patchify(images.float(), patch)
-    if norm_pix:
-        mean, std = patch_stats(target)
-        target = (target - mean) / std
-    return target
-
-
 class MixMAE(nn.Module):
     """An encoder under the contract above + the unmixing decoder + the norm-pix loss.
 
@@ -133,6 +129,8 @@ class MixMAE(nn.Module):
     ``mask_ratio``: per pair, or one for the whole batch with ``mask_mode="batch"`` (the
     official code's choice).
     """
+
+    uses_pair_masks = True
 
     def __init__(
         self,
@@ -160,7 +158,9 @@ class MixMAE(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()} | {"decoder.mask_token"}
+        """None beyond 1-D parameters and biases: the official pretraining decays the
+        relative-position tables and the mask token."""
+        return set()
 
     def set_attn_impl(self, name: str) -> None:
         self.encoder.set_attn_impl(name)
@@ -173,7 +173,7 @@ class MixMAE(nn.Module):
 
     def forward_encoder(self, images: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """Mix partners by ``groups`` ``(B, h, w)`` and encode per image -> ``(B, h, w, C)``."""
-        x = self.encoder.embed(images)  # (B, H, W, C): each image's own tokens
+        x = self.encoder.embed(images, groups)  # (B, H, W, C): each image's own tokens
         x = mix_pairs(x, upsample_mask(groups.to(x.device, non_blocking=True), x.shape[1:3]))
         z, _ = self.encoder.forward_tokens(x, groups)
         return z
@@ -182,6 +182,18 @@ class MixMAE(nn.Module):
         """Mean squared error over every value: each (image, patch) appears once in ``pred``."""
         target = norm_pix_target(images, self.stride, self.norm_pix_loss)
         return (pred.float() - target).pow(2).mean()
+
+    @torch.no_grad()
+    def panels(self, images: torch.Tensor, output: MixMAEOutput) -> torch.Tensor:
+        """``(B, 3, C, H, W)``: per image its original, its mixed input and its reconstruction
+        (norm-pix predictions mapped back with each target patch's own mean and std)."""
+        images, pred = images.float(), output.pred.float()
+        B, C, H, W = images.shape
+        if self.norm_pix_loss:
+            mean, std = patch_stats(patchify(images, self.stride))
+            pred = pred * std + mean
+        recon = unpatchify(pred, self.stride, (H // self.stride, W // self.stride), C)
+        return torch.stack([images, mix_images(images, pair_rows(output.mask)), recon], dim=1)
 
     def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> MixMAEOutput:
         B, _, H, W = images.shape
@@ -200,7 +212,8 @@ class MixMAE(nn.Module):
 
 PAPER_DECODER = dict(decoder_dim=512, decoder_depth=8, decoder_num_heads=16)
 SMALL_DECODERS: dict[str, dict[str, int]] = {
-    "mixmae_swin_micro_w8": dict(decoder_dim=128, decoder_depth=2, decoder_num_heads=4),
+    name: dict(decoder_dim=128, decoder_depth=2, decoder_num_heads=4)
+    for name in ("mixmae_swin_micro_w8", "mixmae_twins_svt_micro", "mixmae_pvt_v2_micro")
 }
 """Decoders of the test-sized encoders; every other encoder gets the paper's 512 x 8."""
 METHOD_ARGS = ("decoder_dim", "decoder_depth", "decoder_num_heads", "mask_ratio", "mask_mode", "norm_pix_loss")

@@ -1,9 +1,20 @@
-"""Optimizer and schedule of the paper recipes, built from timm's parts.
+"""Optimizer and schedule of the official recipes, built from timm's parts.
 
-* AdamW with weight decay on matrices only (biases, norms, position tables and the mask
-  token exempt via ``no_weight_decay``), optional layer-wise lr decay through the
-  encoder's ``group_matcher`` (timm's ``param_groups_layer_decay``).
-* Linear warmup from 0, then half-cosine to ``min_lr``, updated every optimizer step.
+Weight decay, grouped as the official code groups it (the models' ``no_weight_decay``):
+
+* pretraining: MixMAE and MAE exempt 1-D parameters and biases only (timm's
+  ``add_weight_decay`` with no skip list), so relative-position tables and mask tokens
+  decay; SimMIM also exempts its mask token and Swin's relative-position tables (its own code);
+* fine-tuning: every parameter but the 1-D ones and the encoder's ``no_weight_decay()``
+  (empty for MixMAE's Swin, as its fine-tuning model's; timm's own for Twins and ViTs).
+
+Layer-wise lr decay, as the official code assigns it: the stem at layer 0, block i of N at
+layer i, a patch merge with the next level's first block, and the final norm and the
+classification head with the last block (MixMAE's ``get_layer_id_for_mixmim``: the encoders'
+``group_matcher``), each at ``decay ** (N + 1 - layer)``. A plain ViT follows MAE's
+``get_layer_id_for_vit`` instead: its final norm and head at layer N + 1, scale 1.
+
+The schedule: linear warmup from 0, then half-cosine to ``min_lr``, every optimizer step.
 """
 
 from __future__ import annotations
@@ -12,7 +23,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from timm.optim import create_optimizer_v2
+from timm.models.vision_transformer import VisionTransformer
+from timm.optim import create_optimizer_v2, param_groups_layer_decay
 from timm.scheduler import CosineLRScheduler
 
 
@@ -38,7 +50,33 @@ def build_optimizer(
         kwargs = dict(momentum=0.9)
     else:
         raise ValueError(f"optimizer must be adamw, lars or sgd, got {opt!r}")
-    return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay, **kwargs)
+    if layer_decay is None:
+        return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, **kwargs)
+    vit = isinstance(model, VisionTransformer)
+    groups = param_groups_layer_decay(
+        _MAELayers(model) if vit else model, weight_decay, no_weight_decay_list=model.no_weight_decay(),
+        layer_decay=layer_decay,
+    )
+    if hasattr(model, "forward_head") and not vit:
+        # MixMAE's classifier counts N + 1 layers for N blocks and fills the top one with nothing:
+        # every scale is one factor below timm's, so the head and final norm train at ``decay``
+        for group in groups:
+            group["lr_scale"] *= layer_decay
+    return create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+class _MAELayers:
+    """A plain ViT seen through MAE's layer ids (timm's own matcher puts the final norm with
+    the last block, MAE's with the head)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def named_parameters(self):
+        return self.model.named_parameters()
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^cls_token|^pos_embed|^reg_token|^patch_embed", blocks=[(r"^blocks\.(\d+)", None)])
 
 
 def build_scheduler(

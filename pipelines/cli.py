@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -14,30 +15,48 @@ from pipelines.cli_data import data_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="MixMAE pretraining and transfer on Ray + MLflow.")
 app.add_typer(data_app, name="data")
-console = Console()
+# piped to a file or a CI log, rich would wrap tables at 80 columns and cut every name
+console = Console(width=None if sys.stdout.isatty() else 200)
+
+
+def fail(error: Exception, code: int) -> None:
+    """Print ``error`` as one unwrapped line and exit with ``code``: a message, never a traceback."""
+    console.print(f"[red]{error}[/]", soft_wrap=True)
+    raise typer.Exit(code)
 
 
 @app.command()
 def flops(
-    model: str = typer.Argument(..., help="variant name, e.g. mixmae_swin_base_w14"),
+    model: str = typer.Argument(..., help="encoder, e.g. mixmae_swin_base_w14, mixmae_pvt_v2_b2, vit_base_patch16_224"),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="input size (default: the variant's)"),
+    method: Optional[str] = typer.Option(None, "--method", help="mixmae, simmim or mae (default: mae for a ViT, else mixmae)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Parameters and GFLOPs (multiply-adds, paper convention) of encoder + 1000-class head,
-    and training FLOPs per image of the pretraining model."""
-    from mixmae_core.flops import flop_report
+    next to timm's own model of the same name where there is one, and the training FLOPs per
+    image of the method's pretraining model."""
+    from mixmae_core.flops import classifier_cost, flop_report, timm_counterpart
+    from mixmae_core.methods import is_plain_vit
 
-    report = flop_report(model, img_size)
+    method = method or ("mae" if is_plain_vit(model) else "mixmae")
+    try:
+        report = flop_report(model, img_size, method=method)
+    except ValueError as exc:
+        fail(exc, 2)
+    reference = timm_counterpart(model)
+    reference_cost = classifier_cost(reference, report.img_size) if reference else None
     if as_json:
-        typer.echo(json.dumps(report.as_dict()))
+        extra = {"timm_model": reference, "timm_params_m": reference_cost and reference_cost[0],
+                 "timm_gflops": reference_cost and reference_cost[1]}
+        typer.echo(json.dumps({**report.as_dict(), **extra}))
         return
-    table = Table(title=f"{model} @ {report.img_size}px")
-    for col in ("params (M)", "GFLOPs (MACs)", "pretrain params (M)", "train GFLOP / image"):
-        table.add_column(col, justify="right")
-    table.add_row(
-        f"{report.params_m:.1f}", f"{report.gflops:.2f}", f"{report.pretrain_params_m:.1f}",
-        f"{report.train_gflops_per_image:.1f}",
-    )
+    table = Table(title=f"{model} @ {report.img_size}px, pretrained with {method}")
+    for col in ("model", "params (M)", "GFLOPs (MACs)", "pretrain params (M)", "train GFLOP / image"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    table.add_row(model, f"{report.params_m:.1f}", f"{report.gflops:.2f}", f"{report.pretrain_params_m:.1f}",
+                  f"{report.train_gflops_per_image:.1f}")
+    if reference_cost:
+        table.add_row(f"{reference} (timm)", f"{reference_cost[0]:.1f}", f"{reference_cost[1]:.2f}", "", "")
     console.print(table)
 
 
@@ -46,16 +65,29 @@ def convert(
     src: Path = typer.Argument(..., exists=True, dir_okay=False, help="official MixMIM checkpoint (.pth)"),
     dst: Path = typer.Argument(..., help="output .safetensors"),
 ) -> None:
-    """Convert an official Sense-X/MixMIM checkpoint to this project's layout (safetensors)."""
-    from mixmae_core.checkpoint import convert_official, is_official, load_state_dict, save_state_dict
+    """Convert an official Sense-X/MixMIM checkpoint (a training checkpoint of main_pretrain.py or
+    main_finetune.py, or its model dict) to this project's layout (safetensors)."""
+    from mixmae_core.checkpoint import (
+        CheckpointError, convert_official, is_official, load_state_dict, official_variant, save_state_dict,
+    )
 
-    state = load_state_dict(src)
-    if not is_official(state):
-        raise typer.BadParameter(f"{src} does not look like an official MixMIM checkpoint", param_hint="SRC")
-    converted = convert_official(state)
+    try:
+        state = load_state_dict(src)
+        if not is_official(state):
+            raise CheckpointError(
+                f"{src}: expected an official MixMIM checkpoint (layers.0.downsample or decoder_pred keys), "
+                f"found keys such as {sorted(state)[:4]}"
+            )
+        converted = convert_official(state)
+    except CheckpointError as exc:
+        fail(exc, 2)
     kind = "pretraining" if any(k.startswith("decoder.") for k in converted) else "classifier"
-    save_state_dict(dst, converted, {"source": str(src), "layout": kind})
-    console.print(f"wrote {dst} ({kind}, {len(converted)} tensors)")
+    meta = {"source": str(src), "layout": kind, "method": "mixmae"}
+    variant = official_variant(converted)
+    if variant:
+        meta.update(model=variant[0], img_size=variant[1])
+    save_state_dict(dst, converted, meta)
+    console.print(f"wrote {dst} ({kind}{', ' + variant[0] if variant else ''}, {len(converted)} tensors)")
 
 
 ConfigArg = typer.Argument(None, help="pipeline YAML (default: ray_configs/pipelines/quickstart.yaml)")
@@ -68,8 +100,7 @@ def _load(config: Optional[Path], overrides: list[str]):
     try:
         return load_config(config, overrides)
     except ConfigError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(2) from None
+        fail(exc, 2)
 
 
 def _run(cfg, stages: Optional[list[str]], resume: Optional[str]) -> None:
@@ -79,8 +110,7 @@ def _run(cfg, stages: Optional[list[str]], resume: Optional[str]) -> None:
     try:
         outcome = run_pipeline(cfg, stages=stages, resume=resume)
     except StageError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from None
+        fail(exc, 1)
     console.print(summary_table(cfg, outcome))
     console.print(f"MLflow: {outcome.tracking_uri} (experiment {cfg.tracking.experiment}, run {outcome.run_id})")
 
@@ -116,8 +146,7 @@ def sweep(
     try:
         spec, base = load_sweep(config, overrides)
     except ConfigError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(2) from None
+        fail(exc, 2)
     sweep_run, grid = run_sweep(spec, base, resume=not fresh)
     table = Table(title=f"sweep {spec.name} (MLflow run {sweep_run})")
     for column in (*spec.search, "pretrain FLOPs", PROBE_METRIC, "MLflow run"):
@@ -149,13 +178,14 @@ def report(
     try:
         rows, label, table_path, plot, run_id = run_report(uri, experiment or default.tracking.experiment, out, metric)
     except ValueError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from None
+        fail(exc, 1)
     table = Table(title=f"{label} vs pretraining FLOPs")
-    for column in ("run", "mask_ratio", "epochs", "pretrain FLOPs", label, "Pareto"):
+    for column in ("run", "method", "encoder", "mask_ratio", "epochs", "pretrain FLOPs", label, "95% interval", "Pareto"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r.name, r.mask_ratio, r.epochs, f"{r.flops:.3e}", f"{r.accuracy:.4f}", "*" if r.pareto else "")
+        low, high = r.interval()
+        table.add_row(r.name, r.method, r.encoder, r.mask_ratio, r.epochs, f"{r.flops:.3e}", f"{r.accuracy:.4f}",
+                      f"{low:.3f}-{high:.3f}" if r.val_images else "n/a", "*" if r.pareto else "")
     console.print(table)
     console.print(f"wrote {table_path} and {plot}; logged to MLflow run {run_id}")
 
@@ -181,8 +211,7 @@ def plan(
     try:
         bills = bill(cfg, rates, tflops, benchmark)
     except StageError as exc:
-        console.print(f"[red]{exc}[/]")
-        raise typer.Exit(1) from None
+        fail(exc, 1)
     if as_json:
         typer.echo(json.dumps([b.as_dict() for b in bills]))
         return

@@ -76,9 +76,10 @@ class StageBase(Strict):
     @classmethod
     def _known_model(cls, v: Optional[str]) -> Optional[str]:
         from mixmae_core.encoders import available_encoders
+        from mixmae_core.methods import is_plain_vit
 
-        if v is not None and v not in available_encoders():
-            raise ValueError(f"unknown model {v!r}; choose one of {available_encoders()}")
+        if v is not None and v not in available_encoders() and not is_plain_vit(v):
+            raise ValueError(f"unknown model {v!r}; choose one of {available_encoders()} or a timm ViT (for MAE)")
         return v
 
     @field_validator("img_size")
@@ -101,20 +102,47 @@ class StageBase(Strict):
         return self.batch_size // (self.scaling.num_workers * self.accum_steps)
 
 
+#: Each method's pretraining recipe from its paper (ImageNet-1K, its base encoder). ``base_lr``
+#: is per 256 images. MixMAE: Swin-B/W14, 600 epochs (its paper's best). SimMIM: Swin-B,
+#: 800 epochs, lr 1e-4 per 512 images (5e-5 per 256), 10 warm-up epochs, AdamW (0.9, 0.999);
+#: its step decay at epoch 700 is the pipeline's cosine here. MAE: ViT-B/16, 800 epochs
+#: (its paper's ablation length; 1600 for its best), 40 warm-up epochs, AdamW (0.9, 0.95).
+METHOD_RECIPES: dict[str, dict[str, Any]] = {
+    "mixmae": dict(model="mixmae_swin_base_w14", mask_ratio=0.5, epochs=600, base_lr=1.5e-4, warmup_epochs=40,
+                   betas=(0.9, 0.95)),
+    "simmim": dict(model="mixmae_swin_base_w14", mask_ratio=0.6, epochs=800, base_lr=5e-5, warmup_epochs=10,
+                   betas=(0.9, 0.999)),
+    "mae": dict(model="vit_base_patch16_224", mask_ratio=0.75, epochs=800, base_lr=1.5e-4, warmup_epochs=40,
+                betas=(0.9, 0.95)),
+}
+
+
 class PretrainStage(StageBase):
+    """The pretraining stage. ``method`` picks MixMAE, SimMIM or MAE; the fields left out of a
+    config take that method's recipe (``METHOD_RECIPES``: encoder, mask ratio, epochs, lr,
+    warm-up, betas), the rest are the same for all three (batch 2048, weight decay 0.05)."""
+
     task: Literal["pretrain"] = "pretrain"
-    model: str = "mixmae_swin_base_w14"
-    mask_ratio: float = Field(0.5, description="share of the coarse units taken from the partner")
+    method: Literal["mixmae", "simmim", "mae"] = "mixmae"
+    model: str
+    mask_ratio: float = Field(description="share of the image the method hides (MixMAE: takes from the partner)")
     mask_mode: Literal["pair", "batch"] = Field(
         "pair", description="'pair': a mask per pair; 'batch': one per worker micro-batch, as the official code"
     )
     norm_pix_loss: bool = True
-    epochs: float = Field(600, gt=0)
+    epochs: float = Field(gt=0)
     batch_size: int = Field(2048, gt=0)
-    base_lr: float = Field(1.5e-4, gt=0)
-    warmup_epochs: float = Field(40, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    base_lr: float = Field(gt=0)
+    warmup_epochs: float = Field(ge=0)
+    betas: tuple[float, float]
     reconstructions: int = Field(3, ge=0, description="reconstruction pictures logged over the run")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_recipe(cls, data: Any) -> Any:
+        if isinstance(data, dict):  # an unknown method gets MixMAE's, so only its own error shows
+            data = {**METHOD_RECIPES.get(data.get("method", "mixmae"), METHOD_RECIPES["mixmae"]), **data}
+        return data
 
     @field_validator("mask_ratio")
     @classmethod
@@ -125,14 +153,28 @@ class PretrainStage(StageBase):
 
     @model_validator(mode="after")
     def _pairs(self):
-        from mixmae_core.masking import num_mixed
-
-        num_mixed((self.img_size // 32, self.img_size // 32), self.mask_ratio)
         if self.micro_batch() % 2:
             raise ValueError(
                 f"each worker's micro-batch ({self.micro_batch()} = batch_size / (num_workers x accum_steps)) "
-                "must be even: MixMAE mixes rows 2k and 2k+1"
+                "must be even: pretraining data comes in pairs (MixMAE mixes rows 2k and 2k+1)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _buildable(self):
+        """Build the pretraining model on the meta device (no memory, no time): a method that
+        cannot drive the encoder, or an encoder that refuses the image size, windows or key
+        reductions, fails here with its own message, before any Ray process starts."""
+        import torch
+
+        from mixmae_core.masking import num_mixed
+        from mixmae_core.methods import create_pretraining_model
+
+        if self.method != "mae":
+            num_mixed((self.img_size // 32, self.img_size // 32), self.mask_ratio)
+        with torch.device("meta"):
+            create_pretraining_model(self.method, self.model, img_size=self.img_size, mask_ratio=self.mask_ratio,
+                                     **self.model_overrides)
         return self
 
 
@@ -250,7 +292,42 @@ class PipelineConfig(Strict):
             grouped += group
         if len(grouped) != len(set(grouped)):
             raise ValueError(f"stage_groups: a stage may be in one group only (got {self.stage_groups})")
+        for name, stage in self.stages.items():
+            self._check_encoder(name, stage)
         return self
+
+    def _check_encoder(self, name: str, stage: "TransferBase") -> None:
+        """A transfer stage's encoder can serve its task, and its ``init`` checkpoint holds that encoder."""
+        import torch
+        import timm
+
+        from mixmae_core.checkpoint import checkpoint_info
+        from mixmae_core.encoders import available_encoders
+
+        model = self.stage_model(stage)
+        if stage.task in ("detect", "segment") and model not in available_encoders():
+            raise ValueError(
+                f"stage {name}: {'detection' if stage.task == 'detect' else 'segmentation'} needs an encoder with "
+                f"four levels (one of {available_encoders()}); {model} is a plain ViT (MAE's). Leave the stage out "
+                "of a pipeline that pretrains with mae, or give it a hierarchical encoder and init: random"
+            )
+        if stage.task == "classify":
+            with torch.device("meta"):  # the encoder refuses sizes its windows do not tile
+                timm.create_model(model, img_size=stage.img_size, num_classes=2, **stage.model_overrides)
+        init = Path(stage.init).expanduser()
+        if stage.init not in ("pretrained", "random") and init.is_file():
+            info = checkpoint_info(init)
+            if info.get("model") not in (None, model):
+                method = f" pretrained with {info['method']}" if info.get("method") else ""
+                raise ValueError(
+                    f"stage {name}: init checkpoint {init} holds a {info['model']} encoder{method}; this stage "
+                    f"builds {model}. Set stages.{name}.model: {info['model']}, or init a checkpoint of {model}"
+                )
+        if stage.init == "pretrained" and stage.model and stage.model != self.pretrain.model:
+            raise ValueError(
+                f"stage {name}: init: pretrained starts from the pretraining stage's {self.pretrain.model} encoder, "
+                f"but the stage builds {stage.model}; leave its model unset, or set init: random"
+            )
 
     def resolved(self) -> "PipelineConfig":
         """A copy with every relative path made absolute against the working directory (for

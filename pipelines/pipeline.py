@@ -25,7 +25,7 @@ from rich.table import Table
 from pipelines.config import PipelineConfig, absolute
 from pipelines.data.quality import start_skip_counter
 from pipelines.stages.driver import StageOutcome, progress_display, run_worker_group
-from pipelines.stages.jobs import StageError
+from pipelines.stages.jobs import HEADLINE, StageError
 from pipelines.stages.prepare import StageContext
 from pipelines.tracking import KIND, RunLogger, ensure_experiment, flatten, resolve_tracking_uri, start_or_resume
 
@@ -88,8 +88,10 @@ def run_pipeline(
             raise StageError(f"run {resume} is not a mixmae pipeline run")
     else:
         parent = start_or_resume(client, experiment_id, config.name, {KIND: "pipeline"}, parent_id=parent_run_id)
+    check_same_pretraining(config, parent)
     parent_id = parent.info.run_id
     logger = RunLogger(uri, parent_id)
+    logger.tags({"method": config.pretrain.method, "encoder": config.pretrain.model})
     logger.params(flatten("", config.model_dump(mode="json")))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pipeline_config.yaml"
@@ -131,8 +133,9 @@ def run_pipeline(
     return outcome
 
 
-HEADLINE = {"pretrain": "train/loss", "classify": "val/top1", "detect": "val/bbox_AP", "segment": "val/mIoU"}
-SUMMARY_KEYS = ("flops/train_total", "flops/encoder_gmacs", "flops/task_gmacs", "time/wall_s", "time/device_hours")
+SUMMARY_KEYS = (
+    "flops/train_total", "flops/encoder_gmacs", "flops/task_gmacs", "time/wall_s", "time/device_hours", "data/val_images",
+)
 
 
 def summary_metrics(config: PipelineConfig, outcomes: Sequence[StageOutcome]) -> dict[str, float]:
@@ -141,12 +144,26 @@ def summary_metrics(config: PipelineConfig, outcomes: Sequence[StageOutcome]) ->
     stages = config.all_stages()
     out: dict[str, float] = {}
     for result in outcomes:
-        keys = {HEADLINE[stages[result.name].task], *SUMMARY_KEYS}
+        headline = HEADLINE[stages[result.name].task]
+        keys = {headline, f"{headline}_best", *SUMMARY_KEYS}
         if stages[result.name].task == "detect":
             keys.add("val/segm_AP")
         for key in keys & set(result.metrics):
             out[f"{result.name}.{key.replace('/', '_')}"] = result.metrics[key]
     return out
+
+
+def check_same_pretraining(config: PipelineConfig, parent) -> None:
+    """Refuse to continue a pipeline run with another pretraining method or encoder: its
+    checkpoints hold the other model, which would not load (or would load into the wrong one)."""
+    logged = parent.data.params
+    for field in ("method", "model"):
+        was, now = logged.get(f"pretrain.{field}"), str(getattr(config.pretrain, field))
+        if was is not None and was != now:
+            raise StageError(
+                f"pipeline {config.name} (MLflow run {parent.info.run_id}) was started with pretrain.{field} {was}; "
+                f"its checkpoints cannot continue as {now}. Give this config another name, or set {field} back"
+            )
 
 
 def _run_concurrently(ctx: StageContext, groups: list[tuple[str, list[str]]], parallel: int) -> list[StageOutcome]:
@@ -177,17 +194,21 @@ def _finished_encoder(client: MlflowClient, experiment_id: str, parent_id: str) 
 
 
 def summary_table(config: PipelineConfig, outcome: PipelineOutcome) -> Table:
+    """One row per stage: its headline metric at the end of training ("final") and the best
+    of its evaluations ("best", as the official scripts report), its FLOPs and wall time."""
     table = Table(title=f"pipeline {config.name} (MLflow run {outcome.run_id})")
-    for column in ("stage", "metric", "value", "GFLOPs", "train FLOPs", "wall s", "note"):
+    for column in ("stage", "metric", "final", "best", "GFLOPs", "train FLOPs", "wall s", "note"):
         table.add_column(column, justify="right" if column not in ("stage", "metric", "note") else "left")
     stages = config.all_stages()
     for result in outcome.stages:
         key = HEADLINE[stages[result.name].task]
         m = result.metrics
+        best = m.get(f"{key}_best")
         table.add_row(
             result.name,
             key,
             f"{m.get(key, float('nan')):.4f}",
+            "" if best is None else f"{best:.4f}",
             f"{m.get('flops/encoder_gmacs', m.get('flops/task_gmacs', float('nan'))):.2f}",
             f"{m.get('flops/train_total', 0):.2e}",
             f"{m.get('time/wall_s', float('nan')):.0f}",

@@ -1,11 +1,12 @@
-"""Ray Tune sweeps over pretraining settings (mask ratio, epochs, ...).
+"""Ray Tune sweeps over pretraining settings (method and encoder, mask ratio, epochs, ...).
 
-A trial is a pipeline of two stages: MixMAE pretraining with the trial's settings, then
-the cheap evaluation, a linear probe on one transfer stage's data. Each trial is an
-MLflow pipeline run nested under one sweep run, carrying params ``mask_ratio`` and
-``epochs`` and metrics ``pretrain_flops`` and ``probe_top1``, so selecting the trials in
-the MLflow UI's compare view plots FLOPs against accuracy directly. Trials are named from
-their settings, so a resumed sweep resumes each trial's stages from their checkpoints.
+A trial is a pipeline of two stages: pretraining with the trial's settings, then the cheap
+evaluation, a linear probe on one transfer stage's data. Each trial is an MLflow pipeline
+run nested under one sweep run, carrying the swept settings as params (``method``,
+``model``, ``mask_ratio``, ``epochs``, ...) and metrics ``pretrain_flops`` and
+``probe_top1``, so selecting the trials in the MLflow UI's compare view plots FLOPs against
+accuracy directly. Trials are named from their settings, so a resumed sweep resumes each
+trial's stages from their checkpoints.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from pydantic import Field, ValidationError, model_validator
 
-from pipelines.config import ConfigError, PipelineConfig, Strict, _format, absolute, load_config, parse_override, _set_dotted
+from pipelines.config import (
+    METHOD_RECIPES, ConfigError, PipelineConfig, Strict, _format, _set_dotted, absolute, load_config, parse_override,
+)
 from pipelines.tracking import KIND, RunLogger, ensure_experiment, resolve_tracking_uri, start_or_resume
 
 PROBE_METRIC = "probe_top1"
@@ -41,7 +44,13 @@ class Uniform(Strict):
     uniform: tuple[float, float]
 
 
-Space = Union[Grid, Choice, Uniform]
+class Cases(Strict):
+    cases: list[dict[str, Any]] = Field(
+        min_length=1, description="sets of pretrain fields tried together, e.g. {method: mae, model: ...}"
+    )
+
+
+Space = Union[Grid, Choice, Uniform, Cases]
 
 
 class Probe(Strict):
@@ -61,7 +70,9 @@ class SweepConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     base: str = Field(description="pipeline config the trials start from (relative to this file)")
     overrides: list[str] = Field(default_factory=list, description="key=value applied to the base")
-    search: dict[str, Space] = Field(description="pretrain fields to vary, e.g. mask_ratio, epochs")
+    search: dict[str, Space] = Field(
+        description="pretrain fields to vary (mask_ratio, epochs, ...); a 'cases' space varies several together under any name"
+    )
     num_samples: int = Field(1, ge=1, description="repeats of the grid (or samples of random spaces)")
     probe: Probe
     scheduler: Optional[Asha] = None
@@ -73,10 +84,19 @@ class SweepConfig(Strict):
     def _known_fields(self):
         from pipelines.config import PretrainStage
 
-        unknown = sorted(set(self.search) - set(PretrainStage.model_fields))
+        named = [key for key, space in self.search.items() if not isinstance(space, Cases)]
+        named += [key for space in self.search.values() if isinstance(space, Cases) for case in space.cases for key in case]
+        unknown = sorted(set(named) - set(PretrainStage.model_fields))
         if unknown:
             raise ValueError(f"search names unknown pretrain fields {unknown}")
         return self
+
+    def pretrain_fields(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A trial's sampled ``params`` as pretrain fields (the fields of a case, merged)."""
+        out: dict[str, Any] = {}
+        for key, value in params.items():
+            out.update(value if isinstance(self.search[key], Cases) else {key: value})
+        return out
 
 
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[SweepConfig, PipelineConfig]:
@@ -100,7 +120,13 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[SweepCo
 def trial_config(base: PipelineConfig, sweep: SweepConfig, params: dict[str, Any]) -> PipelineConfig:
     """The two-stage pipeline of one trial: pretraining with ``params``, then the linear probe."""
     raw = base.model_dump(mode="json")
-    raw["pretrain"].update(params)
+    fields = sweep.pretrain_fields(params)
+    if "method" in fields:  # what the base took from its method's recipe follows the trial's method
+        before, after = METHOD_RECIPES[base.pretrain.method], METHOD_RECIPES[fields["method"]]
+        for key, value in after.items():
+            if key not in fields and json.dumps(raw["pretrain"][key]) == json.dumps(before[key], default=list):
+                raw["pretrain"][key] = value
+    raw["pretrain"].update(fields)
     probe = dict(raw["stages"][sweep.probe.stage])
     probe.update(
         mode="linear_probe", optimizer="lars", weight_decay=0.0, layer_decay=None, epochs=sweep.probe.epochs,
@@ -120,6 +146,8 @@ def _space(spec: Space):
         return tune.grid_search(spec.grid)
     if isinstance(spec, Choice):
         return tune.choice(spec.choice)
+    if isinstance(spec, Cases):
+        return tune.grid_search(spec.cases)
     return tune.uniform(*spec.uniform)
 
 
@@ -146,7 +174,7 @@ def _trial(config: dict) -> None:
         ASHA_METRIC: pretrain.metrics.get(ASHA_METRIC, float("nan")),
     }
     logger = RunLogger(outcome.tracking_uri, outcome.run_id)
-    logger.params(params)
+    logger.params(sweep.pretrain_fields(params))
     logger.metrics(metrics, 0)
     tune.report({**metrics, "mlflow_run_id": outcome.run_id})
 

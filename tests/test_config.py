@@ -39,6 +39,18 @@ def test_every_shipped_config_loads(config):
         (lambda c: c["stages"]["inat2018"].update(mode="probe"), r"stages\.inat2018\.mode: Input should be 'finetune' or 'linear_probe'"),
         (lambda c: c.pop("synthetic"), r"reads synthetic:pretrain but the config has no 'synthetic' section"),
         (lambda c: c["stages"].update({"pretrain": c["stages"]["inat2018"]}), r"stage name 'pretrain'"),
+        (lambda c: c["pretrain"].update(method="beit"), r"pretrain\.method: Input should be 'mixmae', 'simmim' or 'mae'"),
+        (lambda c: c["pretrain"].update(method="mae"), r"pretrain: MAE drives a plain ViT .* not 'mixmae_swin_micro_w8'"),
+        (lambda c: c["pretrain"].update(model="mae_vit_micro_p8"), r"pretrain: mixmae pretrains a hierarchical encoder"),
+        (lambda c: c["pretrain"].update(mask_ratio=0.1), r"pretrain: mask_ratio 0.1 mixes 0 of the 2x2 coarse units"),
+        (lambda c: c["pretrain"].update(model="mixmae_pvt_v2_micro", model_overrides={"sr_ratios": [16, 4, 2, 1]}),
+         r"pretrain: stage 1: keys reduced over 16x16 tokens .* do not divide the 32-px mask units"),
+        (lambda c: c["pretrain"].update(img_size=96, model="mixmae_swin_tiny_w14"),
+         r"pretrain: stage 1 has a 24x24 token map at img_size \(96, 96\), which window 14 does not tile"),
+        (lambda c: c["pretrain"].update(method="mae", model="mae_vit_micro_p8"),
+         r"stage \w+: (detection|segmentation) needs an encoder with four levels .* mae_vit_micro_p8 is a plain ViT"),
+        (lambda c: c["stages"]["inat2018"].update(model="mixmae_twins_svt_micro"),
+         r"stage inat2018: init: pretrained starts from the pretraining stage's mixmae_swin_micro_w8 encoder"),
     ],
 )
 def test_bad_configs_fail_at_load_naming_the_field(tmp_path, edit, message):
@@ -83,3 +95,23 @@ def test_cli_reports_a_bad_config_without_a_traceback(tmp_path):
     assert result.exit_code == 2
     assert "pretrain.mask_ratio: mask_ratio must lie strictly between 0 and 1" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_method_takes_its_papers_recipe_where_the_config_is_silent():
+    config = load_config(DEFAULT_CONFIG, ["pretrain.method=simmim"])
+    assert (config.pretrain.mask_ratio, config.pretrain.betas) == (0.6, (0.9, 0.999))  # SimMIM's
+    assert (config.pretrain.epochs, config.pretrain.base_lr) == (10, 1.5e-3)  # the quickstart's own
+
+
+def test_an_init_checkpoint_of_another_encoder_is_refused_at_load(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    checkpoint = tmp_path / "encoder.safetensors"
+    save_file({"w": torch.zeros(1)}, str(checkpoint), metadata={"model": "mae_vit_micro_p8", "method": "mae"})
+    config = base()
+    config["stages"]["inat2018"]["init"] = str(checkpoint)
+    with pytest.raises(ConfigError, match=r"holds a mae_vit_micro_p8 encoder pretrained with mae; this stage builds mixmae_swin_micro_w8"):
+        load_config(write(tmp_path, config))
+    config["stages"]["inat2018"]["model"] = "mae_vit_micro_p8"
+    assert load_config(write(tmp_path, config)).stages["inat2018"].model == "mae_vit_micro_p8"

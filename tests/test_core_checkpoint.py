@@ -124,8 +124,8 @@ def test_params_and_flops_match_the_paper(name, params_m, gflops):
 def test_reconstruction_png_is_written(tmp_path):
     model = mixmae_core.create_model(MICRO)
     images = torch.randn(4, 3, 64, 64)
-    out = model(images)
-    path = save_reconstruction_png(tmp_path / "rec.png", images, out.pred, out.mask, model.stride)
+    panels = model.panels(images, model(images))
+    path = save_reconstruction_png(tmp_path / "rec.png", panels)
     with Image.open(path) as im:
         # 2 pairs -> 2 rows of 6 panels of 64 px with 2 px padding
         assert im.size == (6 * 66 + 2, 2 * 66 + 2)

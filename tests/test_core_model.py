@@ -11,7 +11,7 @@ from mixmae_core.encoders.attention import (
     register_attention,
 )
 from mixmae_core.masking import mix_images, mix_pairs, pair_rows, sample_mask, upsample_mask
-from mixmae_core.mixmae import norm_pix_target
+from mixmae_core.masking import norm_pix_target
 
 MICRO = "mixmae_swin_micro_w8"
 

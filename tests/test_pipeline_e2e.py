@@ -68,6 +68,7 @@ def test_every_stage_ran_as_a_nested_run(quickstart):
         assert run.info.status == "FINISHED" and run.data.tags[COMPLETE] == "true", name
         assert run.data.tags["mlflow.parentRunId"] == outcome.run_id
         assert run.data.metrics["flops/train_per_image"] > 0 and run.data.metrics["time/wall_s"] > 0
+        assert (run.data.tags["method"], run.data.tags["encoder"]) == ("mixmae", "mixmae_swin_micro_w8"), name
         assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
     # pretraining and the two worker groups of transfer stages: three Ray Train runs
     trainers = {p.name.removeprefix(f"{outcome.run_id}-") for p in (work / "runs").glob(f"{outcome.run_id}-*")}

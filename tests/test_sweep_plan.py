@@ -16,20 +16,27 @@ from pipelines.report import ReportRow, collect, mark_pareto
 from pipelines.sweep import FLOPS_METRIC, PROBE_METRIC, load_sweep, run_sweep
 
 
-def test_two_trial_sweep_is_recorded_and_resumable(tmp_path, ray_local, synthetic_data):
+CASES = [
+    {"method": "mixmae", "model": "mixmae_swin_micro_w8"},
+    {"method": "simmim", "model": "mixmae_pvt_v2_micro"},
+    {"method": "mae", "model": "mae_vit_micro_p8"},
+]
+
+
+def test_a_methods_sweep_is_recorded_by_method_and_encoder_and_resumable(tmp_path, ray_local, synthetic_data):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(
         yaml.safe_dump(
             {
-                "name": "two-trials",
+                "name": "methods",
                 "base": str(DEFAULT_CONFIG),
                 "overrides": [
                     f"storage={tmp_path / 'runs'}", f"tracking.uri={uri}", "tracking.experiment=sweeps",
-                    f"synthetic.root={Path(synthetic_data['pretrain']).parent}", "pretrain.max_steps=4",
-                    "pretrain.scaling.num_workers=1", "pretrain.checkpoint_every_steps=4",
+                    f"synthetic.root={Path(synthetic_data['pretrain']).parent}", "pretrain.max_steps=2",
+                    "pretrain.scaling.num_workers=1", "pretrain.checkpoint_every_steps=2",
                 ],
-                "search": {"mask_ratio": {"grid": [0.25, 0.5]}, "epochs": {"grid": [2]}},
+                "search": {"recipe": {"cases": CASES}},
                 "probe": {"stage": "inat2018", "epochs": 1},
                 "storage": str(tmp_path / "tune"),
             }
@@ -37,29 +44,45 @@ def test_two_trial_sweep_is_recorded_and_resumable(tmp_path, ray_local, syntheti
     )
     sweep, base = load_sweep(sweep_file)
     sweep_run_id, grid = run_sweep(sweep, base)
-    assert len(grid) == 2 and not any(r.error for r in grid)
+    assert len(grid) == 3 and not any(r.error for r in grid)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("sweeps").experiment_id
     trials = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep_run_id}'")
-    assert sorted(t.data.params["mask_ratio"] for t in trials) == ["0.25", "0.5"]
+    assert sorted((t.data.params["method"], t.data.params["model"]) for t in trials) == sorted(
+        (c["method"], c["model"]) for c in CASES
+    )
     for trial in trials:
-        assert trial.data.params["epochs"] == "2" and trial.data.tags["mixmae.kind"] == "pipeline"
-        stages = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{trial.info.run_id}'")
-        assert sorted(s.data.tags["mixmae.stage"] for s in stages) == ["pretrain", "probe"]
-        pretrain = next(s for s in stages if s.data.tags["mixmae.stage"] == "pretrain")
-        probe = next(s for s in stages if s.data.tags["mixmae.stage"] == "probe")
+        method, model = trial.data.params["method"], trial.data.params["model"]
+        assert trial.data.tags["mixmae.kind"] == "pipeline" and trial.data.tags["method"] == method
+        stages = {s.data.tags["mixmae.stage"]: s for s in
+                  client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{trial.info.run_id}'")}
+        assert sorted(stages) == ["pretrain", "probe"]
+        for stage in stages.values():  # every stage says which method trained its encoder, and which encoder
+            assert (stage.data.tags["method"], stage.data.tags["encoder"]) == (method, model)
+            assert (stage.data.params["method"], stage.data.params["encoder"]) == (method, model)
+        pretrain, probe = stages["pretrain"], stages["probe"]
         assert probe.data.params["mode"] == "linear_probe"
-        # the trial's two numbers are its stages' own: 4 steps of 16 images, and the probe's top-1
+        # the trial's two numbers are its stages' own: 2 steps of 16 images, and the probe's top-1
         assert trial.data.metrics[FLOPS_METRIC] == pretrain.data.metrics["flops/train_total"]
-        assert trial.data.metrics[FLOPS_METRIC] == pytest.approx(4 * 16 * pretrain.data.metrics["flops/train_per_image"])
+        assert trial.data.metrics[FLOPS_METRIC] == pytest.approx(2 * 16 * pretrain.data.metrics["flops/train_per_image"])
         assert trial.data.metrics[PROBE_METRIC] == probe.data.metrics["val/top1"]
+        assert trial.data.metrics["probe.data_val_images"] == 30  # 5 classes x 6 stand-in validation images
     rows, label = collect(client, "sweeps")
-    assert label == PROBE_METRIC and len(rows) == 2
-    assert [r.accuracy for r in rows if r.pareto] == [max(r.accuracy for r in rows)]  # equal FLOPs: the better one
+    assert label == PROBE_METRIC and sorted(r.method for r in rows) == ["mae", "mixmae", "simmim"]
+    assert all(r.pareto for r in rows)  # one run per method: each is its method's front
+    assert all(r.interval()[0] < r.accuracy < r.interval()[1] for r in rows if 0 < r.accuracy < 1)
     # resuming a finished sweep reruns nothing and records no new trial
     _, again = run_sweep(sweep, base)
-    assert len(again) == 2
-    assert len(client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep_run_id}'")) == 2
+    assert len(again) == 3
+    assert len(client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep_run_id}'")) == 3
+
+
+def test_the_interval_is_wilsons_from_the_validation_count():
+    row = ReportRow("r", "r", 1.0, 0.5, "", "", val_images=100)
+    low, high = row.interval()
+    assert (round(low, 3), round(high, 3)) == (0.404, 0.596)
+    assert ReportRow("r", "r", 1.0, 1.0, "", "", val_images=30).interval()[0] == pytest.approx(0.886, abs=1e-3)
+    assert ReportRow("r", "r", 1.0, 0.7, "", "").interval() == (0.7, 0.7)  # count unknown: no interval
 
 
 def test_sweep_config_errors_name_the_field(tmp_path):
@@ -67,6 +90,10 @@ def test_sweep_config_errors_name_the_field(tmp_path):
     path.write_text(yaml.safe_dump({"name": "x", "base": str(DEFAULT_CONFIG), "search": {"mask_ration": {"grid": [0.5]}},
                                     "probe": {"stage": "inat2018"}}))
     with pytest.raises(ValueError, match="unknown pretrain fields"):
+        load_sweep(path)
+    path.write_text(yaml.safe_dump({"name": "x", "base": str(DEFAULT_CONFIG), "probe": {"stage": "inat2018"},
+                                    "search": {"recipe": {"cases": [{"method": "mae", "modle": "mae_vit_micro_p8"}]}}}))
+    with pytest.raises(ValueError, match=r"unknown pretrain fields \['modle'\]"):
         load_sweep(path)
     path.write_text(yaml.safe_dump({"name": "x", "base": str(DEFAULT_CONFIG), "search": {"mask_ratio": {"grid": [0.5]}},
                                     "probe": {"stage": "coco"}}))

@@ -41,6 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import gen_relative_position_index, trunc_normal_
 
+from mixmae_core.masking import upsample_mask
+
 PAD_SEGMENT = 2
 
 
@@ -139,6 +141,8 @@ class AttentionContext:
     """``(S, n)`` segment ids, or None when all slots of a sequence may attend each other."""
     positions: Optional[torch.Tensor] = None
     """``(S, n)`` window positions of the slots, or None when slot order is raster order."""
+    key_segments: Optional[torch.Tensor] = None
+    """``(S, m)`` segment ids of the keys when they are not the queries (sub-sampled keys)."""
     prepared: Any = None
     """What the implementation's ``prepare`` computed for this level."""
 
@@ -147,22 +151,25 @@ class AttentionImpl:
     name = "base"
 
     def prepare(self, context: AttentionContext) -> AttentionContext:
-        allowed = None if context.segments is None else segment_mask(context.segments)
+        allowed = None if context.segments is None else segment_mask(context.segments, context.key_segments)
         return replace(context, prepared=allowed)
 
     def attend(self, q, k, v, rel_bias, context: AttentionContext, scale: float, dropout_p: float = 0.0):
+        """``rel_bias``: ``(h, N, N)`` relative position bias of a window, or None."""
         raise NotImplementedError
 
 
-def segment_mask(segments: torch.Tensor) -> torch.Tensor:
-    """``(S, n)`` segment ids -> ``(S, 1, n, n)`` bool, True where attention is allowed."""
-    return (segments[:, :, None] == segments[:, None, :]).unsqueeze(1)
+def segment_mask(segments: torch.Tensor, key_segments: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(S, n)`` query (and ``(S, m)`` key) segment ids -> ``(S, 1, n, m)`` bool, True where
+    attention is allowed."""
+    keys = segments if key_segments is None else key_segments
+    return (segments[:, :, None] == keys[:, None, :]).unsqueeze(1)
 
 
-def position_bias(rel_bias: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+def position_bias(rel_bias: Optional[torch.Tensor], positions: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """``(h, N, N)`` window bias -> ``(1, h, n, n)``, or ``(S, h, n, n)`` for permuted slots."""
-    if positions is None:
-        return rel_bias.unsqueeze(0)
+    if rel_bias is None or positions is None:
+        return None if rel_bias is None else rel_bias.unsqueeze(0)
     return rel_bias[:, positions[:, :, None], positions[:, None, :]].transpose(0, 1)
 
 
@@ -170,7 +177,10 @@ class ReferenceAttention(AttentionImpl):
     name = "reference"
 
     def attend(self, q, k, v, rel_bias, context, scale, dropout_p=0.0):
-        logits = (q * scale) @ k.transpose(-2, -1) + position_bias(rel_bias, context.positions)
+        logits = (q * scale) @ k.transpose(-2, -1)
+        bias = position_bias(rel_bias, context.positions)
+        if bias is not None:
+            logits = logits + bias
         if context.prepared is not None:
             logits = logits.masked_fill(~context.prepared, float("-inf"))
         probs = logits.softmax(dim=-1)
@@ -183,9 +193,13 @@ class SDPAAttention(AttentionImpl):
     name = "sdpa"
 
     def attend(self, q, k, v, rel_bias, context, scale, dropout_p=0.0):
-        bias = position_bias(rel_bias, context.positions).to(q.dtype)
-        if context.prepared is not None:
-            bias = bias.masked_fill(~context.prepared, float("-inf"))
+        bias = position_bias(rel_bias, context.positions)
+        if bias is None:
+            bias = context.prepared  # a boolean mask (True: attend), or None
+        else:
+            bias = bias.to(q.dtype)
+            if context.prepared is not None:
+                bias = bias.masked_fill(~context.prepared, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
 
 
@@ -203,17 +217,21 @@ class FlexAttention(AttentionImpl):
         if segments is None:
             return replace(context, prepared=None)
 
-        def same_segment(b, h, q_idx, kv_idx):
-            return segments[b, q_idx] == segments[b, kv_idx]
+        keys = segments if context.key_segments is None else context.key_segments
 
-        S, n = segments.shape
-        return replace(context, prepared=self._block_mask(same_segment, S, None, n, n, device=segments.device))
+        def same_segment(b, h, q_idx, kv_idx):
+            return segments[b, q_idx] == keys[b, kv_idx]
+
+        (S, n), m = segments.shape, keys.shape[1]
+        return replace(context, prepared=self._block_mask(same_segment, S, None, n, m, device=segments.device))
 
     def attend(self, q, k, v, rel_bias, context, scale, dropout_p=0.0):
         if dropout_p:
             raise ValueError("flex attention has no attention dropout: set attn_drop_rate=0 or use attn_impl='sdpa'")
         positions = context.positions
-        if positions is None:
+        if rel_bias is None:
+            add_bias = None
+        elif positions is None:
 
             def add_bias(score, b, h, q_idx, kv_idx):
                 return score + rel_bias[h, q_idx, kv_idx]
@@ -259,8 +277,9 @@ for _impl in (ReferenceAttention, SDPAAttention, FlexAttention):
 
 
 class WindowAttention(nn.Module):
-    """Multi-head attention over a level's ``(S, n, C)`` sequences with Swin's relative
-    position bias over a ``window``, through a selectable implementation (below)."""
+    """Multi-head attention over a level's ``(S, n, C)`` window (or group) sequences, with
+    Swin's relative position bias over the ``window`` (``position_bias=False``: none, as
+    Twins' locally-grouped attention), through a selectable implementation (above)."""
 
     def __init__(
         self,
@@ -270,6 +289,7 @@ class WindowAttention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        position_bias: bool = True,
     ):
         super().__init__()
         if dim % num_heads:
@@ -278,23 +298,110 @@ class WindowAttention(nn.Module):
         self.window_size = window
         self.scale = (dim // num_heads) ** -0.5
         self.attn_drop = attn_drop
-        self.relative_position_bias_table = nn.Parameter(
-            torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1), num_heads)
-        )
-        self.register_buffer("relative_position_index", gen_relative_position_index(window).view(-1), persistent=False)
+        if position_bias:
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * window[0] - 1) * (2 * window[1] - 1), num_heads)
+            )
+            index = gen_relative_position_index(window).view(-1)
+            self.register_buffer("relative_position_index", index, persistent=False)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        trunc_normal_(self.relative_position_bias_table, std=0.02)
+        if position_bias:
+            trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def relative_bias(self) -> torch.Tensor:
+    def relative_bias(self) -> Optional[torch.Tensor]:
+        if not hasattr(self, "relative_position_bias_table"):
+            return None
         n = self.window_size[0] * self.window_size[1]
         bias = self.relative_position_bias_table[self.relative_position_index].view(n, n, -1)
         return bias.permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, impl, context: AttentionContext, rel_bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, impl, context: AttentionContext, rel_bias: Optional[torch.Tensor]) -> torch.Tensor:
         S, n, C = x.shape
         q, k, v = self.qkv(x).view(S, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         dropout_p = self.attn_drop if self.training else 0.0
         x = impl.attend(q, k, v, rel_bias, context, self.scale, dropout_p)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(S, n, C)))
+
+
+def windows_for(
+    impl: AttentionImpl, x: torch.Tensor, window: tuple[int, int], groups: Optional[torch.Tensor]
+) -> tuple[SequenceLayout, AttentionContext]:
+    """The window layout of an NHWC map and its prepared context (windows larger than the
+    map are clamped to it; ``groups``: coarse ``(B, h, w)`` bool or None)."""
+    B, H, W, _ = x.shape
+    window = (min(window[0], H), min(window[1], W))
+    segments = None if groups is None else upsample_mask(groups, (H, W)).to(torch.uint8)
+    layout = window_layout(B, H, W, window, segments, x.device)
+    return layout, impl.prepare(AttentionContext(segments=layout.segments))
+
+
+def reduction_context(impl: AttentionImpl, x: torch.Tensor, sr_ratio: int, groups: Optional[torch.Tensor]) -> AttentionContext:
+    """The prepared context of :class:`SpatialReductionAttention` over an NHWC map: queries
+    keep their tokens' groups, keys the groups of their cells."""
+    if groups is None:
+        return impl.prepare(AttentionContext())
+    B, H, W, _ = x.shape
+    queries = upsample_mask(groups, (H, W)).flatten(1).to(torch.uint8)
+    keys = upsample_mask(groups, (H // sr_ratio, W // sr_ratio)).flatten(1).to(torch.uint8)
+    return impl.prepare(AttentionContext(segments=queries, key_segments=keys))
+
+
+def check_reduction_grid(level: int, token_stride: int, sr_ratio: int, unit: int = 32) -> None:
+    """Refuse a key reduction whose cells straddle mask units.
+
+    A sub-sampled key summarises ``sr x sr`` tokens of stride ``token_stride``: a cell of
+    ``token_stride * sr`` pixels, laid from the image's corner. When that divides the 32-px
+    unit, every cell lies inside one unit, so every key belongs to one image; otherwise a key
+    would mix the two images of a mixed input.
+    """
+    cell = token_stride * sr_ratio
+    if unit % cell:
+        raise ValueError(
+            f"stage {level + 1}: keys reduced over {sr_ratio}x{sr_ratio} tokens of stride {token_stride} cover "
+            f"{cell}-px cells, which do not divide the {unit}-px mask units, so a key would mix two images; "
+            f"choose sr_ratios[{level}] dividing {unit // token_stride}"
+        )
+
+
+class SpatialReductionAttention(nn.Module):
+    """Attention of every token to keys sub-sampled by a strided convolution (Twins' global
+    sub-sampled attention, PVTv2's spatial-reduction attention; timm's parameter names), with
+    each query allowed only the keys of its own group (see :func:`check_reduction_grid`)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        sr_ratio: int = 1,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.sr_ratio = sr_ratio
+        self.attn_drop = attn_drop
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio) if sr_ratio > 1 else None
+        self.norm = nn.LayerNorm(dim) if sr_ratio > 1 else None
+
+    def forward(self, x: torch.Tensor, impl, context: AttentionContext) -> torch.Tensor:
+        """``x``: ``(B, H, W, C)``; ``context``: query segments ``(B, H*W)`` and key segments
+        ``(B, H/sr * W/sr)`` (or none), prepared by ``impl``."""
+        B, H, W, C = x.shape
+        q = self.q(x).view(B, H * W, self.num_heads, -1).transpose(1, 2)
+        keys = x
+        if self.sr is not None:
+            keys = self.norm(self.sr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        k, v = self.kv(keys).view(B, -1, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        dropout_p = self.attn_drop if self.training else 0.0
+        out = impl.attend(q, k, v, None, context, self.scale, dropout_p)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, H, W, C)))

@@ -35,7 +35,7 @@ from mixmae_core.encoders.attention import (
     group_layout,
     window_layout,
 )
-from mixmae_core.layers import init_weights, sincos_2d
+from mixmae_core.layers import init_weights, interpolate_table, sincos_2d
 from mixmae_core.masking import upsample_mask
 
 
@@ -142,7 +142,7 @@ class SwinLevel(nn.Module):
         level's resolution or None; ``partner_tokens``: partner tokens per row if equal for all rows."""
         x = self.downsample(x)
         layout = self.layout(x, segments, partner_tokens)
-        context = self._impl.prepare(AttentionContext(layout.segments, layout.positions))
+        context = self._impl.prepare(AttentionContext(segments=layout.segments, positions=layout.positions))
         seq = layout.gather(x)
         for block in self.blocks:
             args = (seq, self._impl, context, block.attn.relative_bias())
@@ -214,11 +214,13 @@ class MixMAESwin(nn.Module):
             output_fmt="NHWC",
             strict_img_size=False,
         )
-        self.register_buffer("absolute_pos_embed", sincos_2d(geometry[0][0], embed_dim), persistent=False)
+        # a buffer in the state dict: fine-tuning at another size interpolates the pretrained one
+        self.register_buffer("absolute_pos_embed", sincos_2d(geometry[0][0], embed_dim))
+        self._register_load_state_dict_pre_hook(self._keep_own_table)
 
         dims = [embed_dim * 2**i for i in range(num_levels)]
         self.num_features = self.head_hidden_size = dims[-1]
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         self.feature_info = []
         for i in range(num_levels):
@@ -246,18 +248,29 @@ class MixMAESwin(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_weights)
 
+    def _keep_own_table(self, state_dict, prefix, *args) -> None:
+        """Checkpoints written before the table was saved load with the table drawn here."""
+        state_dict.setdefault(prefix + "absolute_pos_embed", self.absolute_pos_embed)
+
     # ----------------------------------------------------------------- timm protocol
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")}
+        """None beyond the 1-D parameters: MixMAE's fine-tuning decays the relative-position tables."""
+        return set()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer ids as MixMAE's fine-tuning assigns them: a merge with the next level's first
+        block, the final norm and the head with the last block."""
         return dict(
             stem=r"^patch_embed",
             blocks=r"^layers\.(\d+)"
             if coarse
-            else [(r"^layers\.(\d+)\.downsample", (0,)), (r"^layers\.(\d+)\.\w+\.(\d+)", None), (r"^norm", (99999,))],
+            else [
+                (r"^layers\.(\d+)\.downsample", (0,)),
+                (r"^layers\.(\d+)\.\w+\.(\d+)", None),
+                (r"^norm|^head", (99999,)),
+            ],
         )
 
     @torch.jit.ignore
@@ -283,8 +296,9 @@ class MixMAESwin(nn.Module):
             level.split_groups = enable
 
     # ----------------------------------------------------------------- the encoder contract
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, 3, H, W)`` -> stem tokens ``(B, H/4, W/4, C)``, each image on its own."""
+    def embed(self, x: torch.Tensor, groups: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` -> stem tokens ``(B, H/4, W/4, C)``. A token reads one 4x4
+        patch, inside one 32-px unit, so it never reads another group's pixels anyway."""
         H, W = x.shape[-2:]
         if H % self.stride or W % self.stride:
             raise ValueError(f"input size {H}x{W} is not a multiple of the encoder stride {self.stride}")
@@ -308,10 +322,8 @@ class MixMAESwin(nn.Module):
         return self.norm(features[-1]), features
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        pos = self.absolute_pos_embed
-        if tuple(pos.shape[:2]) != tuple(x.shape[1:3]):
-            pos = sincos_2d(tuple(x.shape[1:3]), self.embed_dim).to(x.device)
-        return pos.to(x.dtype)
+        """The position table, interpolated for inputs of another size (dense tasks)."""
+        return interpolate_table(self.absolute_pos_embed, tuple(x.shape[1:3])).to(x.dtype)
 
     def _levels(self, x, groups, partner_units, stop: Optional[int] = None):
         coarse = None if groups is None else groups.shape[1:]

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Optional, Union
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import trunc_normal_
 
 from mixmae_core.checkpoint import PathLike, StateDict, load_encoder_weights
 
@@ -20,7 +21,7 @@ EncoderWeights = Optional[Union[PathLike, StateDict]]
 
 
 class EncoderAttention:
-    """Mixin for task models that nest a MixMAE encoder.
+    """Mixin for task models that nest an encoder (hierarchical, or MAE's plain ViT).
 
     ``set_attn_impl`` lets callers switch the attention kernel of the whole task model,
     e.g. to ``"reference"`` so ``mixmae_core.flops.forward_macs`` sees every attention matmul
@@ -31,10 +32,12 @@ class EncoderAttention:
     """
 
     def _encoder(self) -> tuple[str, nn.Module]:
-        return next((name, m) for name, m in self.named_modules() if is_encoder(m))
+        return next((name, m) for name, m in self.named_modules() if m is not self and is_encoder(m))
 
     def set_attn_impl(self, name: str) -> None:
-        self._encoder()[1].set_attn_impl(name)
+        encoder = self._encoder()[1]
+        if hasattr(encoder, "set_attn_impl"):  # a ViT's attention is timm's own
+            encoder.set_attn_impl(name)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -58,8 +61,8 @@ class EncoderAttention:
 
 
 def is_encoder(module: nn.Module) -> bool:
-    """Whether ``module`` is an encoder under the contract of ``mixmae_core/mixmae.py``."""
-    return hasattr(module, "forward_tokens") and hasattr(module, "embed")
+    """Whether ``module`` is an encoder with timm's protocol (layer groups, a pooled head)."""
+    return hasattr(module, "group_matcher") and hasattr(module, "forward_head")
 
 
 def prepare_dense_trunk(trunk: nn.Module, encoder_weights: EncoderWeights = None) -> None:
@@ -113,9 +116,10 @@ def build_classifier(
     drop_path_rate: float = 0.1,
     **overrides: Any,
 ) -> nn.Module:
-    """Fine-tuning classifier: encoder, global average pooling, linear head (a fresh head
-    unless the checkpoint is a classifier with ``num_classes`` outputs)."""
-    return create_encoder(
+    """Fine-tuning classifier: encoder, global average pooling, linear head. From pretrained
+    weights the head's weight starts as the official fine-tuning starts it,
+    ``trunc_normal_(std=2e-5)`` (near zero: the first steps do not scramble the encoder)."""
+    model = create_encoder(
         encoder,
         img_size=img_size,
         encoder_weights=encoder_weights,
@@ -123,6 +127,9 @@ def build_classifier(
         num_classes=num_classes,
         **overrides,
     )
+    if encoder_weights is not None:
+        trunc_normal_(model.get_classifier().weight, std=2e-5)
+    return model
 
 
 class LinearProbe(EncoderAttention, nn.Module):

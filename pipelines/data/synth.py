@@ -29,7 +29,7 @@ SYNTH_LAYOUTS = {
     "ade20k": "ade20k",
 }
 _MARKER = ".mixmae_synth.json"
-_VERSION = 1
+_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,9 @@ SCALES = {
     "tiny": _Scale(
         {"pretrain": 4, "imagenet": 6, "inat2018": 5, "inat2019": 4, "places205": 4, "places365": 5}, 20, 6, 48, 16
     ),
+    # 60 validation images a class: a probe's top-1 on 480 images is known to +-4.5% (95%)
     "small": _Scale(
-        {"pretrain": 6, "imagenet": 10, "inat2018": 8, "inat2019": 6, "places205": 6, "places365": 8}, 80, 20, 160, 40
+        {"pretrain": 6, "imagenet": 10, "inat2018": 8, "inat2019": 6, "places205": 6, "places365": 8}, 80, 60, 160, 40
     ),
 }
 CLASSIFICATION_SIZE = (64, 112)  # sides drawn per image, so crops and aspect ratios vary

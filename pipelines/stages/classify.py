@@ -14,10 +14,12 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from mixmae_core.tasks.classification import build_classifier, build_linear_probe
 from mixmae_core.tasks.metrics import classification_metrics
+from pipelines.stages.jobs import HEADLINE
 from pipelines.stages.transfer import TransferTask
 
 
 class ClassifyTask(TransferTask):
+    headline = HEADLINE["classify"]
     @property
     def probe(self) -> bool:
         return self.spec.mode == "linear_probe"

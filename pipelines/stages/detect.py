@@ -16,6 +16,7 @@ from mixmae_core.tasks.pictures import draw_detections
 from pipelines.config import DetectStage
 from pipelines.data.collate import DetectionCollate
 from pipelines.stages.loop import all_gather, world_rank
+from pipelines.stages.jobs import HEADLINE
 from pipelines.stages.transfer import TransferTask
 
 
@@ -30,6 +31,7 @@ def detector_kwargs(spec: DetectStage) -> dict[str, Any]:
 
 
 class DetectTask(TransferTask):
+    headline = HEADLINE["detect"]
     samples: list[tuple[torch.Tensor, dict]] = []
 
     def build_model(self) -> nn.Module:

@@ -87,7 +87,9 @@ def _record_start(ctx: StageContext, prepared: PreparedStage) -> None:
     """The stage's resolved config (params and ``config.yaml``), tags and FLOPs on its run."""
     job = prepared.job
     logger = RunLogger(ctx.tracking_uri, job.loop.run_id)
-    logger.params(flatten("", job.spec.model_dump(mode="json")))
+    # method and encoder as params too, so the MLflow compare view can plot by them
+    logger.params({**flatten("", job.spec.model_dump(mode="json")), "method": prepared.tags["method"],
+                   "encoder": prepared.tags["encoder"]})
     logger.tags({**stage_tags(ctx.config, job.name, job.spec), **prepared.tags})
     logger.metrics(prepared.flops, 0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,6 +14,8 @@ from pipelines.config import ClassifyStage, DetectStage, PretrainStage, SegmentS
 from pipelines.data.quality import StageSkips
 
 StageSpec = Union[PretrainStage, ClassifyStage, DetectStage, SegmentStage]
+HEADLINE = {"pretrain": "train/loss", "classify": "val/top1", "detect": "val/bbox_AP", "segment": "val/mIoU"}
+"""Each task's headline metric: the summary table's and the pipeline run's, and (evaluations) the one whose best is kept."""
 
 
 class StageError(RuntimeError):

@@ -63,6 +63,8 @@ class TrainState:
     step_in_epoch: int = 0
     images_seen: int = 0
     device_seconds: float = 0.0
+    best: Optional[float] = None
+    """The best evaluation of the task's headline metric so far (the official scripts report it)."""
 
 
 class StopTraining(Exception):
@@ -72,6 +74,9 @@ class StopTraining(Exception):
 
 class Task:
     """What a stage plugs into :func:`train`. Methods run on every worker unless noted."""
+
+    headline: Optional[str] = None
+    """The evaluation metric whose best value is also logged (as ``<headline>_best``)."""
 
     def __init__(self, job: StageJob):
         self.job = job
@@ -324,6 +329,11 @@ def _train(task: Task, spec: LoopSpec) -> None:
         window.reset(time.perf_counter())
         return metrics
 
+    def note_best(evaluation: dict[str, float]) -> None:
+        value = evaluation.get(task.headline) if task.headline else None
+        if value is not None and (state.best is None or value > state.best):
+            state.best = value
+
     metrics: dict[str, float] = {}
     while state.step < spec.total_steps:
         skip = state.step_in_epoch * spec.accum_steps
@@ -369,6 +379,7 @@ def _train(task: Task, spec: LoopSpec) -> None:
                 metrics = log({"train/grad_norm": grad_norm.item()})
             if spec.eval_every and state.step % spec.eval_every == 0 and state.step < spec.total_steps:
                 evaluation = task.evaluate(ddp_model)
+                note_best(evaluation)
                 if logger:
                     logger.metrics(evaluation, state.step)
             if state.step in pictures and logger and state.step < spec.total_steps:
@@ -389,6 +400,9 @@ def _train(task: Task, spec: LoopSpec) -> None:
 
     check_finite()
     final_metrics = task.evaluate(ddp_model)
+    note_best(final_metrics)
+    if state.best is not None:
+        final_metrics[f"{task.headline}_best"] = state.best
     if logger:
         logger.metrics(final_metrics, state.step)
         logger.artifacts(task.pictures(_unwrap(ddp_model), state.step, True, out_dir), "pictures")

@@ -19,6 +19,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from rich.progress import Progress
 
+from mixmae_core.checkpoint import checkpoint_info
 from mixmae_core.optim import scaled_lr
 from pipelines.config import (
     SYNTHETIC_PREFIX,
@@ -116,13 +117,13 @@ def stage_flops(config: PipelineConfig, name: str, spec: StageBase, num_classes:
     """What a stage logs under ``flops/``: the model's forward multiply-adds at its input size
     (``encoder_gmacs`` for pretraining, encoder + 1000-class head as the paper counts;
     ``task_gmacs`` for the task model) and ``train_per_image``, true FLOPs of one training
-    step per image (measured forward + backward for pretraining; 2 FLOPs per MAC, times 3
-    where the whole model trains and 1 for a linear probe, for transfer)."""
+    step per image (for pretraining the method's forward + backward as it runs, measured; for
+    transfer 2 FLOPs per MAC, times 3 where the whole model trains and 1 for a linear probe)."""
     from mixmae_core.flops import flop_report, forward_macs
 
     model = config.stage_model(spec)
     if isinstance(spec, PretrainStage):
-        report = flop_report(model, spec.img_size, **spec.model_overrides)
+        report = flop_report(model, spec.img_size, method=spec.method, **spec.model_overrides)
         return {
             "flops/encoder_gmacs": report.gflops,
             "flops/params_m": report.params_m,
@@ -186,6 +187,14 @@ def resume_epoch(ctx: StageContext, stage_name: str) -> int:
     return int(newest.get("epoch", 0))
 
 
+def encoder_method(ctx: StageContext, spec: StageBase, weights: Optional[str]) -> str:
+    """How the stage's encoder was pretrained: its method, ``none`` (random), or what an
+    ``init`` checkpoint says (``unknown`` when it does not say)."""
+    if isinstance(spec, PretrainStage) or spec.init == "pretrained":
+        return ctx.config.pretrain.method
+    return "none" if weights is None else checkpoint_info(weights).get("method", "unknown")
+
+
 def encoder_source(ctx: StageContext, name: str, spec: TransferBase) -> Optional[str]:
     """Which encoder weights a transfer stage starts from (None: random init)."""
     if spec.init == "random":
@@ -235,17 +244,19 @@ def prepare_stage(ctx: StageContext, name: str, run_id: str) -> PreparedStage:
     steps = schedule(name, spec, images)
     tags = {"data": str(source.files[0])}
     job_fields: dict[str, Any] = {}
+    weights = val_images = None
     if isinstance(spec, PretrainStage):
         tags.update(mask_ratio=str(spec.mask_ratio), mask_mode=spec.mask_mode)
         num_classes = 0
     else:
-        split_size(source, spec.data.val_split, name)
+        val_images = split_size(source, spec.data.val_split, name)
         weights = encoder_source(ctx, name, spec)
         num_classes = spec.num_classes if isinstance(spec, SegmentStage) else source.num_classes
         job_fields.update(encoder_weights=weights, class_names=tuple(source.classes))
         if isinstance(spec, DetectStage):
             job_fields["coco_gt"] = ray.put(coco_ground_truth(source, split=spec.data.val_split, img_size=spec.img_size))
         tags.update(init=weights or "random", task=spec.task)
+    tags.update(method=encoder_method(ctx, spec, weights), encoder=ctx.config.stage_model(spec))
     flops = stage_flops(ctx.config, name, spec, num_classes)
     loop = LoopSpec(
         stage=name,
@@ -273,6 +284,6 @@ def prepare_stage(ctx: StageContext, name: str, run_id: str) -> PreparedStage:
         datasets=_datasets(spec, source, resume_epoch(ctx, name), ctx.skips(run_id)),
         split=["train"],
         evaluation=[] if isinstance(spec, PretrainStage) else ["val"],
-        flops={**flops, "data/train_images": images},
+        flops={**flops, "data/train_images": images, **({"data/val_images": val_images} if val_images else {})},
         tags=tags,
     )

@@ -1,4 +1,4 @@
-"""The pretraining stage's worker: pair-sampled Ray Data batches into ``mixmae_core.MixMAE``."""
+"""The pretraining stage's worker: pair-sampled Ray Data batches into MixMAE, SimMIM or MAE."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import ray.train
 import torch
 import torch.nn as nn
 
-import mixmae_core
 from mixmae_core.checkpoint import save_state_dict
 from mixmae_core.fast import StepOptions, apply_step_options
+from mixmae_core.methods import create_pretraining_model, pretraining_step
 from mixmae_core.optim import build_optimizer
 from mixmae_core.viz import save_reconstruction_png
 from pipelines.data.collate import PairCollate, normalize_on_device
@@ -28,9 +28,11 @@ class PretrainTask(Task):
     def build(self, device: torch.device) -> nn.Module:
         self.device = device
         spec = self.spec
-        model = mixmae_core.create_model(
-            self.job.model, img_size=spec.img_size, mask_ratio=spec.mask_ratio, mask_mode=spec.mask_mode,
-            norm_pix_loss=spec.norm_pix_loss, **spec.model_overrides,
+        options = dict(mixmae=dict(mask_mode=spec.mask_mode, norm_pix_loss=spec.norm_pix_loss),
+                       mae=dict(norm_pix_loss=spec.norm_pix_loss)).get(spec.method, {})
+        model = create_pretraining_model(
+            spec.method, self.job.model, img_size=spec.img_size, mask_ratio=spec.mask_ratio, **options,
+            **spec.model_overrides,
         ).to(device)
         return apply_step_options(model, self._options())
 
@@ -63,7 +65,7 @@ class PretrainTask(Task):
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
         images, mask = batch
-        return model(images, mask).loss, images.shape[0]
+        return pretraining_step(model, images, mask).loss, images.shape[0]
 
     def picture_steps(self, total_steps: int) -> set[int]:
         n = self.spec.reconstructions
@@ -78,14 +80,12 @@ class PretrainTask(Task):
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            output = model(images, mask)
+            panels = model.panels(images, pretraining_step(model, images, mask))
         model.train(was_training)
-        path = out / f"reconstruction_step{step:07d}.png"
-        save_reconstruction_png(path, images, output.pred, output.mask, model.stride, self.spec.norm_pix_loss)
-        return [path]
+        return [Path(save_reconstruction_png(out / f"reconstruction_step{step:07d}.png", panels))]
 
     def export(self, model: nn.Module, out: Path) -> None:
-        meta = {"model": self.job.model, "img_size": self.spec.img_size, "source": "mixmae-pretrain"}
+        meta = {"model": self.job.model, "method": self.spec.method, "img_size": self.spec.img_size, "source": "pretrain"}
         save_state_dict(out / ENCODER_FILE, model.encoder.state_dict(), meta)
 
 

@@ -15,10 +15,12 @@ from mixmae_core.tasks.pictures import draw_segmentation
 from mixmae_core.tasks.segmentation import build_upernet
 from pipelines.data.transforms import IGNORE_INDEX
 from pipelines.stages.loop import world_size
+from pipelines.stages.jobs import HEADLINE
 from pipelines.stages.transfer import TransferTask
 
 
 class SegmentTask(TransferTask):
+    headline = HEADLINE["segment"]
     samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def build_model(self) -> nn.Module:

@@ -1,0 +1,188 @@
+"""Every hierarchical encoder keeps MixMAE's isolation; SimMIM and MAE do what their papers say;
+FLOPs count each method as it runs."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import mixmae_core
+from mixmae_core import mae, simmim
+from mixmae_core.encoders import convs
+from mixmae_core.flops import counting, flop_report
+from mixmae_core.masking import pair_rows, patchify, sample_mask, upsample_mask
+from mixmae_core.methods import check_method_encoder, create_pretraining_model
+
+HIERARCHICAL = ["mixmae_swin_micro_w8", "mixmae_twins_svt_micro", "mixmae_pvt_v2_micro"]
+
+
+def _images(n=4, size=64, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _own_features(z, mask):
+    """Per image, its features at every coarse position, from whichever mixed row holds them."""
+    m = pair_rows(mask)[..., None]
+    return torch.where(m, z.unflatten(0, (-1, 2)).flip(1).flatten(0, 1), z)
+
+
+def _partner_leaks(name: str, size: int = 128) -> bool:
+    """Whether changing image 1 changes image 0's prediction or features under MixMAE."""
+    torch.manual_seed(0)
+    model = mixmae_core.create_model(name, img_size=size).eval()
+    grid = (size // 32, size // 32)
+    mask = sample_mask(2, grid, 0.5, generator=torch.Generator().manual_seed(1))
+    images, changed = _images(size=size), _images(size=size)
+    changed[1] = torch.randn(3, size, size)
+    changed[0] = images[0]
+    with torch.no_grad():
+        a, b = model(images, mask), model(changed, mask)
+        fa = _own_features(model.forward_encoder(images, pair_rows(mask)), mask)
+        fb = _own_features(model.forward_encoder(changed, pair_rows(mask)), mask)
+    assert not torch.allclose(fa[1], fb[1], atol=1e-3)  # the change itself was seen
+    return not (torch.allclose(a.pred[0], b.pred[0], atol=1e-5) and torch.allclose(fa[0], fb[0], atol=1e-5))
+
+
+@pytest.mark.parametrize("name", HIERARCHICAL)
+def test_an_images_prediction_does_not_change_when_its_partner_does(name):
+    assert not _partner_leaks(name)
+
+
+@pytest.mark.parametrize("name", ["mixmae_twins_svt_micro", "mixmae_pvt_v2_micro"])
+def test_the_isolation_test_fails_when_convolutions_read_the_partner(name, monkeypatch):
+    monkeypatch.setattr(convs, "per_group", lambda op, x, groups: op(x))
+    for module in ("twins", "pvt_v2"):
+        monkeypatch.setattr(f"mixmae_core.encoders.{module}.per_group", lambda op, x, groups: op(x))
+    assert _partner_leaks(name)
+
+
+@pytest.mark.parametrize("name", ["mixmae_twins_svt_micro", "mixmae_pvt_v2_micro"])
+def test_the_isolation_test_fails_when_reduced_keys_lose_their_groups(name, monkeypatch):
+    from mixmae_core.encoders.attention import AttentionContext
+
+    def ungrouped(impl, x, sr_ratio, groups):
+        return impl.prepare(AttentionContext())
+
+    for module in ("twins", "pvt_v2"):
+        monkeypatch.setattr(f"mixmae_core.encoders.{module}.reduction_context", ungrouped)
+    assert _partner_leaks(name)
+
+
+@pytest.mark.parametrize("ours,timms", [("mixmae_twins_svt_small", "twins_svt_small"), ("mixmae_pvt_v2_b0", "pvt_v2_b0")])
+def test_twins_and_pvt_hold_timms_parameters_and_compute_timms_function(ours, timms):
+    torch.manual_seed(0)
+    reference = timm.create_model(timms).eval()
+    model = timm.create_model(ours).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = _images(2, 224)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mixmae_twins_svt_micro", "mixmae_pvt_v2_micro"])
+def test_features_only_gives_four_levels(name):
+    features = timm.create_model(name, features_only=True, img_size=128)
+    maps = features(_images(2, 128))
+    assert [tuple(m.shape[-2:]) for m in maps] == [(32, 32), (16, 16), (8, 8), (4, 4)]
+    assert features.feature_info.reduction() == [4, 8, 16, 32]
+
+
+def test_a_key_reduction_across_mask_units_is_refused():
+    with pytest.raises(ValueError, match="64-px cells, which do not divide the 32-px mask units"):
+        timm.create_model("mixmae_pvt_v2_micro", sr_ratios=(16, 4, 2, 1))
+
+
+@pytest.mark.parametrize("name", HIERARCHICAL)
+def test_simmim_visible_tokens_never_see_masked_pixels(name):
+    """The encoder's output does not change with the pixels under the mask (a stem whose
+    kernels overlap the units, PVTv2's, reads them only if it is not run per group)."""
+    torch.manual_seed(0)
+    model = simmim.create_model(name).eval()
+    masked = pair_rows(torch.tensor([[[1, 0], [0, 1]], [[0, 1], [1, 1]]]).bool())
+    images = _images()
+    changed = torch.where(upsample_mask(masked, (64, 64))[:, None], torch.randn_like(images), images)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_encoder(images, masked), model.forward_encoder(changed, masked), atol=1e-5)
+
+
+def test_simmim_loss_is_l1_on_masked_pixels_only():
+    torch.manual_seed(0)
+    model = simmim.create_model("mixmae_swin_micro_w8")
+    images = _images()
+    mask = torch.tensor([[[1, 0], [0, 0]], [[0, 1], [1, 0]]]).bool()
+    out = model(images, mask)
+    pixels = upsample_mask(pair_rows(mask), (64, 64))[:, None].expand_as(images)
+    assert torch.allclose(out.loss, (out.pred - images).abs()[pixels].mean(), rtol=1e-5)
+    assert out.pred.shape == images.shape
+
+
+def test_mae_encodes_a_quarter_of_the_patches_and_scores_only_the_dropped_ones():
+    torch.manual_seed(0)
+    model = mae.create_model("mae_vit_micro_p8")
+    images = _images()
+    latent, dropped, restore = model.forward_encoder(images)
+    assert latent.shape[1] == 1 + 64 // 4 and dropped.sum(1).tolist() == [48] * 4
+    out = model(images)
+    target = patchify(images, 8)
+    target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    per_patch = (out.pred - target).pow(2).mean(-1)
+    assert torch.allclose(out.loss, per_patch[out.mask].mean(), rtol=1e-5)
+    assert not model.encoder.pos_embed.requires_grad  # MAE's fixed sin-cos table
+
+
+def test_vit_base_mae_has_the_papers_size():
+    with torch.device("meta"):
+        model = mae.create_model("vit_base_patch16_224")
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(111.9, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    "method,encoder,match",
+    [
+        ("mae", "mixmae_swin_micro_w8", "MAE drives a plain ViT"),
+        ("simmim", "mae_vit_micro_p8", "a plain ViT: pretrain it with mae"),
+        ("mixmae", "resnet50", "pretrains a hierarchical encoder"),
+        ("beit", "mixmae_swin_micro_w8", "unknown pretraining method"),
+    ],
+)
+def test_a_method_that_cannot_drive_an_encoder_says_why(method, encoder, match):
+    with pytest.raises(ValueError, match=match):
+        check_method_encoder(method, encoder)
+
+
+def test_depthwise_convolution_gradients_cost_what_their_forward_does():
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1, groups=64)
+    x = torch.randn(1, 64, 16, 16, requires_grad=True)
+    with counting() as counter:
+        conv(x).sum().backward()
+    forward = 2 * 64 * 9 * 16 * 16
+    assert counter.get_total_flops() == 3 * forward  # torch's own formula says 65x
+
+
+def test_train_flops_follow_what_each_method_encodes():
+    mixmae_flops = flop_report("mixmae_swin_micro_w8", method="mixmae").train_gflops_per_image
+    simmim_flops = flop_report("mixmae_swin_micro_w8", method="simmim").train_gflops_per_image
+    # both encode every token once per image; MixMAE's decoder is the difference
+    assert simmim_flops < mixmae_flops < 1.3 * simmim_flops
+    keep_quarter = flop_report("mae_vit_micro_p8", method="mae").train_gflops_per_image
+    keep_most = flop_report("mae_vit_micro_p8", method="mae", mask_ratio=0.25).train_gflops_per_image
+    assert keep_quarter < 0.6 * keep_most  # MAE's encoder runs on the kept tokens only
+
+
+@pytest.mark.parametrize("method,encoder", [("mixmae", "mixmae_pvt_v2_micro"), ("simmim", "mixmae_twins_svt_micro"), ("mae", "mae_vit_micro_p8")])
+def test_every_method_learns_a_fixed_batch(method, encoder):
+    torch.manual_seed(0)
+    model = create_pretraining_model(method, encoder).train()
+    images = _images()
+    mask = torch.tensor([[[1, 0], [0, 1]], [[0, 1], [1, 0]]]).bool()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(60):
+        torch.manual_seed(1)  # MAE: the same patches dropped every step
+        out = model(images, mask) if model.uses_pair_masks else model(images)
+        losses.append(out.loss.item())
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert losses[-1] < 0.6 * losses[0], (losses[0], losses[-1])
