@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
+from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table_simple
 
 from mixmae_core.layers import interpolate_table, sincos_2d
 
@@ -177,7 +177,7 @@ def encoder_state_dict(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 
 def adapt_to_encoder(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> StateDict:
     """Fit an encoder state dict to ``model``: resize relative-position tables for other
-    windows, interpolate absolute position tables for another image size (bicubic, as the
+    windows (bicubic, as the official fine-tuning), interpolate absolute position tables for another image size (bicubic, as the
     official fine-tuning), and keep the model's own head when the checkpoint has none or
     another size."""
     own = model.state_dict()
@@ -185,7 +185,7 @@ def adapt_to_encoder(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
     for key, value in state_dict.items():
         if key.endswith("relative_position_bias_table") and key in own and own[key].shape != value.shape:
             attn = model.get_submodule(key.rsplit(".", 1)[0])
-            value = resize_rel_pos_bias_table(
+            value = resize_rel_pos_bias_table_simple(
                 value, new_window_size=attn.window_size, new_bias_shape=tuple(own[key].shape)
             )
         if key == "pos_embed" and key in own and own[key].shape != value.shape:  # a ViT at another size

@@ -129,7 +129,7 @@ def _jitter(rng: np.random.Generator, colour) -> tuple[int, ...]:
     return tuple(int(v) for v in np.clip(np.asarray(colour) + rng.integers(-25, 26, 3), 0, 255))
 
 
-def _object_image(rng: np.random.Generator, label: int) -> Image.Image:
+def object_image(rng: np.random.Generator, label: int) -> Image.Image:
     """Class ``label`` = one (shape, colour) combination, drawn at a random place and size."""
     width, height = (int(v) for v in rng.integers(CLASSIFICATION_SIZE[0], CLASSIFICATION_SIZE[1] + 1, 2))
     img = Image.fromarray(np.clip(_background(rng, width, height), 0, 255).astype(np.uint8))
@@ -169,7 +169,7 @@ def _class_samples(spec: _Scale, num_classes: int):
 
 def _imagefolder(root: Path, rng: np.random.Generator, spec: _Scale, num_classes: int, prefix: str) -> None:
     for split, label, n in _class_samples(spec, num_classes):
-        _save_jpeg(_object_image(rng, label), root / split / f"{prefix}{label:04d}" / f"{split}_{n:05d}.jpg")
+        _save_jpeg(object_image(rng, label), root / split / f"{prefix}{label:04d}" / f"{split}_{n:05d}.jpg")
 
 
 def _inat(root: Path, rng: np.random.Generator, spec: _Scale, num_classes: int, year: str, id_offset: int) -> None:
@@ -181,7 +181,7 @@ def _inat(root: Path, rng: np.random.Generator, spec: _Scale, num_classes: int, 
     for image_id, (split, label, n) in enumerate(_class_samples(spec, num_classes)):
         cat = categories[label]
         file_name = f"train_val{year}/{cat['supercategory']}/{cat['id']}/{split}_{n:05d}.jpg"
-        img = _object_image(rng, label)
+        img = object_image(rng, label)
         _save_jpeg(img, root / file_name)
         docs[split]["images"].append({"id": image_id, "file_name": file_name, "width": img.width, "height": img.height})
         docs[split]["annotations"].append({"id": image_id, "image_id": image_id, "category_id": cat["id"]})
