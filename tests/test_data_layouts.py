@@ -162,3 +162,13 @@ def test_cli_check_reports_every_file(bad_dataset, bad_images):
     assert summary["attempted"] == len(bad_images) + 1 and summary["skipped"]["missing"] == 1
     text = runner.invoke(app, ["data", "check", "--layout", "places", "--root", str(bad_dataset)])
     assert "skipped: truncated" in text.output and "truncated.jpg" in text.output
+
+
+def test_an_imagefolder_split_may_have_any_name_and_hidden_folders_are_not_splits(tmp_path):
+    for split, label in (("train", "cat"), ("train_few", "dog"), ("val", "cat"), (".cache", "cat")):
+        (tmp_path / split / label).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / label / "a.png")
+    counts = split_counts(build_manifest("imagefolder", tmp_path))
+    assert {split: c["images"] for split, c in counts.items()} == {"train": 1, "train_few": 1, "val": 1}
+    few = read_layout("imagefolder", tmp_path, "train_few")
+    assert few.classes == ["cat", "dog"] and [r["label"] for r in few.records] == [1]

@@ -69,8 +69,9 @@ def _splits(split: Optional[str], available: list[str], root: Path, layout: str)
 
 
 def read_imagefolder(root: Path, split: Optional[str] = None) -> Listing:
-    """``root/<split>/<class>/<image>``; labels index the sorted class folders of all splits."""
-    available = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name in ("train", "val", "test"))
+    """``root/<split>/<class>/<image>``, any folder a split (``train``, ``val``, a labelled
+    subset such as ``train_few``); labels index the sorted class folders of all splits."""
+    available = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     splits = _splits(split, available, root, "imagefolder")
     classes = sorted({c.name for s in available for c in (root / s).iterdir() if c.is_dir()})
     index = {name: i for i, name in enumerate(classes)}
