@@ -116,7 +116,7 @@ def measure(manifest: Path, cores: int, img_size: int, epochs: int) -> dict[str,
     the same background load; one untimed warm-up epoch each."""
     import ray
 
-    ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         ds = pretrain_dataset(manifest, img_size=img_size, seed=0)

@@ -19,6 +19,10 @@ app.add_typer(data_app, name="data")
 console = Console(width=None if sys.stdout.isatty() else 200)
 
 
+#: exit status of a run stopped by SIGTERM with its checkpoints saved (EX_TEMPFAIL: run it again)
+EXIT_PREEMPTED = 75
+
+
 def fail(error: Exception, code: int) -> None:
     """Print ``error`` as one unwrapped line and exit with ``code``: a message, never a traceback."""
     console.print(f"[red]{error}[/]", soft_wrap=True)
@@ -92,6 +96,7 @@ def convert(
 
 ConfigArg = typer.Argument(None, help="pipeline YAML (default: ray_configs/pipelines/quickstart.yaml)")
 SetOpt = typer.Option([], "--set", help="override a config field: key.path=value (repeatable)")
+VerboseOpt = typer.Option(False, "--verbose", help="show Ray's, MLflow's and the libraries' output here, not in the log file")
 
 
 def _load(config: Optional[Path], overrides: list[str]):
@@ -103,12 +108,23 @@ def _load(config: Optional[Path], overrides: list[str]):
         fail(exc, 2)
 
 
-def _run(cfg, stages: Optional[list[str]], resume: Optional[str]) -> None:
-    from pipelines.pipeline import run_pipeline, summary_table
-    from pipelines.stages.jobs import StageError
+def _run(cfg, stages: Optional[list[str]], resume: Optional[str], verbose: bool) -> None:
+    import time
 
+    from pipelines.config import absolute
+    from pipelines.console import RunConsole
+    from pipelines.pipeline import run_pipeline, summary_table
+    from pipelines.stages.jobs import Preempted, StageError
+
+    log = None if verbose else absolute(cfg.storage) / "logs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    run_console = RunConsole(log)
     try:
-        outcome = run_pipeline(cfg, stages=stages, resume=resume)
+        try:
+            outcome = run_pipeline(cfg, stages=stages, resume=resume, console=run_console)
+        finally:
+            run_console.close()
+    except Preempted as exc:
+        fail(exc, EXIT_PREEMPTED)
     except StageError as exc:
         fail(exc, 1)
     console.print(summary_table(cfg, outcome))
@@ -121,16 +137,33 @@ def run(
     stages: Optional[str] = typer.Option(None, "--stages", help="comma-separated subset, e.g. pretrain,inat2018"),
     resume: Optional[str] = typer.Option(None, "--resume", help="MLflow run id of a pipeline to continue"),
     overrides: list[str] = SetOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Run pretraining and the transfer stages as one MLflow experiment run."""
     cfg = _load(config, overrides)
-    _run(cfg, stages.split(",") if stages else None, resume)
+    _run(cfg, stages.split(",") if stages else None, resume, verbose)
 
 
 @app.command()
-def pretrain(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt) -> None:
-    """Run (or resume) only the MixMAE pretraining stage of a config."""
-    _run(_load(config, overrides), ["pretrain"], None)
+def pretrain(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt, verbose: bool = VerboseOpt) -> None:
+    """Run (or resume) only the pretraining stage of a config."""
+    _run(_load(config, overrides), ["pretrain"], None, verbose)
+
+
+@app.command()
+def sync(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt) -> None:
+    """Deliver to MLflow what stages spooled while the tracking server was away (the next
+    `mixmae run` of the config does this too)."""
+    from pipelines.config import absolute
+    from pipelines.pipeline import deliver_spooled
+
+    cfg = _load(config, overrides)
+    storage = absolute(cfg.storage)
+    left = deliver_spooled(storage, cfg.tracking.delivery_wait_s, say=console.print)
+    if left:
+        fail(RuntimeError(f"the tracking server did not take the records in {', '.join(map(str, left))}; "
+                          "nothing is lost, try again when it answers"), 1)
+    console.print(f"nothing left to deliver under {storage}")
 
 
 @app.command()
@@ -141,7 +174,7 @@ def sweep(
 ) -> None:
     """Ray Tune over pretraining settings; each trial pretrains, then linear-probes."""
     from pipelines.config import ConfigError
-    from pipelines.sweep import FLOPS_METRIC, PROBE_METRIC, load_sweep, run_sweep
+    from pipelines.sweep import FLOPS_METRIC, PROBE_METRIC, load_sweep, run_sweep, trial_error
 
     try:
         spec, base = load_sweep(config, overrides)
@@ -149,16 +182,20 @@ def sweep(
         fail(exc, 2)
     sweep_run, grid = run_sweep(spec, base, resume=not fresh)
     table = Table(title=f"sweep {spec.name} (MLflow run {sweep_run})")
-    for column in (*spec.search, "pretrain FLOPs", PROBE_METRIC, "MLflow run"):
+    for column in (*spec.search, "pretrain FLOPs", PROBE_METRIC, "MLflow run", "outcome"):
         table.add_column(column)
     for result in grid:
         m = result.metrics or {}
         table.add_row(
             *(str(result.config.get(k)) for k in spec.search),
             f"{m.get(FLOPS_METRIC, float('nan')):.3e}", f"{m.get(PROBE_METRIC, float('nan')):.4f}",
-            str(m.get("mlflow_run_id", "")),
+            str(m.get("mlflow_run_id", "")), f"[red]failed: {trial_error(result)}[/]" if result.error else "ok",
         )
     console.print(table)
+    failed = sum(1 for result in grid if result.error)
+    if failed:
+        fail(RuntimeError(f"{failed} of {len(grid)} trial(s) failed (recorded as FAILED in MLflow); the same "
+                          "command retries them and keeps the finished ones"), 1)
 
 
 @app.command()
@@ -201,7 +238,7 @@ def plan(
 ) -> None:
     """Per stage: GFLOPs, optimizer steps, training FLOPs and estimated device-hours."""
     from pipelines.plan import bill
-    from pipelines.stages.jobs import StageError
+    from pipelines.stages.jobs import Preempted, StageError
 
     cfg = _load(config, overrides)
     rates = {}

@@ -47,6 +47,9 @@ class Scaling(Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(1, ge=0, description="worker-group restarts from the last checkpoint")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how the workers are placed on the cluster's nodes (SPREAD: one a node where it can)"
+    )
 
 
 class StageBase(Strict):
@@ -136,6 +139,8 @@ class PretrainStage(StageBase):
     warmup_epochs: float = Field(ge=0)
     betas: tuple[float, float]
     reconstructions: int = Field(3, ge=0, description="reconstruction pictures logged over the run")
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop area range (the papers': 0.2-1)")
+    hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability (0 for images flips change)")
 
     @model_validator(mode="before")
     @classmethod
@@ -202,6 +207,7 @@ class ClassifyStage(TransferBase):
     reprob: float = Field(0.25, ge=0, le=1)
     crop_pct: float = Field(0.875, gt=0, le=1)
     crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range in training")
+    hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability in training")
 
 
 class DetectStage(TransferBase):
@@ -241,11 +247,25 @@ TransferStage = Annotated[Union[ClassifyStage, DetectStage, SegmentStage], Field
 class Tracking(Strict):
     uri: Optional[str] = Field(None, description="MLFLOW_TRACKING_URI wins; default sqlite:///<cwd>/mlflow.db")
     experiment: str = "mixmae"
+    system_metrics: bool = Field(True, description="CPU, memory, disk, network and GPU of each stage's nodes")
+    system_metrics_every_s: float = Field(10.0, gt=0, description="seconds between two samples of system metrics")
+    registered_model: Optional[str] = Field(
+        None, description="register the pretrained encoder under this name in the Model Registry"
+    )
+    delivery_wait_s: float = Field(
+        120.0, gt=0, description="after a stage, how long to wait for a tracking server that is away "
+        "before failing the stage with its records spooled (`mixmae sync` delivers them)",
+    )
 
 
 class RaySettings(Strict):
     address: Optional[str] = Field(None, description="None: RAY_ADDRESS or a new local cluster")
     num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a new local cluster")
+
+    def cluster(self) -> Optional[str]:
+        """The cluster to join, or None for a private local one: never whatever address file
+        a ``ray start`` left on the machine (its head may be long dead)."""
+        return self.address or os.environ.get("RAY_ADDRESS") or None
 
 
 class Synthetic(Strict):

@@ -9,13 +9,16 @@ last checkpoint.
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import threading
 import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import ray
 import yaml
@@ -24,10 +27,17 @@ from rich.table import Table
 
 from pipelines.config import PipelineConfig, absolute
 from pipelines.data.quality import start_skip_counter
-from pipelines.stages.driver import StageOutcome, progress_display, run_worker_group
-from pipelines.stages.jobs import HEADLINE, StageError
+from pipelines.console import RunConsole
+from pipelines.stages.driver import StageOutcome, run_worker_group
+from pipelines.spool import pending_spools
+from pipelines.stages.jobs import HEADLINE, Preempted, StageError, TrackingAway
 from pipelines.stages.prepare import StageContext
-from pipelines.tracking import KIND, RunLogger, ensure_experiment, flatten, resolve_tracking_uri, start_or_resume
+from pipelines.tracking import (
+    KIND, MODEL_URI, RunLogger, ensure_experiment, flatten, open_spool, resolve_tracking_uri, start_or_resume,
+)
+
+#: a server that is up takes an earlier run's records in seconds
+SPOOLED_AT_START_WAIT_S = 30.0
 
 
 @dataclass
@@ -39,20 +49,88 @@ class PipelineOutcome:
 
 
 def init_ray(config: PipelineConfig) -> None:
+    """Join the cluster the config or ``RAY_ADDRESS`` names, else start a private local one."""
     if ray.is_initialized():
         return
     # Read by Ray Data in every process; a local cluster's workers inherit it from here.
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
-    joins_a_cluster = config.ray.address or os.environ.get("RAY_ADDRESS")  # e.g. inside a Ray job
-    if not joins_a_cluster:
+    cluster = config.ray.cluster()
+    if not cluster:
         # One machine is never preempted; the watcher is one more actor per stage.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    kwargs = {"num_cpus": config.ray.num_cpus} if (config.ray.num_cpus and not joins_a_cluster) else {}
-    ray.init(
-        address=config.ray.address, configure_logging=True, logging_level="WARNING",
-        logging_config=ray.LoggingConfig(log_level="WARNING"), **kwargs,
+    kwargs = {"num_cpus": config.ray.num_cpus} if (config.ray.num_cpus and not cluster) else {}
+    unreachable = StageError(
+        f"no Ray cluster answers at {cluster} ({'ray.address in the config' if config.ray.address else 'RAY_ADDRESS'}): "
+        "start it (`ray start --head`), or leave both unset to run on a private local cluster"
     )
+    if cluster and not _answers(cluster):
+        raise unreachable  # ray.init would retry a dead address for minutes
+    try:
+        ray.init(
+            address=cluster or "local", configure_logging=True, logging_level="WARNING",
+            logging_config=ray.LoggingConfig(log_level="WARNING"), **kwargs,
+        )
+    except ConnectionError:
+        raise unreachable from None
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@contextmanager
+def stop_on_sigterm(stop_file: Path, console: Optional[RunConsole]) -> Iterator[None]:
+    """SIGTERM (a scheduler preempting the job, ``kill``) makes the running stages save a
+    checkpoint at their next step and stop; the run then ends with :class:`Preempted`. A
+    second SIGTERM ends the driver at once. Only a main thread can take signals (a sweep's
+    trials cannot; Tune stops those)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is None:  # installed from outside Python
+        previous = signal.SIG_DFL
+
+    def ask_to_stop(signum, frame) -> None:
+        if stop_file.exists():
+            signal.signal(signal.SIGTERM, previous)
+            signal.raise_signal(signal.SIGTERM)
+            return
+        stop_file.parent.mkdir(parents=True, exist_ok=True)
+        stop_file.touch()
+        message = ("SIGTERM: each running stage saves a checkpoint at its next step and stops "
+                   "(a second SIGTERM stops at once)")
+        console.event(message, "yellow") if console is not None else print(message, flush=True)
+
+    signal.signal(signal.SIGTERM, ask_to_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def deliver_spooled(storage: Path, wait_s: float, say=print) -> list[Path]:
+    """Deliver what earlier stages spooled under ``storage`` and could not send; the spool
+    folders still not delivered after ``wait_s`` seconds each."""
+    left = []
+    for directory in pending_spools(storage):
+        spool = open_spool(directory, say)
+        count = spool.pending()
+        if spool.drain(wait_s):
+            say(f"delivered {count} spooled record(s) of MLflow run {directory.name}")
+        else:
+            left.append(directory)
+    return left
+
+
+def _answers(address: str, timeout_s: float = 5.0) -> bool:
+    """Whether something listens at a ``[ray://]host:port`` address (True for other forms,
+    such as ``auto``, which Ray resolves itself)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return True
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 def synthetic_roots(config: PipelineConfig) -> dict[str, Path]:
@@ -68,19 +146,27 @@ def run_pipeline(
     config: PipelineConfig,
     stages: Optional[Sequence[str]] = None,
     resume: Optional[str] = None,
-    progress: bool = True,
+    console: Optional[RunConsole] = None,
     parent_run_id: Optional[str] = None,
     callbacks: Optional[dict[str, list]] = None,
 ) -> PipelineOutcome:
-    """Run the selected stages (default: all). ``parent_run_id`` nests the pipeline run
-    under another one (a sweep); ``callbacks`` adds Ray Train callbacks per stage."""
+    """Run the selected stages (default: all). ``console`` shows a person the run (events,
+    progress); ``parent_run_id`` nests the pipeline run under another one (a sweep);
+    ``callbacks`` adds Ray Train callbacks per stage."""
     known = list(config.all_stages())
     selected = list(stages) if stages else known
     unknown = sorted(set(selected) - set(known))
     if unknown:
         raise StageError(f"unknown stage(s) {unknown}; this config has {known}")
+    init_ray(config)
     uri = resolve_tracking_uri(config.tracking.uri)
     client = MlflowClient(uri)
+    storage = absolute(config.storage)
+    if pending_spools(storage):
+        left = deliver_spooled(storage, SPOOLED_AT_START_WAIT_S, say=console.event if console else print)
+        if left:
+            raise TrackingAway(f"records of an earlier run wait in {', '.join(map(str, left))} and the tracking "
+                               f"server does not take them; start it, then run again (or `mixmae sync`)")
     experiment_id = ensure_experiment(client, config.tracking.experiment, Path.cwd() / "mlartifacts")
     if resume:
         parent = client.get_run(resume)
@@ -98,26 +184,30 @@ def run_pipeline(
         path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         logger.artifact(path)
 
-    init_ray(config)
+    if console is not None:
+        console.event(f"pipeline {config.name}: MLflow run {parent_id} in {uri} (experiment {config.tracking.experiment})")
     counter_name = f"skips-{parent_id}-{uuid.uuid4().hex[:8]}"  # one per attempt: an old one may still be dying
-    display = progress_display() if progress else None
     ctx = StageContext(
         config=config,
         tracking_uri=uri,
         experiment_id=experiment_id,
         parent_run_id=parent_id,
-        storage=absolute(config.storage),
+        storage=storage,
         synthetic_roots=synthetic_roots(config),
-        progress=display,
+        console=console,
         callbacks=callbacks or {},
         skip_counter_name=counter_name,
         keepalive=[start_skip_counter(counter_name)],  # the actor lives as long as this handle
     )
+    ctx.stop_file = storage / "control" / f"{parent_id}.stop"
+    ctx.stop_file.unlink(missing_ok=True)  # left by a run that was stopped: this one continues it
     outcome = PipelineOutcome(parent_id, experiment_id, uri)
     stage_specs = config.all_stages()
     groups = config.worker_groups(selected)
+    if console is not None:
+        console.start_progress()
     try:
-        with display or nullcontext():
+        with stop_on_sigterm(ctx.stop_file, console):
             if "pretrain" in selected:
                 (result,) = run_worker_group(ctx, "pretrain", ["pretrain"])
                 outcome.stages.append(result)
@@ -125,12 +215,38 @@ def run_pipeline(
             elif groups:
                 ctx.encoder_checkpoint = _finished_encoder(client, experiment_id, parent_id)
             outcome.stages += _run_concurrently(ctx, groups, config.max_parallel_stages)
+    except Preempted:
+        client.set_terminated(parent_id, "KILLED")
+        raise
+    except TrackingAway:
+        raise  # the server is away: the run's status is set when its records are delivered
     except BaseException:
         client.set_terminated(parent_id, "FAILED")
         raise
-    logger.metrics(summary_metrics(config, outcome.stages), 0)
+    finally:
+        if console is not None:
+            console.stop_progress()
+    summary = summary_metrics(config, outcome.stages)
+    logger.metrics(summary, 0)
+    if config.tracking.registered_model and "pretrain" in selected:
+        register_encoder(uri, config.tracking.registered_model, client.get_run(outcome.stages[0].run_id), summary, parent_id)
     client.set_terminated(parent_id, "FINISHED" if set(selected) == set(stage_specs) else "RUNNING")
     return outcome
+
+
+def register_encoder(uri: str, name: str, pretrain_run, summary: dict[str, float], pipeline_run_id: str) -> None:
+    """A new version of registered model ``name``: the pretrained encoder's MLflow model, its
+    pipeline's FLOPs and accuracies as version tags (a rerun that pretrained nothing new adds none)."""
+    import mlflow
+
+    model_uri = pretrain_run.data.tags.get(MODEL_URI)
+    client = MlflowClient(uri)
+    known = client.search_model_versions(f"name = '{name}'") if client.search_registered_models(f"name = '{name}'") else []
+    if not model_uri or any(v.tags.get("pipeline_run") == pipeline_run_id for v in known):
+        return
+    mlflow.set_tracking_uri(uri)
+    tags = {"pipeline_run": pipeline_run_id, **{k: f"{v:.6g}" for k, v in summary.items()}}
+    mlflow.register_model(model_uri, name, tags=tags)
 
 
 SUMMARY_KEYS = (
@@ -180,7 +296,10 @@ def _run_concurrently(ctx: StageContext, groups: list[tuple[str, list[str]]], pa
             except Exception as exc:
                 failures.append(exc)
     if failures:
-        raise StageError("; ".join(f"{exc}" for exc in failures))
+        # the most telling kind: a failure, else the server away, else a stop that was asked for
+        kinds = {type(exc) for exc in failures}
+        kind = Preempted if kinds == {Preempted} else TrackingAway if kinds <= {TrackingAway, Preempted} else StageError
+        raise kind("; ".join(f"{exc}" for exc in failures))
     return [results[name] for name in ctx.config.stages if name in results]
 
 

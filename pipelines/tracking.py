@@ -10,15 +10,21 @@ chdir); they talk to the run by id through an ``MlflowClient``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from pipelines.spool import RUN_FILE, Spool, spool_root
 
 KIND = "mixmae.kind"
 STAGE = "mixmae.stage"
@@ -26,7 +32,19 @@ COMPLETE = "mixmae.complete"
 FAILED_REASON = "mixmae.failure"
 ENCODER = "mixmae.encoder_checkpoint"
 CHECKPOINT = "mixmae.checkpoint"
+MODEL_URI = "mixmae.model_uri"
+#: The experiment tag MLflow 3's UI reads to choose an experiment's first page, and its value
+#: for custom model training (the others are GenAI kinds).
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 _MAX_PARAM = 6000
+
+# The project's calls to a tracking server retry twice, seconds apart, not for MLflow's default
+# four minutes: what must not be lost goes through a spool that retries for as long as it
+# takes, and a driver call that cannot wait fails with a message. Set them to override.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def resolve_tracking_uri(configured: Optional[str] = None, workdir: Optional[Path] = None) -> str:
@@ -48,14 +66,18 @@ def _is_local_store(uri: str) -> bool:
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: Optional[Path] = None) -> str:
     """Experiment id, creating it when missing. With a local store the artifact root is made
-    absolute (MLflow's default, ./mlruns, would follow each Ray worker's directory)."""
+    absolute (MLflow's default, ./mlruns, would follow each Ray worker's directory). The
+    experiment is marked as model training, so MLflow's UI opens it on its runs rather than
+    on its GenAI overview."""
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if found.tags.get(EXPERIMENT_KIND) is None:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         return found.experiment_id
     location = None
     if artifact_root is not None and _is_local_store(client.tracking_uri):
         location = (artifact_root / name).resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: MODEL_TRAINING})
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
@@ -100,30 +122,34 @@ def start_or_resume(
 
 
 class RunLogger:
-    """Batched logging into one run by id (used by rank 0 of a Ray Train stage).
+    """Batched logging into one run by id.
 
-    ``skip_through`` drops metrics at steps already logged by an earlier attempt, so a
-    run resumed from a checkpoint continues its curves with no step logged twice.
+    With a ``spool`` (Ray Train workers) metrics, tags and artifacts are appended to it and
+    delivered by its sender, so training never waits on the tracking server; without one
+    (the driver) they go straight to the server. ``skip_through`` drops metrics at steps
+    already logged by an earlier attempt, so a run resumed from a checkpoint continues its
+    curves with no step logged twice.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, skip_through: int = -1):
+    def __init__(self, tracking_uri: str, run_id: str, skip_through: int = -1, spool: Optional[Spool] = None):
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
         self.skip_through = skip_through
+        self.spool = spool
 
-    @classmethod
-    def resume(cls, tracking_uri: str, run_id: str, step_metric: str) -> "RunLogger":
-        client = MlflowClient(tracking_uri)
-        history = client.get_metric_history(run_id, step_metric)
-        return cls(tracking_uri, run_id, max((m.step for m in history), default=-1))
+    def _send(self, record: dict[str, Any]) -> None:
+        if self.spool is not None:
+            self.spool.append(record)
+        else:
+            send_record(self.client, self.run_id, record)
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
         if step <= self.skip_through:
             return
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in values.items() if v is not None and math.isfinite(float(v))]
-        for i in range(0, len(batch), 500):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 500])
+        rows = [[k, float(v), now, step] for k, v in values.items() if v is not None and math.isfinite(float(v))]
+        if rows:
+            self._send({"kind": "metrics", "metrics": rows})
 
     def params(self, values: Mapping[str, Any]) -> None:
         existing = self.client.get_run(self.run_id).data.params
@@ -132,11 +158,180 @@ class RunLogger:
             self.client.log_batch(self.run_id, params=new[i : i + 100])
 
     def tags(self, values: Mapping[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
+        self._send({"kind": "tags", "tags": {k: str(v) for k, v in values.items()}})
 
-    def artifact(self, path: os.PathLike | str, artifact_path: Optional[str] = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+    def artifact(self, path: os.PathLike | str, artifact_path: Optional[str] = None, lasting: bool = False) -> None:
+        """``lasting``: the file stays where it is until delivered (a persisted checkpoint);
+        otherwise a spool keeps a copy."""
+        source = str(path) if (self.spool is None or lasting) else self.spool.keep(Path(path))
+        self._send({"kind": "artifact", "path": source, "artifact_path": artifact_path})
 
-    def artifacts(self, paths: Iterable[os.PathLike | str], artifact_path: Optional[str] = None) -> None:
+    def artifacts(self, paths: Iterable[os.PathLike | str], artifact_path: Optional[str] = None,
+                  lasting: bool = False) -> None:
         for path in paths:
-            self.artifact(path, artifact_path)
+            self.artifact(path, artifact_path, lasting)
+
+    def model(self, config: dict[str, Any], weights: os.PathLike | str) -> None:
+        """The stage's MLflow model (see :func:`log_stage_model`), its URI as tag ``mixmae.model_uri``."""
+        self._send({"kind": "model", "config": config, "weights": str(weights)})
+
+    def inputs(self, datasets: list[dict[str, Any]]) -> None:
+        """Dataset inputs, each given as :func:`dataset_input`'s keyword arguments."""
+        self._send({"kind": "inputs", "datasets": datasets})
+
+
+def send_record(client: MlflowClient, run_id: str, record: dict[str, Any]) -> None:
+    """Deliver one record of :class:`RunLogger` to run ``run_id`` (raising if the server does
+    not take it)."""
+    kind = record["kind"]
+    if kind == "metrics":
+        batch = [Metric(key, value, timestamp, step) for key, value, timestamp, step in record["metrics"]]
+        for i in range(0, len(batch), 500):
+            client.log_batch(run_id, metrics=batch[i : i + 500])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+    elif kind == "artifact":
+        client.log_artifact(run_id, record["path"], record["artifact_path"])
+    elif kind == "model":
+        uri = log_stage_model(client.tracking_uri, run_id, record["config"], Path(record["weights"]))
+        client.set_tag(run_id, MODEL_URI, uri)
+    elif kind == "inputs":
+        client.log_inputs(run_id, datasets=[dataset_input(**d) for d in record["datasets"]])
+    else:
+        raise ValueError(f"unknown tracking record kind {kind!r}")
+
+
+def run_spool(storage: Path, tracking_uri: str, run_id: str, part: str = "",
+              say: Callable[[str], None] = print) -> Spool:
+    """The spool of run ``run_id`` under ``storage`` (``part`` names another writer of the same
+    run, e.g. the system metrics of a second node): it remembers its server and run, so
+    ``mixmae sync`` can deliver it with nothing else known."""
+    directory = spool_root(storage) / (f"{run_id}.{part}" if part else run_id)
+    address = directory / RUN_FILE
+    if not address.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        address.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}))
+    return open_spool(directory, say)
+
+
+def open_spool(directory: Path, say: Callable[[str], None] = print) -> Spool:
+    """An existing spool folder, delivering to the run and server it names."""
+    address = json.loads((Path(directory) / RUN_FILE).read_text())
+    client = MlflowClient(address["tracking_uri"])
+    return Spool(directory, lambda record: send_record(client, address["run_id"], record), say, server_away)
+
+
+def server_away(exc: Exception) -> bool:
+    """Whether a tracking call that failed may succeed later: the server unreachable, slow,
+    overloaded or failing (5xx, 429), rather than refusing what it was sent."""
+    if isinstance(exc, MlflowException):
+        return exc.get_http_status_code() >= 500 or exc.get_http_status_code() == 429
+    return isinstance(exc, OSError)  # connection errors, timeouts (requests' are OSErrors too)
+
+
+def dataset_input(name: str, source: str, digest: str, context: str, profile: dict[str, Any]) -> DatasetInput:
+    """A dataset a run read, as MLflow's Dataset column and run page show it."""
+    source_type = "local" if "://" not in source else source.split("://", 1)[0]
+    dataset = Dataset(name=name, digest=digest, source_type=source_type, source=json.dumps({"uri": source}),
+                      profile=json.dumps(profile))
+    return DatasetInput(dataset=dataset, tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)])
+
+
+def spooled_step(spool: Spool, metric: str) -> int:
+    """The last step at which ``metric`` went into ``spool`` (-1: none)."""
+    return max((row[3] for record in spool.all_records() if record["kind"] == "metrics"
+                for row in record["metrics"] if row[0] == metric), default=-1)
+
+
+class SystemSampler:
+    """CPU, memory, disk and network of this node (and its GPUs, where it has them), read by
+    MLflow's own monitors every ``interval`` seconds and handed to ``emit(metrics, step)`` as
+    ``system/[<node>/]<name>``.
+
+    Not MLflow's ``SystemMetricsMonitor``: that one ends for good at the first tracking call
+    that fails, and logs nothing for a block shorter than its interval. This one keeps
+    sampling whatever ``emit`` does, and takes a last sample when it is closed.
+    """
+
+    def __init__(self, emit: Callable[[dict[str, float], int], None], node: Optional[str] = None,
+                 interval: float = 10.0, first_step: int = 0):
+        from mlflow.system_metrics.system_metrics_monitor import (
+            CPUMonitor, DiskMonitor, GPUMonitor, NetworkMonitor,
+        )
+
+        self.monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        try:
+            self.monitors.append(GPUMonitor())
+        except Exception:  # no NVIDIA GPU or no pynvml: the other monitors still say what matters
+            pass
+        self.emit, self.interval, self.step = emit, interval, first_step
+        self.prefix = f"system/{node}/" if node else "system/"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mixmae-system-metrics", daemon=True)
+
+    def start(self) -> "SystemSampler":
+        self._thread.start()
+        return self
+
+    def sample(self) -> None:
+        values: dict[str, float] = {}
+        for monitor in self.monitors:
+            monitor.collect_metrics()
+            values.update(monitor.aggregate_metrics())
+            monitor.clear_metrics()
+        self.emit({self.prefix + key: value for key, value in values.items()}, self.step)
+        self.step += 1
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+@contextmanager
+def system_metrics(emit: Callable[[dict[str, float], int], None], node: Optional[str] = None,
+                   interval: float = 10.0, first_step: int = 0) -> Iterator[None]:
+    """:class:`SystemSampler` while the block runs."""
+    sampler = SystemSampler(emit, node, interval, first_step).start()
+    try:
+        yield
+    finally:
+        sampler.close()
+
+
+def log_stage_model(tracking_uri: str, run_id: str, config: dict[str, Any], weights: Path) -> str:
+    """Log a stage's model (``config`` from ``stage_model.job_config``) as an MLflow model of its
+    run: a pyfunc rebuilt from ``weights`` (see ``pipelines/stage_model.py``), with a signature
+    and input example; its URI."""
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    from mixmae_core.checkpoint import load_state_dict
+    from pipelines import stage_model
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    model = stage_model.build(config).eval()
+    model.load_state_dict(load_state_dict(weights))  # what a loader will do, checked here
+    size = config["spec"]["img_size"]
+    example = np.zeros((1, 3, size, size), np.float32)
+    output = stage_model.outputs(config["task"], model, torch.from_numpy(example))
+    logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=config["name"], source_run_id=run_id)
+    info = mlflow.pyfunc.log_model(
+        python_model=stage_model.__file__, model_id=logged.model_id, artifacts={"weights": str(weights)},
+        model_config=config, input_example=example, signature=infer_signature(example, output),
+        pip_requirements=[f"mixmae-pipeline=={_version()}"],
+    )
+    return info.model_uri
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("mixmae-pipeline")

@@ -3,6 +3,7 @@
 Tiers (pytest markers, given here so no test can be left out of one):
 
 * ``fast``: unit tests in this process, no Ray (``make test-fast``, under 2 minutes);
+* ``slow``: in-process tests that train for tens of seconds (marked ``@pytest.mark.slow``);
 * ``ray``: tests on the session's local Ray cluster (they use the ``ray_local`` fixture);
 * ``cluster``: tests that start their own cluster or servers (``ray start``, ``mlflow
   server``), marked ``@pytest.mark.cluster`` in their module.
@@ -23,7 +24,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 def pytest_collection_modifyitems(items):
     for item in items:
-        if item.get_closest_marker("cluster"):
+        if item.get_closest_marker("cluster") or item.get_closest_marker("slow"):
             continue
         item.add_marker(pytest.mark.ray if "ray_local" in item.fixturenames else pytest.mark.fast)
 
@@ -133,3 +134,48 @@ def bad_dataset(tmp_path_factory, bad_images):
     Image.new("RGB", (32, 32), (1, 2, 3)).save(root / "good.jpg")
     (root / "train.txt").write_text("".join(f"{name} 0\n" for name in bad_images) + "good.jpg 1\n")
     return root
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real tracking server on loopback for one test (``.uri``; ``.stop()``/``.start()`` restart it)."""
+    from tests.servers import MlflowServer
+
+    server = MlflowServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head --block` on loopback, with the venv first on PATH (as from an
+    activated venv) and token auth, each port chosen free and a private temp dir, so a
+    cluster already on this machine is neither reused nor disturbed."""
+    import shutil
+    import tempfile
+
+    from tests.servers import BIN, free_ports, http_answers, launch, stop, wait_for
+
+    temp_dir = tempfile.mkdtemp(prefix="mxr", dir="/tmp")  # short: Ray's socket paths live under it
+    gcs, dashboard, client, agent, agent_grpc, metrics, env_agent, node, objects = free_ports(9)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "ray_start.log"
+    head = launch(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+         "--num-cpus", "2", "--temp-dir", temp_dir, "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+         "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
+         "--dashboard-agent-grpc-port", str(agent_grpc), "--metrics-export-port", str(metrics),
+         "--runtime-env-agent-port", str(env_agent), "--node-manager-port", str(node),
+         "--object-manager-port", str(objects), "--disable-usage-stats"],
+        log, env=env,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        wait_for(lambda: http_answers(f"{address}/api/version"), "Ray dashboard", 180, head, log)
+        yield address, env
+    finally:
+        stop(head, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)

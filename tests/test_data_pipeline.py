@@ -28,6 +28,7 @@ from pipelines.data.quality import PARTNER_SKIPPED, DataQualityError, StageSkips
 from pipelines.data.order import units_for_chunk
 from pipelines.data.samples import STREAM_BLOCK_BYTES, decode_classification, decode_pairs
 from pipelines.data.synth import SCALES, SYNTH_LAYOUTS
+from tests.servers import actors
 
 TINY = SCALES["tiny"]
 PRETRAIN_TRAIN = TINY.classes["pretrain"] * TINY.train_per_class
@@ -270,7 +271,6 @@ def test_a_single_worker_reads_its_datasets_in_process_with_fresh_epochs(ray_loc
     each epoch is a new order of the whole training split, evaluation sees every image once."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.util.state import list_actors
 
     from pipelines.data.ray_internals import StageDataConfig
 
@@ -282,7 +282,7 @@ def test_a_single_worker_reads_its_datasets_in_process_with_fresh_epochs(ray_loc
             json.dump(seen, f)
 
     def coordinators() -> int:
-        return len(list_actors(filters=[("class_name", "=", "SplitCoordinator")], limit=10_000))
+        return len(actors("SplitCoordinator"))
 
     before = coordinators()
     source = manifests["imagenet"]

@@ -12,7 +12,6 @@ import timm
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from ray.util.state import list_actors
 from typer.testing import CliRunner
 
 from mixmae_core.checkpoint import load_encoder_weights, load_state_dict
@@ -20,6 +19,7 @@ from pipelines.cli import app
 from pipelines.config import DEFAULT_CONFIG, load_config
 from pipelines.pipeline import run_pipeline
 from pipelines.tracking import COMPLETE, ENCODER, STAGE
+from tests.servers import actors
 
 # The fixture runs the whole quickstart (about a quarter of an hour on 2 cores) inside the
 # first test's time limit.
@@ -39,8 +39,8 @@ def quickstart(tmp_path_factory, ray_local, synthetic_data):
             f"synthetic.root={Path(synthetic_data['pretrain']).parent}",
         ],
     )
-    first = run_pipeline(config, stages=["pretrain"], progress=False)
-    outcome = run_pipeline(config, progress=False)
+    first = run_pipeline(config, stages=["pretrain"])
+    outcome = run_pipeline(config)
     client = MlflowClient(outcome.tracking_uri)
     runs = {r.data.tags.get(STAGE): r for r in client.search_runs([outcome.experiment_id]) if r.data.tags.get(STAGE)}
     return config, outcome, client, runs, work, first
@@ -75,7 +75,7 @@ def test_every_stage_ran_as_a_nested_run(quickstart):
     assert trainers == {"pretrain", *("+".join(group) for group in config.stage_groups)}, trainers
     assert sorted(n for group in config.stage_groups for n in group) == sorted(config.stages)
     # one skip counter actor per pipeline call (stopped after pretraining, then continued), not per stage
-    counters = list_actors(filters=[("class_name", "=", "SkipCounter")], limit=10_000)
+    counters = actors("SkipCounter")
     assert sum(outcome.run_id in (actor.name or "") for actor in counters) == 2
     # the transfer stages started from the pretraining stage's encoder
     encoder = runs["pretrain"].data.tags[ENCODER]
@@ -149,7 +149,7 @@ def test_segmentation_beats_the_all_background_baseline(quickstart, synthetic_da
 
 def test_rerunning_a_finished_pipeline_skips_every_stage(quickstart):
     config, outcome, *_ = quickstart
-    again = run_pipeline(config, progress=False)
+    again = run_pipeline(config)
     assert again.run_id == outcome.run_id and all(s.skipped for s in again.stages)
 
 

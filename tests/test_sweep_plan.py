@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from pipelines.cli import app
 from pipelines.config import DEFAULT_CONFIG, REPO_ROOT
 from pipelines.report import ReportRow, collect, mark_pareto
-from pipelines.sweep import FLOPS_METRIC, PROBE_METRIC, load_sweep, run_sweep
+from pipelines.sweep import FLOPS_METRIC, PROBE_METRIC, load_sweep, run_sweep, trial_error
 
 
 CASES = [
@@ -21,6 +21,10 @@ CASES = [
     {"method": "simmim", "model": "mixmae_pvt_v2_micro"},
     {"method": "mae", "model": "mae_vit_micro_p8"},
 ]
+
+
+#: a trial that diverges at once: the sweep records it as failed and goes on
+DIVERGES = {"method": "mixmae", "model": "mixmae_swin_micro_w8", "base_lr": 1e30, "warmup_epochs": 0}
 
 
 def test_a_methods_sweep_is_recorded_by_method_and_encoder_and_resumable(tmp_path, ray_local, synthetic_data):
@@ -36,7 +40,7 @@ def test_a_methods_sweep_is_recorded_by_method_and_encoder_and_resumable(tmp_pat
                     f"synthetic.root={Path(synthetic_data['pretrain']).parent}", "pretrain.max_steps=2",
                     "pretrain.scaling.num_workers=1", "pretrain.checkpoint_every_steps=2",
                 ],
-                "search": {"recipe": {"cases": CASES}},
+                "search": {"recipe": {"cases": [*CASES, DIVERGES]}},
                 "probe": {"stage": "inat2018", "epochs": 1},
                 "storage": str(tmp_path / "tune"),
             }
@@ -44,10 +48,18 @@ def test_a_methods_sweep_is_recorded_by_method_and_encoder_and_resumable(tmp_pat
     )
     sweep, base = load_sweep(sweep_file)
     sweep_run_id, grid = run_sweep(sweep, base)
-    assert len(grid) == 3 and not any(r.error for r in grid)
+    # the diverging trial fails, is recorded as failed, and the others run to the end
+    (failed,) = [r for r in grid if r.error]
+    assert failed.config["recipe"] == DIVERGES and "non-finite" in trial_error(failed)
+    assert len(grid) == 4 and all(r.metrics.get(PROBE_METRIC) is not None for r in grid if not r.error)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("sweeps").experiment_id
-    trials = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep_run_id}'")
+    sweep_run = client.get_run(sweep_run_id)
+    assert sweep_run.info.status == "FAILED" and sweep_run.data.tags["mixmae.failed_trials"] == "1"
+    all_trials = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep_run_id}'")
+    (diverged,) = [t for t in all_trials if t.data.params.get("pretrain.base_lr") == str(DIVERGES["base_lr"])]
+    assert diverged.info.status == "FAILED"
+    trials = [t for t in all_trials if t.info.run_id != diverged.info.run_id]
     assert sorted((t.data.params["method"], t.data.params["model"]) for t in trials) == sorted(
         (c["method"], c["model"]) for c in CASES
     )
@@ -71,10 +83,13 @@ def test_a_methods_sweep_is_recorded_by_method_and_encoder_and_resumable(tmp_pat
     assert label == PROBE_METRIC and sorted(r.method for r in rows) == ["mae", "mixmae", "simmim"]
     assert all(r.pareto for r in rows)  # one run per method: each is its method's front
     assert all(r.interval()[0] < r.accuracy < r.interval()[1] for r in rows if 0 < r.accuracy < 1)
-    # resuming a finished sweep reruns nothing and records no new trial
+    # rerunning the sweep retries only the failed trial: the finished ones are neither rerun nor recorded again
+    ended = {t.info.run_id: t.info.end_time for t in trials}
     _, again = run_sweep(sweep, base)
-    assert len(again) == 3
-    assert len(client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep_run_id}'")) == 3
+    assert len(again) == 4 and [r.config["recipe"] for r in again if r.error] == [DIVERGES]
+    after = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep_run_id}'")
+    assert len(after) == 4 and {t.info.run_id: t.info.end_time for t in after if t.info.run_id in ended} == ended
+    assert client.get_run(diverged.info.run_id).info.end_time > diverged.info.end_time
 
 
 def test_the_interval_is_wilsons_from_the_validation_count():

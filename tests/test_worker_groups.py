@@ -17,6 +17,7 @@ from pipelines.config import ConfigError, PipelineConfig, load_config
 from pipelines.pipeline import run_pipeline
 from pipelines.stages.jobs import StageError
 from pipelines.tracking import COMPLETE, ENCODER, FAILED_REASON
+from tests.servers import actors
 
 GROUP = ["places205", "inat2018"]
 
@@ -65,8 +66,6 @@ def _latest_registered_stage(storage: Path) -> str | None:
 
 
 def _kill_the_worker_in(storage: Path, stage: str, done: threading.Event, killed: list) -> None:
-    from ray.util.state import list_actors
-
     deadline = time.time() + 300
     while time.time() < deadline and not done.is_set():
         try:
@@ -74,7 +73,7 @@ def _kill_the_worker_in(storage: Path, stage: str, done: threading.Event, killed
         except (OSError, ValueError):  # a snapshot being written
             current = None
         if current == stage:
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            workers = actors("RayTrainWorker", state="ALIVE")
             if workers:
                 os.kill(workers[-1].pid, signal.SIGKILL)
                 killed.append(workers[-1].pid)
@@ -90,7 +89,7 @@ def test_a_group_shares_one_trainer_and_a_killed_worker_resumes_its_current_stag
     killer = threading.Thread(target=_kill_the_worker_in, args=(tmp_path / "runs", "inat2018", done, killed), daemon=True)
     killer.start()
     try:
-        outcome = run_pipeline(config, stages=GROUP, progress=False)
+        outcome = run_pipeline(config, stages=GROUP)
     finally:
         done.set()
         killer.join()
@@ -116,7 +115,7 @@ def test_a_group_shares_one_trainer_and_a_killed_worker_resumes_its_current_stag
 def test_a_stage_that_stops_does_not_stop_the_rest_of_its_group(tmp_path, synthetic_data):
     config = make_config(tmp_path, synthetic_data, base_lr=1e9, max_steps=4, checkpoint_every_steps=100)
     with pytest.raises(StageError, match=r"places205: loss became non-finite"):
-        run_pipeline(config, stages=GROUP, progress=False)
+        run_pipeline(config, stages=GROUP)
     runs = _runs(MlflowClient(config.tracking.uri))
     assert runs["places205"].info.status == "FAILED" and "non-finite" in runs["places205"].data.tags[FAILED_REASON]
     assert runs["inat2018"].info.status == "FINISHED" and runs["inat2018"].data.tags[COMPLETE] == "true"

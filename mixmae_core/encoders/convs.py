@@ -25,6 +25,9 @@ def per_group(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, group
     ``groups``: bool ``(B, h, w)`` on the stride-32 grid (None: ``op(x)``); both ``x`` and
     ``op``'s output must have sides that are multiples of the grid's.
     """
+    # NCHW-contiguous: on a channels-last view (a permuted NHWC map) a depthwise convolution
+    # returns its weight gradient in another layout, which DDP would copy at every step
+    x = x.contiguous()
     if groups is None:
         return op(x)
     inside = upsample_mask(groups, tuple(x.shape[-2:]))[:, None]

@@ -38,6 +38,8 @@ def draw_detections(
     names = [class_names[i] if class_names else str(i) for i in labels.tolist()]
     if scores is not None:
         names = [f"{name} {score:.2f}" for name, score in zip(names, scores.cpu()[keep].tolist())]
+    if not len(labels):  # nothing above the threshold: the image as it is
+        return to_pil_image(image)
     return to_pil_image(draw_bounding_boxes(image, boxes, names, colours, width=2))
 
 

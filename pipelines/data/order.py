@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.context import ShuffleStrategy
 
+from pipelines.config import RaySettings
 from pipelines.data.manifest import DataSource
 from pipelines.data.ray_internals import execution_index
 
@@ -139,7 +140,7 @@ def _as_units(batch: pa.Table, *, epoch: int) -> dict:
 
 def _cluster_cpus() -> int:
     if not ray.is_initialized():
-        ray.init()
+        ray.init(address=RaySettings().cluster() or "local")
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 

@@ -107,9 +107,14 @@ class SkipCounter:
 def start_skip_counter(name: str) -> "ray.actor.ActorHandle":
     """Get or create the named :class:`SkipCounter` (use a name unique to the pipeline run).
 
-    It lives as long as the handle the creating driver keeps; hand stages a :class:`StageSkips` each.
+    It lives as long as the handle the creating driver keeps, on the driver's node (a node
+    lost takes only its workers, whose stage resumes, not the pipeline's counts); hand stages
+    a :class:`StageSkips` each.
     """
-    return SkipCounter.options(name=name, get_if_exists=True).remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return SkipCounter.options(name=name, get_if_exists=True, scheduling_strategy=here).remote()
 
 
 @lru_cache(maxsize=8)

@@ -10,27 +10,35 @@ checkpoints) and shows progress. The workers record each stage's completion.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import ray.train
 import yaml
-from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchConfig, TorchTrainer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipelines.config import PipelineConfig, PretrainStage, StageBase
 from pipelines.data.ray_internals import StageDataConfig
 from pipelines.stages import entry
-from pipelines.stages.jobs import StageError, stage_dataset
-from pipelines.stages.loop import LOSS_METRIC
+from pipelines.console import PROGRESS_EVERY_S
+from pipelines.stages.jobs import HEADLINE, Preempted, StageError, TrackingAway, stage_dataset
+from pipelines.stages.checkpoints import CORRUPT_DIR, META_FILE
+from pipelines.stages.loop import LOSS_METRIC, PREEMPTED, SKIPPED_CHECKPOINTS
 from pipelines.stages.prepare import PreparedStage, StageContext, prepare_stage, trainer_name
+from pipelines.data.quality import PARTNER_SKIPPED
+from pipelines.spool import spool_root
 from pipelines.tracking import (
-    CHECKPOINT, COMPLETE, ENCODER, FAILED_REASON, KIND, STAGE, RunLogger, flatten, start_or_resume,
+    CHECKPOINT, COMPLETE, ENCODER, FAILED_REASON, KIND, STAGE, RunLogger, flatten, open_spool, run_spool,
+    start_or_resume,
 )
+
+#: pending records this long mean the server is away (a healthy one takes them within a second)
+SERVER_AWAY_AFTER_S = 20.0
 
 
 @dataclass
@@ -57,30 +65,60 @@ def stage_tags(config: PipelineConfig, name: str, spec: StageBase) -> dict[str, 
     return tags
 
 
-def progress_display() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description:<11}[/]"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-
-
-def _monitor(client: MlflowClient, run_id: str, name: str, total: int, progress: Progress, stop: threading.Event) -> None:
-    """Follow the stage's metrics in MLflow (what rank 0 logged) on the driver's display."""
-    task = progress.add_task(name, total=total, info="starting workers")
-    while not stop.wait(5.0):  # each poll is two MLflow queries; a group polls for all its stages
-        try:
-            history = client.get_metric_history(run_id, LOSS_METRIC)
-            latest = client.get_run(run_id).data.metrics
-        except Exception:  # the store may be busy; the next poll retries
-            continue
-        if history:
-            info = f"loss {history[-1].value:.4f}  {latest.get('train/images_per_s', 0):.1f} img/s"
-            progress.update(task, completed=history[-1].step, info=info)
-    progress.update(task, completed=total, info="done")
+def _watch(ctx: StageContext, stage: PreparedStage, stop: threading.Event) -> None:
+    """Follow a stage on the console from what rank 0 spools for MLflow and saves to storage
+    (so the console goes on while the tracking server is away): progress, resumption,
+    checkpoints, skipped images, and the server going away and coming back."""
+    console = ctx.console
+    name, run_id, total = stage.job.name, stage.job.loop.run_id, stage.job.loop.total_steps
+    bar = console.progress.add_task(name, total=total, info="starting workers") if console.progress else None
+    checkpoints = ctx.storage / trainer_name(ctx, ctx.config.group_name(name))
+    saved = {meta.parent.name for meta in checkpoints.glob(f"checkpoint_*/{META_FILE}")}
+    spool = run_spool(ctx.storage, ctx.tracking_uri, run_id)
+    offset = spool.end()  # what an earlier attempt spooled is not news
+    latest: dict[str, tuple[float, int]] = {}
+    skipped, last_line, waiting_since, said_away = 0, time.monotonic(), None, False
+    while not stop.wait(2.0):
+        for offset, record in spool.records(offset):
+            if record["kind"] == "metrics":
+                latest.update({key: (value, step) for key, value, _, step in record["metrics"]})
+            elif record["kind"] == "tags":
+                if SKIPPED_CHECKPOINTS in record["tags"]:
+                    console.event(f"{name}: passed over checkpoints that do not load (copies kept in "
+                                  f"{ctx.storage / CORRUPT_DIR}): {record['tags'][SKIPPED_CHECKPOINTS]}", "yellow")
+                if "mixmae.resumed_from" in record["tags"]:
+                    console.event(f"{name}: resumed from its checkpoint at {record['tags']['mixmae.resumed_from']}")
+        for meta in sorted(checkpoints.glob(f"checkpoint_*/{META_FILE}")):
+            if meta.parent.name not in saved:
+                saved.add(meta.parent.name)
+                info = json.loads(meta.read_text())
+                if info.get("stage") == name and not info.get("final"):
+                    console.event(f"{name}: checkpoint saved at step {info['step']} ({meta.parent})")
+        bad = {k.removeprefix("data/skipped_"): int(v) for k, (v, _) in latest.items()
+               if k.startswith("data/skipped_") and not k.endswith(PARTNER_SKIPPED) and v}
+        if sum(bad.values()) > skipped:
+            skipped = sum(bad.values())
+            console.event(f"{name}: {skipped} images skipped so far ({', '.join(f'{r}: {n}' for r, n in bad.items())})", "yellow")
+        if spool.pending():
+            waiting_since = waiting_since or time.monotonic()
+            if not said_away and time.monotonic() - waiting_since > SERVER_AWAY_AFTER_S:
+                said_away = True
+                console.event(f"{name}: the tracking server {ctx.tracking_uri} is not taking records; training goes on, "
+                              f"they wait in {spool.dir}", "yellow")
+        else:
+            if said_away:
+                console.event(f"{name}: the tracking server takes records again; what waited is delivered", "green")
+            waiting_since, said_away = None, False
+        if LOSS_METRIC in latest:
+            loss, step = latest[LOSS_METRIC]
+            info = f"loss {loss:.4f}  {latest.get('train/images_per_s', (0.0, 0))[0]:.1f} img/s"
+            if bar is not None:
+                console.progress.update(bar, completed=step, info=info)
+            elif time.monotonic() - last_line >= PROGRESS_EVERY_S:
+                last_line = time.monotonic()
+                console.event(f"{name}: step {step}/{total}, {info}")
+    if bar is not None:
+        console.progress.update(bar, completed=total, info="done")
 
 
 def _record_start(ctx: StageContext, prepared: PreparedStage) -> None:
@@ -96,6 +134,42 @@ def _record_start(ctx: StageContext, prepared: PreparedStage) -> None:
         resolved = Path(tmp) / "config.yaml"
         resolved.write_text(yaml.safe_dump({"stage": job.name, **job.spec.model_dump(mode="json")}, sort_keys=False))
         logger.artifact(resolved)
+
+
+def _record_inputs(ctx: StageContext, prepared: PreparedStage) -> None:
+    """The splits the stage read, as MLflow dataset inputs: counted after training, so each
+    carries how many of its images were read and how many were skipped. Spooled with the
+    stage's other records, so they reach the server in the same delivery."""
+    datasets = []
+    for item in prepared.inputs:
+        skips = ctx.skips(prepared.job.loop.run_id, item.split)
+        counts = skips.snapshot() if skips else {"attempted": 0, "skipped": {}}
+        profile = {"split": item.split, "images": item.num_images, "decoded": counts["attempted"],
+                   "skipped": sum(n for reason, n in counts["skipped"].items() if reason != PARTNER_SKIPPED)}
+        datasets.append({"name": item.name, "source": item.source, "digest": item.digest, "context": item.context,
+                         "profile": profile})
+    run_id = prepared.job.loop.run_id
+    RunLogger(ctx.tracking_uri, run_id, spool=run_spool(ctx.storage, ctx.tracking_uri, run_id)).inputs(datasets)
+
+
+def deliver_stage_records(ctx: StageContext, stages: list[PreparedStage]) -> None:
+    """Deliver what the stages' workers spooled and could not send yet, waiting up to
+    ``tracking.delivery_wait_s`` for the server; if it does not answer, the stage has still
+    trained and saved its checkpoints, and the error says how to deliver later."""
+    wait = ctx.config.tracking.delivery_wait_s
+    left = [d for s in stages for d in spool_root(ctx.storage).glob(f"{s.job.loop.run_id}*")
+            if not open_spool(d, lambda m: say(ctx, m, "yellow")).drain(wait / len(stages))]
+    if left:
+        raise TrackingAway(
+            f"stage(s) {', '.join(s.job.name for s in stages)} finished training and saved checkpoints, but the "
+            f"tracking server {ctx.tracking_uri} did not take their records within {wait:.0f} s; they wait in "
+            f"{', '.join(map(str, left))}. `mixmae sync` (or running the same command again) delivers them."
+        )
+
+
+def say(ctx: StageContext, message: str, style: str = "") -> None:
+    if ctx.console is not None:
+        ctx.console.event(message, style)
 
 
 def _outcome(name: str, run, skipped: bool = False) -> StageOutcome:
@@ -118,11 +192,27 @@ def run_worker_group(ctx: StageContext, group: str, names: list[str]) -> list[St
         if run.data.tags.get(COMPLETE) == "true":
             client.set_terminated(run.info.run_id, "FINISHED")
             outcomes[name] = _outcome(name, run, skipped=True)
+            say(ctx, f"{name}: finished in an earlier run, skipped")
         else:
             pending.append(prepare_stage(ctx, name, run.info.run_id))
             _record_start(ctx, pending[-1])
+            job = pending[-1].job
+            say(ctx, f"{name}: started, {job.loop.total_steps} steps on {job.spec.scaling.num_workers} worker(s), "
+                     f"{job.model} pretrained with {pending[-1].tags['method']} (MLflow run {job.loop.run_id})")
     if pending:
+        if ctx.stop_file is not None and ctx.stop_file.exists():
+            raise Preempted(f"stopped (SIGTERM) before {', '.join(s.job.name for s in pending)} started; "
+                            "run the same command again to continue")
         _fit(ctx, group, pending)
+    stopped = {}
+    for stage in pending:
+        tags = client.get_run(stage.job.loop.run_id).data.tags
+        if PREEMPTED in tags and tags.get(COMPLETE) != "true":
+            stopped[stage.job.name] = tags[PREEMPTED]
+            client.set_terminated(stage.job.loop.run_id, "KILLED")
+    if stopped:
+        raise Preempted(f"stopped (SIGTERM): {', '.join(f'{n} saved a checkpoint at {at}' for n, at in stopped.items())}; "
+                        "run the same command again to continue")
     failures = []
     for stage in pending:
         name, run_id = stage.job.name, stage.job.loop.run_id
@@ -131,9 +221,14 @@ def run_worker_group(ctx: StageContext, group: str, names: list[str]) -> list[St
         if run.data.tags.get(COMPLETE) == "true" and not reason:
             client.set_terminated(run_id, "FINISHED")
             outcomes[name] = _outcome(name, run)
+            headline = HEADLINE[stage.job.task]
+            value, best = run.data.metrics.get(headline), run.data.metrics.get(f"{headline}_best")
+            say(ctx, f"{name}: finished, {headline} {value:.4f}{f' (best {best:.4f})' if best is not None else ''} "
+                     f"in {run.data.metrics.get('time/wall_s', 0):.0f} s", "green")
         else:
             client.set_terminated(run_id, "FAILED")
             failures.append(reason or f"stage {name} did not finish")
+            say(ctx, f"{name}: failed: {failures[-1]}", "red")
     if failures:
         raise StageError("; ".join(failures))
     return [outcomes[name] for name in names]
@@ -151,7 +246,8 @@ def _fit(ctx: StageContext, group: str, stages: list[PreparedStage]) -> None:
         entry.run_stages,
         train_loop_config={"jobs": [s.job for s in stages]},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
@@ -170,23 +266,28 @@ def _fit(ctx: StageContext, group: str, stages: list[PreparedStage]) -> None:
     )
     stop = threading.Event()
     monitors = []
-    if ctx.progress is not None:
+    if ctx.console is not None:
         for s in stages:
-            args = (client, s.job.loop.run_id, s.job.name, s.job.loop.total_steps, ctx.progress, stop)
-            monitors.append(threading.Thread(target=_monitor, args=args, daemon=True))
+            monitors.append(threading.Thread(target=_watch, args=(ctx, s, stop), daemon=True))
             monitors[-1].start()
     for s in stages:  # a resumed run starts with a clean slate
-        if FAILED_REASON in client.get_run(s.job.loop.run_id).data.tags:
-            client.delete_tag(s.job.loop.run_id, FAILED_REASON)
+        for tag in set(client.get_run(s.job.loop.run_id).data.tags) & {FAILED_REASON, PREEMPTED}:
+            client.delete_tag(s.job.loop.run_id, tag)
+    error = None
     try:
         trainer.fit()
     except Exception as exc:
-        for s in stages:
-            tags = client.get_run(s.job.loop.run_id).data.tags
-            if tags.get(COMPLETE) != "true" and FAILED_REASON not in tags:
-                message = f"stage {s.job.name} failed: {type(exc).__name__}: {exc}"
-                client.set_tag(s.job.loop.run_id, FAILED_REASON, message[:5000])
+        error = exc
     finally:
         stop.set()
         for monitor in monitors:
             monitor.join()
+    for s in stages:
+        _record_inputs(ctx, s)
+    deliver_stage_records(ctx, stages)
+    if error is not None:
+        for s in stages:
+            tags = client.get_run(s.job.loop.run_id).data.tags
+            if tags.get(COMPLETE) != "true" and FAILED_REASON not in tags:
+                message = f"stage {s.job.name} failed: {type(error).__name__}: {error}"
+                client.set_tag(s.job.loop.run_id, FAILED_REASON, message[:5000])

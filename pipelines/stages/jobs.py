@@ -22,6 +22,15 @@ class StageError(RuntimeError):
     """A stage cannot run or failed; the message says why (and where its last checkpoint is)."""
 
 
+class Preempted(StageError):
+    """The run was asked to stop (SIGTERM) and its stages saved checkpoints; the same command continues it."""
+
+
+class TrackingAway(StageError):
+    """Training is done and saved, but the tracking server did not take its records: they
+    wait in the spool (and nothing more can be told to the server now)."""
+
+
 @dataclass(frozen=True)
 class LoopSpec:
     """What the shared training loop needs, resolved by the driver."""
@@ -46,6 +55,12 @@ class LoopSpec:
     skips: Optional[StageSkips] = None
     max_skip_fraction: float = 0.01
     bf16: bool = False
+    system_metrics_every_s: Optional[float] = 10.0
+    """Seconds between two samples of each node's system metrics (None: none)."""
+    storage: str = ""
+    """The pipeline's storage: checkpoints, and the spool of what goes to MLflow."""
+    stop_file: str = ""
+    """While this file exists the workers save a checkpoint at the next step and stop (SIGTERM to the driver)."""
 
 
 @dataclass(frozen=True)

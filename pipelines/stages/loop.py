@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import tempfile
 import time
@@ -28,31 +29,39 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from mixmae_core.checkpoint import load_state_dict, save_state_dict
+from mixmae_core.checkpoint import save_state_dict
 from mixmae_core.optim import build_scheduler
 from pipelines.data.quality import DataQualityError, check_skip_threshold
 from pipelines.data.transforms import seed_global_rngs
 from pipelines.stages.jobs import LoopSpec, StageJob
-from pipelines.tracking import CHECKPOINT, COMPLETE, ENCODER, FAILED_REASON, RunLogger
+from pipelines.spool import Spool
+from pipelines.stages.checkpoints import (
+    CORRUPT_DIR, ENCODER_FILE, META_FILE, MODEL_FILE, STATE_FILE, Loaded, newest_loadable,
+)
+from pipelines.tracking import (
+    CHECKPOINT, COMPLETE, ENCODER, FAILED_REASON, RunLogger, run_spool, spooled_step, system_metrics,
+)
 
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "trainer_state.pt"
-META_FILE = "meta.json"
-ENCODER_FILE = "encoder.safetensors"
 LOSS_METRIC = "train/loss"
+SKIPPED_CHECKPOINTS = "mixmae.skipped_checkpoints"
+PREEMPTED = "mixmae.preempted"
+#: how long a worker's sender may go on delivering after training; the driver delivers the rest
+WORKER_DELIVERY_WAIT_S = 10.0
+worker_log = logging.getLogger(__name__)
 
 
-def _checkpoint_meta(checkpoint: Optional[ray.train.Checkpoint]) -> dict[str, Any]:
-    if checkpoint is None:
-        return {}
-    with checkpoint.as_directory() as d:
-        return json.loads((Path(d) / META_FILE).read_text())
+def _resume_point(keep_corrupt: bool) -> tuple[Optional[Loaded], list[str]]:
+    """The checkpoint this worker group resumes from (None: none), and those passed over."""
+    latest = ray.train.get_checkpoint()
+    skipped: list[str] = []
+    return (newest_loadable(Path(latest.path), skipped, keep_corrupt) if latest else None), skipped
 
 
 def first_to_run(stages: list[str]) -> int:
     """Index of the first of a worker group's ``stages`` to run: the one the latest checkpoint
     belongs to (it resumes; a final checkpoint just finishes again), else the first."""
-    stage = _checkpoint_meta(ray.train.get_checkpoint()).get("stage")
+    found, _ = _resume_point(keep_corrupt=False)
+    stage = found.meta.get("stage") if found else None
     return stages.index(stage) if stage in stages else 0
 
 
@@ -70,6 +79,10 @@ class TrainState:
 class StopTraining(Exception):
     """A condition on which every rank stops and the stage fails without a retry: retrying
     from the last checkpoint would meet it again (a diverged loss, too many bad images)."""
+
+
+class StopAsked(Exception):
+    """The driver was asked to stop (SIGTERM): every rank saved a checkpoint at this step."""
 
 
 class Task:
@@ -162,26 +175,24 @@ def _reduce(values: torch.Tensor, op=None) -> torch.Tensor:
 
 
 class _Checkpointer:
-    def __init__(self, task: Task, model: nn.Module, optimizer, scheduler, rank: int, spec: LoopSpec):
+    def __init__(self, task: Task, model: nn.Module, optimizer, scheduler, rank: int, spec: LoopSpec,
+                 logger: Optional[RunLogger]):
         self.task, self.model, self.optimizer, self.scheduler = task, model, optimizer, scheduler
-        self.rank, self.spec = rank, spec
+        self.rank, self.spec, self.logger = rank, spec, logger
         self.last_good: Optional[str] = None
+        self.skipped: list[str] = []
         self.started = time.perf_counter()
 
     def restore(self, state: TrainState) -> bool:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return False
-        with checkpoint.as_directory() as d:
-            if json.loads((Path(d) / META_FILE).read_text()).get("stage") != self.spec.stage:
-                return False  # an earlier stage's of the group
-            _unwrap(self.model).load_state_dict(load_state_dict(Path(d) / MODEL_FILE))
-            saved = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        for key, value in saved["train_state"].items():
+        found, self.skipped = _resume_point(keep_corrupt=self.rank == 0)
+        if found is None or found.meta.get("stage") != self.spec.stage:
+            return False  # nothing saved yet, or an earlier stage's of the group
+        _unwrap(self.model).load_state_dict(found.model)
+        self.optimizer.load_state_dict(found.trainer["optimizer"])
+        self.scheduler.load_state_dict(found.trainer["scheduler"])
+        for key, value in found.trainer["train_state"].items():
             setattr(state, key, value)
-        rngs = saved["rng"]
+        rngs = found.trainer["rng"]
         _set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
         self.last_good = f"step {state.step}"
         return True
@@ -208,18 +219,24 @@ class _Checkpointer:
                     self.task.export(_unwrap(self.model), d)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, "step": state.step, "final": int(final)}, checkpoint=checkpoint)
-            if final and self.rank == 0:
-                self._record_finished(Path(tmp), ray.train.get_checkpoint())
+            if final and self.logger is not None:
+                self._record_finished(Path(ray.train.get_checkpoint().path))
         self.last_good = f"step {state.step}"
 
-    def _record_finished(self, local: Path, persisted: ray.train.Checkpoint) -> None:
+    def _record_finished(self, persisted: Path) -> None:
         """Mark the stage finished on its MLflow run: the driver, and every later run of the
-        pipeline, read the outcome from these tags."""
-        logger = RunLogger(self.spec.tracking_uri, self.spec.run_id)
+        pipeline, read the outcome from these tags. The files are the persisted checkpoint's,
+        which stay until delivered."""
+        from pipelines import stage_model  # defines the pyfunc model when imported
+
+        logger = self.logger
         logger.metrics({"time/wall_s": time.perf_counter() - self.started}, self.spec.total_steps)
-        logger.artifacts(sorted(local.iterdir()), "checkpoint")
-        encoder = f"{persisted.path}/{ENCODER_FILE}" if (local / ENCODER_FILE).exists() else ""
-        logger.tags({COMPLETE: "true", CHECKPOINT: persisted.path, ENCODER: encoder, "mixmae.meta": META_FILE})
+        logger.artifacts(sorted(persisted.iterdir()), "checkpoint", lasting=True)
+        encoder = persisted / ENCODER_FILE
+        if encoder.exists():
+            logger.model(stage_model.job_config(self.task.job), encoder)
+        logger.tags({COMPLETE: "true", CHECKPOINT: str(persisted), ENCODER: str(encoder) if encoder.exists() else "",
+                     "mixmae.meta": META_FILE})
 
 
 class _Window:
@@ -244,19 +261,53 @@ class _Window:
 def train(task: Task) -> None:
     """Run (or resume) a stage's training in this Ray Train worker.
 
-    A :class:`StopTraining` condition ends the worker normally after tagging the MLflow
-    run with the reason; the driver turns that tag into the stage's error.
+    Rank 0 logs to MLflow through a spool in the pipeline's storage (and so does the first
+    worker of every other node, with its node's system metrics): training never waits on
+    the tracking server, and what the server missed is delivered when it answers again. A
+    :class:`StopTraining` condition ends the worker normally after tagging the MLflow run
+    with the reason; the driver turns that tag into the stage's error.
     """
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # The spool retries with back-off; the client's own retries would only hold up its sender.
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "20"
     spec = task.job.loop
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    several_nodes = context.get_local_world_size() < context.get_world_size()
+    node = f"node{context.get_node_rank()}" if several_nodes else None
+    spools: list[Spool] = []
+
+    def spool(part: str = "") -> Spool:
+        spools.append(run_spool(Path(spec.storage), spec.tracking_uri, spec.run_id, part, say=worker_log.warning).start())
+        return spools[-1]
+
+    logger = None
+    if rank == 0:
+        main = spool()
+        logger = RunLogger(spec.tracking_uri, spec.run_id, spooled_step(main, LOSS_METRIC), spool=main)
+    watching = spec.system_metrics_every_s is not None and context.get_local_rank() == 0  # one sampler a node
     try:
-        _train(task, spec)
+        with _node_metrics(spec, node, spools[0] if rank == 0 else spool(node or f"rank{rank}")) if watching else nullcontext():
+            _train(task, spec, logger)
     except StopTraining as exc:
-        if ray.train.get_context().get_world_rank() == 0:
-            RunLogger(spec.tracking_uri, spec.run_id).tags({FAILED_REASON: str(exc)})
+        if logger is not None:
+            logger.tags({FAILED_REASON: str(exc)})
+    except StopAsked as exc:
+        if logger is not None:
+            logger.tags({PREEMPTED: str(exc)})
+    finally:
+        for each in spools:  # what is not delivered in time stays on disk for the driver
+            each.close(WORKER_DELIVERY_WAIT_S)
 
 
-def _train(task: Task, spec: LoopSpec) -> None:
+def _node_metrics(spec: LoopSpec, node: Optional[str], spool: Spool):
+    series = f"system/{node}/cpu_utilization_percentage" if node else "system/cpu_utilization_percentage"
+    logger = RunLogger(spec.tracking_uri, spec.run_id, spool=spool)
+    return system_metrics(logger.metrics, node, spec.system_metrics_every_s, first_step=spooled_step(spool, series) + 1)
+
+
+def _train(task: Task, spec: LoopSpec, logger: Optional[RunLogger]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -266,12 +317,14 @@ def _train(task: Task, spec: LoopSpec) -> None:
     scheduler = build_scheduler(optimizer, spec.total_steps, spec.warmup_steps, spec.min_lr)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     state = TrainState()
-    checkpointer = _Checkpointer(task, ddp_model, optimizer, scheduler, rank, spec)
+    checkpointer = _Checkpointer(task, ddp_model, optimizer, scheduler, rank, spec, logger)
     resumed = checkpointer.restore(state)
-    logger = RunLogger.resume(spec.tracking_uri, spec.run_id, LOSS_METRIC) if rank == 0 else None
     skips = spec.skips if rank == 0 else None
     pictures = task.picture_steps(spec.total_steps)
     out_dir = Path(tempfile.mkdtemp(prefix=f"{spec.stage}-"))
+    if logger and checkpointer.skipped:
+        worker_log.warning("checkpoints that do not load were passed over (copies in %s): %s", CORRUPT_DIR, checkpointer.skipped)
+        logger.tags({SKIPPED_CHECKPOINTS: "; ".join(checkpointer.skipped)})
     if logger and resumed:
         logger.tags({"mixmae.resumed_from": checkpointer.last_good})
     if logger and not resumed and 0 in pictures:
@@ -291,6 +344,11 @@ def _train(task: Task, spec: LoopSpec) -> None:
                 f"stage {spec.stage}: loss became non-finite at step {first_bad}; stopped without saving. "
                 f"Last good checkpoint: {checkpointer.last_good or 'none (diverged before the first checkpoint)'}."
             )
+
+    def stop_asked() -> bool:
+        """Whether the driver asked to stop; every rank gets the same answer at the same step."""
+        asked = bool(spec.stop_file) and os.path.exists(spec.stop_file)
+        return bool(int(_reduce(torch.tensor(int(asked), device=device), dist.ReduceOp.MAX).item()))
 
     def check_data(reason: Optional[str]) -> None:
         """Rank 0 judges the skip counts; every rank must stop with it."""
@@ -384,9 +442,15 @@ def _train(task: Task, spec: LoopSpec) -> None:
                     logger.metrics(evaluation, state.step)
             if state.step in pictures and logger and state.step < spec.total_steps:
                 logger.artifacts(task.pictures(_unwrap(ddp_model), state.step, False, out_dir), "pictures")
-            if state.step % spec.checkpoint_every == 0 and state.step < spec.total_steps:
+            checkpoint_step = state.step % spec.checkpoint_every == 0 and state.step < spec.total_steps
+            if checkpoint_step:
                 check_finite()
                 checkpointer.save(state, metrics)
+            if stop_asked():
+                if not checkpoint_step:
+                    check_finite()
+                    checkpointer.save(state, metrics)
+                raise StopAsked(f"step {state.step}")
         if state.step >= spec.total_steps:
             break
         if not stepped and not resumed_in_epoch:

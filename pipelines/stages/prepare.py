@@ -8,16 +8,16 @@ same impossible configs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import ray
 import torch
 from mlflow.tracking import MlflowClient
-from rich.progress import Progress
 
 from mixmae_core.checkpoint import checkpoint_info
 from mixmae_core.optim import scaled_lr
@@ -42,7 +42,10 @@ from pipelines.data.datasets import (
 from pipelines.data.manifest import DataSource, build_manifest, open_source, write_manifest
 from pipelines.data.quality import StageSkips
 from pipelines.stages.jobs import LoopSpec, StageError, StageJob
-from pipelines.stages.loop import META_FILE
+from pipelines.stages.checkpoints import newest_in
+
+if TYPE_CHECKING:
+    from pipelines.console import RunConsole
 
 
 @dataclass
@@ -57,21 +60,39 @@ class StageContext:
     synthetic_roots: dict[str, Path] = field(default_factory=dict)
     encoder_checkpoint: Optional[str] = None
     """The pretraining stage's ``encoder.safetensors`` (transfer stages start from it)."""
-    progress: Optional[Progress] = None
-    """A shared live display: each running stage adds its own bar."""
+    console: Optional["RunConsole"] = None
+    """Where a person follows the run (events, progress); None: nobody watches (tests, sweep trials)."""
     callbacks: dict[str, list] = field(default_factory=dict)
     """Extra ``ray.train.UserCallback``s per stage name (a Tune trial reports through one)."""
     skip_counter_name: Optional[str] = None
     """Name of the pipeline's :class:`~pipelines.data.quality.SkipCounter` actor."""
+    stop_file: Optional[Path] = None
+    """Written on SIGTERM: the stages save a checkpoint and stop (see ``LoopSpec.stop_file``)."""
     keepalive: list = field(default_factory=list)
     """Driver-side handles that must outlive the stages (the named skip counter actor)."""
 
-    def skips(self, run_id: str) -> Optional[StageSkips]:
-        """Where a stage run's decode outcomes are counted (keyed by its MLflow run)."""
-        return StageSkips(self.skip_counter_name, run_id) if self.skip_counter_name else None
+    def skips(self, run_id: str, split: str = "train") -> Optional[StageSkips]:
+        """Where a stage run's decode outcomes of one split are counted (keyed by its MLflow
+        run; the training split's are the ones that can stop a stage)."""
+        if not self.skip_counter_name:
+            return None
+        return StageSkips(self.skip_counter_name, run_id if split == "train" else f"{run_id}/{split}")
 
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """A split a stage reads, as MLflow's run page lists it."""
+
+    split: str
+    context: str
+    """``training`` or ``evaluation``."""
+    name: str
+    source: str
+    num_images: int
+    digest: str
 
 
 @dataclass
@@ -85,6 +106,7 @@ class PreparedStage:
     flops: dict[str, float]
     """FLOPs and sizes, logged as the stage run's metrics at step 0."""
     tags: dict[str, str]
+    inputs: list[StageInput] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -142,15 +164,20 @@ def stage_flops(config: PipelineConfig, name: str, spec: StageBase, num_classes:
 # ----------------------------------------------------------------------------- data
 
 
-def resolve_source(ctx: StageContext, stage_name: str, data: DataSpec) -> DataSource:
-    """A manifest for the stage's data: the given manifest / packed shards, or one listed now."""
+def data_path(ctx: StageContext, stage_name: str, data: DataSpec) -> Path:
+    """Where a stage's data lives: its root, with ``synthetic:NAME`` resolved."""
     root = data.root
     if root.startswith(SYNTHETIC_PREFIX):
         key = root[len(SYNTHETIC_PREFIX) :]
         if key not in ctx.synthetic_roots:
             raise StageError(f"stage {stage_name}: no synthetic dataset {key!r}; have {sorted(ctx.synthetic_roots)}")
         root = str(ctx.synthetic_roots[key])
-    path = Path(root).expanduser().resolve()
+    return Path(root).expanduser().resolve()
+
+
+def resolve_source(ctx: StageContext, stage_name: str, data: DataSpec) -> DataSource:
+    """A manifest for the stage's data: the given manifest / packed shards, or one listed now."""
+    path = data_path(ctx, stage_name, data)
     if path.suffix == ".parquet" or (path.is_dir() and any(path.glob("part-*.parquet"))):
         source = open_source(path)
     else:
@@ -161,6 +188,24 @@ def resolve_source(ctx: StageContext, stage_name: str, data: DataSpec) -> DataSo
     if source.layout != data.layout:
         raise StageError(f"stage {stage_name}: {path} holds a {source.layout} dataset, the config says {data.layout}")
     return source
+
+
+def stage_inputs(ctx: StageContext, name: str, spec: StageBase, source: DataSource) -> list[StageInput]:
+    """The splits ``spec`` reads, each named after its dataset and with a digest of its
+    images (ids and paths): a changed dataset gets another digest in MLflow."""
+    path = data_path(ctx, name, spec.data)
+    dataset = path.name if not spec.data.root.startswith(SYNTHETIC_PREFIX) else spec.data.root[len(SYNTHETIC_PREFIX):]
+    splits = [(spec.data.train_split, "training")]
+    if not isinstance(spec, PretrainStage):
+        splits.append((spec.data.val_split, "evaluation"))
+    inputs = []
+    for split, context in splits:
+        table = source.table(split, ["image_id", "path"])
+        digest = hashlib.sha1()
+        for column in ("image_id", "path"):
+            digest.update("\n".join(map(str, table.column(column).to_pylist())).encode())
+        inputs.append(StageInput(split, context, f"{dataset}-{split}", str(path), table.num_rows, digest.hexdigest()[:12]))
+    return inputs
 
 
 def split_size(source: DataSource, split: str, stage_name: str) -> int:
@@ -176,15 +221,10 @@ def trainer_name(ctx: StageContext, group: str) -> str:
 
 
 def resume_epoch(ctx: StageContext, stage_name: str) -> int:
-    """The epoch the newest checkpoint of this stage stopped in (0 without one), so that a
+    """The epoch the checkpoint this stage resumes from stopped in (0 without one), so that a
     resumed run's data continues with that epoch's order and pairing."""
-    newest: dict[str, Any] = {}
-    group = ctx.config.group_name(stage_name)
-    for meta in (ctx.storage / trainer_name(ctx, group)).glob(f"checkpoint_*/{META_FILE}"):
-        info = json.loads(meta.read_text())
-        if info.get("stage") == stage_name and info.get("step", -1) > newest.get("step", -1):
-            newest = info
-    return int(newest.get("epoch", 0))
+    found = newest_in(ctx.storage / trainer_name(ctx, ctx.config.group_name(stage_name)))
+    return int(found.meta.get("epoch", 0)) if found and found.meta.get("stage") == stage_name else 0
 
 
 def encoder_method(ctx: StageContext, spec: StageBase, weights: Optional[str]) -> str:
@@ -212,14 +252,22 @@ def encoder_source(ctx: StageContext, name: str, spec: TransferBase) -> Optional
     return str(path)
 
 
-def _datasets(spec: StageBase, source: DataSource, epoch: int, skips: Optional[StageSkips]) -> dict[str, Any]:
+def _datasets(spec: StageBase, source: DataSource, epoch: int, skips: dict[str, Optional[StageSkips]]) -> dict[str, Any]:
     data = spec.data
-    common = dict(img_size=spec.img_size, seed=spec.seed, skips=skips)
+    common = dict(img_size=spec.img_size, seed=spec.seed)
     if isinstance(spec, PretrainStage):
-        return {"train": pretrain_dataset(source, split=data.train_split, mask_ratio=spec.mask_ratio, epoch=epoch, **common)}
+        return {
+            "train": pretrain_dataset(
+                source, split=data.train_split, mask_ratio=spec.mask_ratio, epoch=epoch, scale=spec.crop_scale,
+                hflip=spec.hflip, skips=skips["train"], **common,
+            )
+        }
     if isinstance(spec, ClassifyStage):
         probe = spec.mode == "linear_probe"
-        augment = dict(auto_augment=None if probe else spec.auto_augment, crop_pct=spec.crop_pct, scale=spec.crop_scale)
+        augment = dict(
+            auto_augment=None if probe else spec.auto_augment, crop_pct=spec.crop_pct, scale=spec.crop_scale,
+            hflip=spec.hflip,
+        )
         build = classification_dataset
     elif isinstance(spec, DetectStage):
         augment, build = {}, detection_dataset
@@ -228,8 +276,8 @@ def _datasets(spec: StageBase, source: DataSource, epoch: int, skips: Optional[S
     else:  # pragma: no cover - the config schema admits only these
         raise StageError(f"unknown task {spec.task}")
     return {
-        "train": build(source, split=data.train_split, train=True, epoch=epoch, **augment, **common),
-        "val": build(source, split=data.val_split, train=False, **augment, **common),
+        "train": build(source, split=data.train_split, train=True, epoch=epoch, skips=skips["train"], **augment, **common),
+        "val": build(source, split=data.val_split, train=False, skips=skips["val"], **augment, **common),
     }
 
 
@@ -277,13 +325,19 @@ def prepare_stage(ctx: StageContext, name: str, run_id: str) -> PreparedStage:
         skips=ctx.skips(run_id),
         max_skip_fraction=spec.data.max_skip_fraction,
         bf16=spec.fast and spec.scaling.use_gpu,
+        system_metrics_every_s=ctx.config.tracking.system_metrics_every_s if ctx.config.tracking.system_metrics else None,
+        storage=str(ctx.storage),
+        stop_file=str(ctx.stop_file or ""),
     )
     job = StageJob(name, spec, ctx.config.stage_model(spec), num_classes=num_classes, loop=loop, **job_fields)
     return PreparedStage(
         job=job,
-        datasets=_datasets(spec, source, resume_epoch(ctx, name), ctx.skips(run_id)),
+        datasets=_datasets(
+            spec, source, resume_epoch(ctx, name), {"train": ctx.skips(run_id), "val": ctx.skips(run_id, "val")}
+        ),
         split=["train"],
         evaluation=[] if isinstance(spec, PretrainStage) else ["val"],
         flops={**flops, "data/train_images": images, **({"data/val_images": val_images} if val_images else {})},
         tags=tags,
+        inputs=stage_inputs(ctx, name, spec, source),
     )

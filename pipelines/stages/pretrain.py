@@ -16,7 +16,8 @@ from mixmae_core.optim import build_optimizer
 from mixmae_core.viz import save_reconstruction_png
 from pipelines.data.collate import PairCollate, normalize_on_device
 from pipelines.stages.jobs import stage_dataset
-from pipelines.stages.loop import ENCODER_FILE, Task
+from pipelines.stages.checkpoints import ENCODER_FILE
+from pipelines.stages.loop import Task
 
 
 class PretrainTask(Task):

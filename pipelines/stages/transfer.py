@@ -14,7 +14,8 @@ from mixmae_core.checkpoint import save_state_dict
 from mixmae_core.optim import build_optimizer
 from pipelines.data.collate import normalize_on_device
 from pipelines.stages.jobs import stage_dataset
-from pipelines.stages.loop import ENCODER_FILE, Task
+from pipelines.stages.checkpoints import ENCODER_FILE
+from pipelines.stages.loop import Task
 
 
 class TransferTask(Task):

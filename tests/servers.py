@@ -1,0 +1,116 @@
+"""Real processes for the integration tests: free loopback ports, a child with its output in a
+file, polling with a deadline, and stopping exactly what a test started."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+BIN = Path(sys.executable).parent
+
+
+def actors(class_name: str, **filters: str) -> list:
+    """Actors of this process's Ray cluster, named by its address: with another cluster on the
+    machine, Ray's auto-detection would refuse to choose."""
+    import ray
+    from ray.util.state import list_actors
+
+    predicates = [("class_name", "=", class_name), *((key, "=", value) for key, value in filters.items())]
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=predicates, limit=10_000)
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def launch(args: list[str], log: Path, **popen) -> subprocess.Popen:
+    """Start ``args`` with stdout and stderr going to ``log`` (the child keeps its own descriptor)."""
+    with log.open("w") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, **popen)
+
+
+def wait_for(check, what: str, deadline_s: float, process: subprocess.Popen, log: Path):
+    """Poll ``check`` until it holds; if ``process`` dies first, fail with the end of its ``log``."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {deadline_s:.0f} s")
+        time.sleep(0.5)
+
+
+def http_answers(url: str) -> bool:
+    """Up, whatever the answer: with token auth Ray's dashboard answers 401 to anonymous calls."""
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+    except urllib.error.HTTPError:
+        pass
+    return True
+
+
+def stop(process: subprocess.Popen, marker: str) -> None:
+    """Stop a process we started and every process it left behind (found by ``marker`` in
+    their command line, e.g. the cluster's private temp dir), nothing else. Each gets
+    SIGTERM, then SIGKILL after 5 s: `ray start --block` alone takes 30 s to wind its
+    cluster down on SIGTERM, and nothing of a test cluster needs saving."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    deadline = time.monotonic() + 15
+    while True:
+        left = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+        if not left or time.monotonic() > deadline:
+            break
+        for p in left:
+            p.kill() if time.monotonic() > deadline - 10 else p.terminate()
+        time.sleep(0.5)
+    assert not left, f"processes of the test cluster still running: {[p.pid for p in left]}"
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 over a store in ``root``; stopped and started again, it
+    keeps its port and store (as a restarted tracking server does)."""
+
+    def __init__(self, root: Path):
+        (self.port,) = free_ports(1)
+        self.root = root
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "MlflowServer":
+        log = self.root / "mlflow_server.log"
+        self.process = launch(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}", "--artifacts-destination",
+             str(self.root / "art")],
+            log,
+        )
+        wait_for(lambda: http_answers(f"{self.uri}/health"), "MLflow server", 120, self.process, log)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process, str(self.root / "server.db"))
+            self.process = None

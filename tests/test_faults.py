@@ -1,0 +1,221 @@
+"""Faults a long cluster run meets, each injected into real processes (the README's fault
+matrix lists them): a dead cluster left on the machine, the tracking server going away, a
+corrupt newest checkpoint, preemption."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import REPO_ROOT
+from pipelines.spool import Spool
+from tests.servers import BIN, free_ports, launch
+
+pytestmark = pytest.mark.cluster
+
+CLUSTER_CPUS = """
+import sys
+from pipelines.config import load_config
+from pipelines.pipeline import init_ray
+import ray
+init_ray(load_config(sys.argv[1]))
+print("cpus", int(ray.cluster_resources()["CPU"]))
+"""
+
+
+def test_a_dead_cluster_left_on_the_machine_is_not_joined_and_an_asked_for_one_fails_in_one_line():
+    # Ray's temp dir follows TMPDIR: a private one holds the address file a killed `ray start` leaves
+    with tempfile.TemporaryDirectory(prefix="rt", dir="/tmp") as tmp:
+        (Path(tmp) / "ray").mkdir()
+        (dead_port,) = free_ports(1)
+        (Path(tmp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{dead_port}")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TMPDIR": tmp}
+        private = subprocess.run(
+            [sys.executable, "-c", CLUSTER_CPUS, str(REPO_ROOT / "ray_configs/pipelines/smoke.yaml")],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert private.returncode == 0, private.stderr[-3000:]
+        assert "cpus " in private.stdout
+
+        started = time.monotonic()
+        asked = subprocess.run(
+            [str(BIN / "mixmae"), "run", "ray_configs/pipelines/smoke.yaml"],
+            cwd=REPO_ROOT, env=env | {"RAY_ADDRESS": f"127.0.0.1:{dead_port}"}, capture_output=True, text=True,
+            timeout=300,
+        )
+        assert asked.returncode == 1
+        assert f"no Ray cluster answers at 127.0.0.1:{dead_port} (RAY_ADDRESS)" in asked.stdout + asked.stderr
+        assert "Traceback" not in asked.stdout + asked.stderr
+        assert time.monotonic() - started < 120
+
+
+def _spooled_loss_steps(spool_dir: Path) -> list[int]:
+    path = spool_dir / "records.jsonl"
+    records = path.read_text().splitlines() if path.exists() else []
+    return [row[3] for line in records if line.endswith("}")
+            for row in json.loads(line).get("metrics", []) if row[0] == "train/loss"]
+
+
+def _wait(check, what: str, process: subprocess.Popen, log: Path, deadline_s: float = 300) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not check():
+        assert process.poll() is None, f"the run ended before {what}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {deadline_s:.0f} s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def test_a_stage_outlives_the_tracking_server_and_sigterm_with_no_step_lost_or_repeated(tmp_path, mlflow_server):
+    """First run: the tracking server is stopped mid-stage and started again on the same port and
+    store while training goes on, then the driver gets SIGTERM: a checkpoint, exit 75. The same
+    command again continues from that step; the server is stopped again until the stage has
+    ended: the run exits 1 saying where its records wait, and `mixmae sync` delivers them."""
+    steps, log_every = 120, 2
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    command = [str(BIN / "mixmae"), "run", str(REPO_ROOT / "ray_configs/pipelines/smoke.yaml"), "--stages", "pretrain",
+               "--set", "pretrain.epochs=100", "--set", f"pretrain.max_steps={steps}",
+               "--set", f"pretrain.log_every_steps={log_every}", "--set", "tracking.delivery_wait_s=5",
+               "--set", "pretrain.checkpoint_every_steps=1000"]  # no periodic checkpoint: only the one SIGTERM asks for
+    root = tmp_path / "mixmae_runs" / "tracking_spool"
+    spool = lambda: next((d for d in root.glob("*") if "." not in d.name), tmp_path / "none")  # noqa: E731
+    losses = lambda: _spooled_loss_steps(spool())  # noqa: E731
+
+    log = tmp_path / "first.log"
+    run = launch(command, log, cwd=tmp_path, env=env)
+    try:
+        _wait(lambda: len(losses()) >= 3, "logged losses", run, log)
+        mlflow_server.stop()
+        stopped_at = len(losses())
+        _wait(lambda: len(losses()) >= stopped_at + 3, "losses spooled while the server is away", run, log)
+        mlflow_server.start()
+        _wait(lambda: Spool(spool(), print).pending() == 0, "delivery after the restart", run, log)
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=300) == 75, log.read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    output = log.read_text()
+    match = re.search(r"pretrain saved a checkpoint at step (\d+); run the same command again to continue", output)
+    assert match and "Traceback" not in output, output[-3000:]
+    preempted_at = int(match.group(1))
+    client = MlflowClient(mlflow_server.uri)
+    run_id = spool().name
+    stage = client.get_run(run_id)
+    assert stage.info.status == "KILLED" and stage.data.tags["mixmae.preempted"] == f"step {preempted_at}"
+
+    log = tmp_path / "second.log"
+    run = launch(command, log, cwd=tmp_path, env=env)
+    try:
+        _wait(lambda: max(losses()) >= preempted_at + 4, "training continued", run, log)
+        mlflow_server.stop()
+        assert run.wait(timeout=600) == 1, log.read_text()[-3000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+    output = log.read_text()
+    assert "finished training and saved checkpoints" in output and "mixmae sync" in output
+    assert "Traceback" not in output and Spool(spool(), print).pending() > 0
+
+    mlflow_server.start()
+    sync = subprocess.run([str(BIN / "mixmae"), "sync", str(REPO_ROOT / "ray_configs/pipelines/smoke.yaml")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert sync.returncode == 0, sync.stdout[-3000:] + sync.stderr[-3000:]
+    history = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert history == list(range(log_every, steps + 1, log_every))
+    tags = client.get_run(run_id).data.tags
+    assert tags["mixmae.resumed_from"] == f"step {preempted_at}"
+    assert tags["mixmae.complete"] == "true" and "mixmae.model_uri" in tags
+    assert "checkpoint/encoder.safetensors" in {a.path for a in client.list_artifacts(run_id, "checkpoint")}
+
+
+NODE_LOST = """
+import json, os, signal, sys, threading, time
+from pathlib import Path
+import psutil
+import ray
+from ray.cluster_utils import Cluster
+from pipelines.config import load_config
+from pipelines.pipeline import run_pipeline
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+others = [cluster.add_node(num_cpus=2) for _ in range(2)]
+cluster.wait_for_nodes()
+config = load_config(sys.argv[1], [f"ray.address={cluster.address}", *sys.argv[2:]])
+
+def registered_checkpoints():
+    # Ray Train resumes from a checkpoint once its controller has registered it (not when it is written)
+    for snapshot in Path("mixmae_runs").glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            return json.loads(snapshot.read_text())["checkpoint_results"]
+        except (ValueError, KeyError):
+            pass
+    return []
+
+def training_workers():
+    # {node: worker pids} of the non-head nodes, from the process table (each worker is a child of
+    # its node's raylet): Ray's state API can take longer to answer than this stage runs
+    raylets = {node.all_processes["raylet"][0].process.pid: node for node in others}
+    found = {}
+    for process in psutil.process_iter(["cmdline", "ppid"]):
+        if "RayTrainWorker" in " ".join(process.info["cmdline"] or []) and process.info["ppid"] in raylets:
+            found.setdefault(raylets[process.info["ppid"]], []).append(process.pid)
+    return found
+
+def remove_a_workers_node_after_a_checkpoint():
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        hosting = training_workers()
+        if registered_checkpoints() and hosting:
+            lost, pids = next(iter(hosting.items()))
+            cluster.remove_node(lost, allow_graceful=False)
+            for pid in pids:  # a lost machine takes its processes with it
+                os.kill(pid, signal.SIGKILL)
+            print(f"removed a node with {len(pids)} of 2 workers", flush=True)
+            return
+        time.sleep(0.2)
+
+def loudly():
+    try:
+        remove_a_workers_node_after_a_checkpoint()
+    except BaseException as exc:
+        print(f"removing a node failed: {exc!r}", flush=True)
+
+threading.Thread(target=loudly, daemon=True).start()
+outcome = run_pipeline(config, stages=["pretrain"])
+print(json.dumps({"run_id": outcome.stages[0].run_id, "uri": outcome.tracking_uri}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_a_node_lost_mid_stage_costs_only_the_steps_since_the_checkpoint(tmp_path):
+    """Three nodes (raylets on this machine, each with its own CPUs), the two workers on two of
+    them (STRICT_SPREAD), checkpoints in the storage all reach; a node with a worker (not the
+    head) is removed after the first checkpoint, and the stage resumes from it on the nodes left."""
+    steps = 40
+    with tempfile.TemporaryDirectory(prefix="rn", dir="/tmp") as tmp:  # the cluster's address file stays private
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TMPDIR": tmp}
+        result = subprocess.run(
+            [sys.executable, "-c", NODE_LOST, str(REPO_ROOT / "ray_configs/pipelines/smoke.yaml"),
+             "pretrain.epochs=100", f"pretrain.max_steps={steps}", "pretrain.checkpoint_every_steps=6",
+             "pretrain.scaling.num_workers=2", "pretrain.scaling.placement_strategy=STRICT_SPREAD",
+             "pretrain.scaling.max_failures=2", "tracking.system_metrics_every_s=1"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+        )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "removed a node with 1 of 2 workers" in result.stdout
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    client = MlflowClient(outcome["uri"])
+    run = client.get_run(outcome["run_id"])
+    assert run.data.tags["mixmae.resumed_from"].startswith("step ")
+    assert [m.step for m in client.get_metric_history(outcome["run_id"], "train/loss")] == list(range(2, steps + 1, 2))
