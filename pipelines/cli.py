@@ -122,6 +122,9 @@ def _run(cfg, stages: Optional[list[str]], resume: Optional[str], verbose: bool)
         try:
             outcome = run_pipeline(cfg, stages=stages, resume=resume, console=run_console)
         finally:
+            import ray
+
+            ray.shutdown()  # the workers' last lines reach the log file, not the console after the summary
             run_console.close()
     except Preempted as exc:
         fail(exc, EXIT_PREEMPTED)

@@ -45,6 +45,8 @@ def test_smoke_config_submitted_as_a_ray_job_records_to_the_tracking_server(tmp_
     assert "succeeded" in submit.stdout, submit.stdout[-3000:]
     # the job's console is the pipeline's events; Ray's and the libraries' chatter is in the log file
     assert "TrainingReport" not in submit.stdout and "PYTHON worker processes" not in submit.stdout
+    # nothing of the workers' reaches the console after the summary (their last lines go to the log file too)
+    assert "UserWarning" not in submit.stdout and "mlflow.pyfunc" not in submit.stdout
     assert "pretrain: finished" in submit.stdout and "probe: finished" in submit.stdout, submit.stdout[-3000:]
 
     client = MlflowClient(mlflow_server.uri)
