@@ -45,6 +45,7 @@ class Spool:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._send, self._say, self._retryable = send, say, retryable
+        self._end_checked = False  # only the first append after opening can follow a torn line
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -57,8 +58,9 @@ class Spool:
     def append(self, record: dict[str, Any]) -> None:
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         with self._lock, (self.dir / RECORDS).open("ab") as f:
-            if f.tell() and not self._ends_a_line(f.name):
+            if not self._end_checked and f.tell() and not self._ends_a_line(f.name):
                 line = b"\n" + line  # a writer killed mid-line left it torn: end it, it is no record
+            self._end_checked = True
             f.write(line)
             f.flush()
             os.fsync(f.fileno())

@@ -214,6 +214,12 @@ def run_spool(storage: Path, tracking_uri: str, run_id: str, part: str = "",
     return open_spool(directory, say)
 
 
+def run_spools(storage: Path, run_id: str) -> list[Path]:
+    """Every spool folder of run ``run_id`` (its main one and those of other writers)."""
+    root = spool_root(storage)
+    return sorted(d for d in root.glob(f"{run_id}*") if d.name == run_id or d.name.startswith(f"{run_id}."))
+
+
 def open_spool(directory: Path, say: Callable[[str], None] = print) -> Spool:
     """An existing spool folder, delivering to the run and server it names."""
     address = json.loads((Path(directory) / RUN_FILE).read_text())

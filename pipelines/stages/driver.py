@@ -31,9 +31,8 @@ from pipelines.stages.checkpoints import CORRUPT_DIR, META_FILE
 from pipelines.stages.loop import LOSS_METRIC, PREEMPTED, SKIPPED_CHECKPOINTS
 from pipelines.stages.prepare import PreparedStage, StageContext, prepare_stage, trainer_name
 from pipelines.data.quality import PARTNER_SKIPPED
-from pipelines.spool import spool_root
 from pipelines.tracking import (
-    CHECKPOINT, COMPLETE, ENCODER, FAILED_REASON, KIND, STAGE, RunLogger, flatten, open_spool, run_spool,
+    CHECKPOINT, COMPLETE, ENCODER, FAILED_REASON, KIND, STAGE, RunLogger, flatten, open_spool, run_spool, run_spools,
     start_or_resume,
 )
 
@@ -157,7 +156,7 @@ def deliver_stage_records(ctx: StageContext, stages: list[PreparedStage]) -> Non
     ``tracking.delivery_wait_s`` for the server; if it does not answer, the stage has still
     trained and saved its checkpoints, and the error says how to deliver later."""
     wait = ctx.config.tracking.delivery_wait_s
-    left = [d for s in stages for d in spool_root(ctx.storage).glob(f"{s.job.loop.run_id}*")
+    left = [d for s in stages for d in run_spools(ctx.storage, s.job.loop.run_id)
             if not open_spool(d, lambda m: say(ctx, m, "yellow")).drain(wait / len(stages))]
     if left:
         raise TrackingAway(
