@@ -86,7 +86,10 @@ def train_step_flops(model: nn.Module, images: torch.Tensor) -> float:
 
 
 def flop_report(name: str, img_size: int | None = None, method: str = "mixmae", **overrides: Any) -> FlopReport:
-    """Sizes and FLOPs of encoder ``name`` and of ``method``'s pretraining model on it."""
+    """Sizes and FLOPs of encoder ``name`` and of ``method``'s pretraining model on it.
+
+    Counted on the meta device (as is :func:`classifier_cost`): the counter needs shapes
+    only, so no weight is initialised and no arithmetic runs (Swin-L: a second, not ten)."""
     import timm
 
     from mixmae_core.methods import create_pretraining_model, encoder_kwargs
@@ -94,8 +97,9 @@ def flop_report(name: str, img_size: int | None = None, method: str = "mixmae", 
     size = img_size or timm.get_pretrained_cfg(name).input_size[-1]
     kwargs = dict(overrides, img_size=size)
     params_m, gflops = classifier_cost(name, size, **encoder_kwargs(method, overrides))
-    pretrain = create_pretraining_model(method, name, **kwargs)
-    images = torch.randn(2, 3, size, size)
+    with torch.device("meta"):
+        pretrain = create_pretraining_model(method, name, **kwargs)
+        train_flops = train_step_flops(pretrain, torch.randn(2, 3, size, size))
     return FlopReport(
         model=name,
         img_size=size,
@@ -103,7 +107,7 @@ def flop_report(name: str, img_size: int | None = None, method: str = "mixmae", 
         params_m=params_m,
         gflops=gflops,
         pretrain_params_m=count_params(pretrain) / 1e6,
-        train_gflops_per_image=train_step_flops(pretrain, images) / 1e9,
+        train_gflops_per_image=train_flops / 1e9,
     )
 
 
@@ -119,8 +123,9 @@ def classifier_cost(name: str, img_size: int, **overrides: Any) -> tuple[float, 
     """(parameters in millions, GMACs of one forward) of timm model ``name`` with a 1000-class head."""
     import timm
 
-    try:
-        model = timm.create_model(name, num_classes=1000, img_size=img_size, **overrides)
-    except TypeError:  # some of timm's own models (PVTv2) take any input size but no img_size
-        model = timm.create_model(name, num_classes=1000, **overrides)
-    return count_params(model) / 1e6, forward_macs(model, torch.randn(1, 3, img_size, img_size)) / 1e9
+    with torch.device("meta"):
+        try:
+            model = timm.create_model(name, num_classes=1000, img_size=img_size, **overrides)
+        except TypeError:  # some of timm's own models (PVTv2) take any input size but no img_size
+            model = timm.create_model(name, num_classes=1000, **overrides)
+        return count_params(model) / 1e6, forward_macs(model, torch.randn(1, 3, img_size, img_size)) / 1e9

@@ -113,6 +113,15 @@ class Spool:
     def pending(self) -> int:
         return sum(1 for _ in self.records(self.sent_offset()))
 
+    def has_pending(self) -> bool:
+        """Whether a record waits: reads one line, where ``pending`` parses the whole backlog."""
+        path = self.dir / RECORDS
+        if not path.exists():
+            return False
+        with path.open("rb") as f:
+            f.seek(self.sent_offset())
+            return f.readline().endswith(b"\n")
+
     def all_records(self) -> Iterator[dict[str, Any]]:
         """Every record ever appended, delivered or not."""
         return (record for _, record in self.records())
@@ -177,7 +186,7 @@ class Spool:
             if self._thread is None:
                 if self._attempt():
                     return True
-            elif self.pending() == 0:
+            elif not self.has_pending():
                 return True
             else:
                 self._wake.set()
@@ -206,4 +215,4 @@ def pending_spools(storage: Path) -> list[Path]:
     root = spool_root(storage)
     if not root.is_dir():
         return []
-    return sorted(d for d in root.iterdir() if (d / RUN_FILE).exists() and Spool(d, send=print).pending())
+    return sorted(d for d in root.iterdir() if (d / RUN_FILE).exists() and Spool(d, send=print).has_pending())

@@ -243,10 +243,15 @@ def dataset_input(name: str, source: str, digest: str, context: str, profile: di
     return DatasetInput(dataset=dataset, tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)])
 
 
+def spooled_steps(spool: Spool, metric: str) -> list[int]:
+    """The steps at which ``metric`` went into ``spool``, in order."""
+    return [row[3] for record in spool.all_records() if record["kind"] == "metrics"
+            for row in record["metrics"] if row[0] == metric]
+
+
 def spooled_step(spool: Spool, metric: str) -> int:
     """The last step at which ``metric`` went into ``spool`` (-1: none)."""
-    return max((row[3] for record in spool.all_records() if record["kind"] == "metrics"
-                for row in record["metrics"] if row[0] == metric), default=-1)
+    return max(spooled_steps(spool, metric), default=-1)
 
 
 class SystemSampler:

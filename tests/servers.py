@@ -68,25 +68,38 @@ def http_answers(url: str) -> bool:
 
 
 def stop(process: subprocess.Popen, marker: str) -> None:
-    """Stop a process we started and every process it left behind (found by ``marker`` in
-    their command line, e.g. the cluster's private temp dir), nothing else. Each gets
-    SIGTERM, then SIGKILL after 5 s: `ray start --block` alone takes 30 s to wind its
-    cluster down on SIGTERM, and nothing of a test cluster needs saving."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    """Stop a process we started, every process under it, and every process it left behind
+    (found by ``marker`` in their command line, e.g. the cluster's private temp dir), nothing
+    else. The tree is taken before anything stops: Ray's daemons rename themselves
+    (``ray::DashboardAgent``) and, orphaned by their raylet, can spin on a core for minutes.
+    Nothing of a test cluster or server needs saving, so each gets SIGKILL (`ray start
+    --block` alone takes 30 s to wind its cluster down on SIGTERM)."""
+    try:
+        root = psutil.Process(process.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
     deadline = time.monotonic() + 15
     while True:
-        left = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+        left = [p for p in tree if _alive(p)]
+        left += [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or []) and _alive(p)]
         if not left or time.monotonic() > deadline:
             break
         for p in left:
-            p.kill() if time.monotonic() > deadline - 10 else p.terminate()
-        time.sleep(0.5)
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.2)
+    process.wait(5)
     assert not left, f"processes of the test cluster still running: {[p.pid for p in left]}"
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 class MlflowServer:

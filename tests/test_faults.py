@@ -20,6 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import REPO_ROOT
 from pipelines.spool import Spool
+from pipelines.stages.loop import LOSS_METRIC
+from pipelines.tracking import spooled_steps
 from tests.servers import BIN, free_ports, launch
 
 pytestmark = pytest.mark.cluster
@@ -60,13 +62,6 @@ def test_a_dead_cluster_left_on_the_machine_is_not_joined_and_an_asked_for_one_f
         assert time.monotonic() - started < 120
 
 
-def _spooled_loss_steps(spool_dir: Path) -> list[int]:
-    path = spool_dir / "records.jsonl"
-    records = path.read_text().splitlines() if path.exists() else []
-    return [row[3] for line in records if line.endswith("}")
-            for row in json.loads(line).get("metrics", []) if row[0] == "train/loss"]
-
-
 def _wait(check, what: str, process: subprocess.Popen, log: Path, deadline_s: float = 300) -> None:
     deadline = time.monotonic() + deadline_s
     while not check():
@@ -75,20 +70,25 @@ def _wait(check, what: str, process: subprocess.Popen, log: Path, deadline_s: fl
         time.sleep(0.5)
 
 
-def test_a_stage_outlives_the_tracking_server_and_sigterm_with_no_step_lost_or_repeated(tmp_path, mlflow_server):
+def test_a_stage_outlives_the_tracking_server_and_sigterm_with_no_step_lost_or_repeated(
+    tmp_path, mlflow_server, ray_local, synthetic_data
+):
     """First run: the tracking server is stopped mid-stage and started again on the same port and
     store while training goes on, then the driver gets SIGTERM: a checkpoint, exit 75. The same
     command again continues from that step; the server is stopped again until the stage has
-    ended: the run exits 1 saying where its records wait, and `mixmae sync` delivers them."""
-    steps, log_every = 120, 2
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    ended: the run exits 1 saying where its records wait, and `mixmae sync` delivers them.
+    Both runs join the session's cluster, as `mixmae run` on a cluster's head would."""
+    steps, log_every = 100, 2
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri,
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     command = [str(BIN / "mixmae"), "run", str(REPO_ROOT / "ray_configs/pipelines/smoke.yaml"), "--stages", "pretrain",
+               "--set", f"synthetic.root={Path(synthetic_data['pretrain']).parent}",
                "--set", "pretrain.epochs=100", "--set", f"pretrain.max_steps={steps}",
                "--set", f"pretrain.log_every_steps={log_every}", "--set", "tracking.delivery_wait_s=5",
                "--set", "pretrain.checkpoint_every_steps=1000"]  # no periodic checkpoint: only the one SIGTERM asks for
     root = tmp_path / "mixmae_runs" / "tracking_spool"
     spool = lambda: next((d for d in root.glob("*") if "." not in d.name), tmp_path / "none")  # noqa: E731
-    losses = lambda: _spooled_loss_steps(spool())  # noqa: E731
+    losses = lambda: spooled_steps(Spool(spool(), print), LOSS_METRIC)  # noqa: E731
 
     log = tmp_path / "first.log"
     run = launch(command, log, cwd=tmp_path, env=env)
@@ -198,15 +198,16 @@ cluster.shutdown()
 """
 
 
-def test_a_node_lost_mid_stage_costs_only_the_steps_since_the_checkpoint(tmp_path):
+def test_a_node_lost_mid_stage_costs_only_the_steps_since_the_checkpoint(tmp_path, synthetic_data):
     """Three nodes (raylets on this machine, each with its own CPUs), the two workers on two of
     them (STRICT_SPREAD), checkpoints in the storage all reach; a node with a worker (not the
     head) is removed after the first checkpoint, and the stage resumes from it on the nodes left."""
-    steps = 40
+    steps = 30
     with tempfile.TemporaryDirectory(prefix="rn", dir="/tmp") as tmp:  # the cluster's address file stays private
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TMPDIR": tmp}
         result = subprocess.run(
             [sys.executable, "-c", NODE_LOST, str(REPO_ROOT / "ray_configs/pipelines/smoke.yaml"),
+             f"synthetic.root={Path(synthetic_data['pretrain']).parent}",
              "pretrain.epochs=100", f"pretrain.max_steps={steps}", "pretrain.checkpoint_every_steps=6",
              "pretrain.scaling.num_workers=2", "pretrain.scaling.placement_strategy=STRICT_SPREAD",
              "pretrain.scaling.max_failures=2", "tracking.system_metrics_every_s=1"],

@@ -14,6 +14,7 @@ from pipelines.cli import app
 from pipelines.config import DEFAULT_CONFIG, REPO_ROOT
 from pipelines.report import ReportRow, collect, mark_pareto
 from pipelines.sweep import FLOPS_METRIC, PROBE_METRIC, load_sweep, run_sweep, trial_error
+from pipelines.tracking import FAILED_REASON
 
 
 CASES = [
@@ -23,8 +24,9 @@ CASES = [
 ]
 
 
-#: a trial that diverges at once: the sweep records it as failed and goes on
-DIVERGES = {"method": "mixmae", "model": "mixmae_swin_micro_w8", "base_lr": 1e30, "warmup_epochs": 0}
+#: a trial whose data is missing (a dataset not mounted where it runs): the sweep records it as failed and goes on
+UNMOUNTED = "/nonexistent/mixmae-sweep-data"
+BAD_DATA = {"method": "mixmae", "model": "mixmae_swin_micro_w8", "data": {"layout": "imagefolder", "root": UNMOUNTED}}
 
 
 def test_a_methods_sweep_is_recorded_by_method_and_encoder_and_resumable(tmp_path, ray_local, synthetic_data):
@@ -40,26 +42,30 @@ def test_a_methods_sweep_is_recorded_by_method_and_encoder_and_resumable(tmp_pat
                     f"synthetic.root={Path(synthetic_data['pretrain']).parent}", "pretrain.max_steps=2",
                     "pretrain.scaling.num_workers=1", "pretrain.checkpoint_every_steps=2",
                 ],
-                "search": {"recipe": {"cases": [*CASES, DIVERGES]}},
+                "search": {"recipe": {"cases": [*CASES, BAD_DATA]}},
                 "probe": {"stage": "inat2018", "epochs": 1},
                 "storage": str(tmp_path / "tune"),
+                "max_concurrent_trials": 2,
             }
         )
     )
     sweep, base = load_sweep(sweep_file)
     sweep_run_id, grid = run_sweep(sweep, base)
-    # the diverging trial fails, is recorded as failed, and the others run to the end
+    # the trial without data fails, is recorded as failed, and the others run to the end
     (failed,) = [r for r in grid if r.error]
-    assert failed.config["recipe"] == DIVERGES and "non-finite" in trial_error(failed)
+    assert failed.config["recipe"] == BAD_DATA
+    assert trial_error(failed) == f"stage pretrain: data root {UNMOUNTED} does not exist"
     assert len(grid) == 4 and all(r.metrics.get(PROBE_METRIC) is not None for r in grid if not r.error)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("sweeps").experiment_id
     sweep_run = client.get_run(sweep_run_id)
     assert sweep_run.info.status == "FAILED" and sweep_run.data.tags["mixmae.failed_trials"] == "1"
     all_trials = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep_run_id}'")
-    (diverged,) = [t for t in all_trials if t.data.params.get("pretrain.base_lr") == str(DIVERGES["base_lr"])]
-    assert diverged.info.status == "FAILED"
-    trials = [t for t in all_trials if t.info.run_id != diverged.info.run_id]
+    (unmounted,) = [t for t in all_trials if t.data.params.get("pretrain.data.root") == UNMOUNTED]
+    assert unmounted.info.status == "FAILED"
+    (unmounted_stage,) = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{unmounted.info.run_id}'")
+    assert unmounted_stage.info.status == "FAILED" and UNMOUNTED in unmounted_stage.data.tags[FAILED_REASON]
+    trials = [t for t in all_trials if t.info.run_id != unmounted.info.run_id]
     assert sorted((t.data.params["method"], t.data.params["model"]) for t in trials) == sorted(
         (c["method"], c["model"]) for c in CASES
     )
@@ -86,10 +92,10 @@ def test_a_methods_sweep_is_recorded_by_method_and_encoder_and_resumable(tmp_pat
     # rerunning the sweep retries only the failed trial: the finished ones are neither rerun nor recorded again
     ended = {t.info.run_id: t.info.end_time for t in trials}
     _, again = run_sweep(sweep, base)
-    assert len(again) == 4 and [r.config["recipe"] for r in again if r.error] == [DIVERGES]
+    assert len(again) == 4 and [r.config["recipe"] for r in again if r.error] == [BAD_DATA]
     after = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep_run_id}'")
     assert len(after) == 4 and {t.info.run_id: t.info.end_time for t in after if t.info.run_id in ended} == ended
-    assert client.get_run(diverged.info.run_id).info.end_time > diverged.info.end_time
+    assert client.get_run(unmounted.info.run_id).info.end_time > unmounted.info.end_time
 
 
 def test_the_interval_is_wilsons_from_the_validation_count():

@@ -59,12 +59,15 @@ def test_spool_keeps_records_while_the_server_is_away_and_delivers_them_once_in_
     spool = Spool(tmp_path / "spool", server, said.append).start()
     for step in range(50):
         spool.append({"kind": "metrics", "metrics": [["train/loss", 1.0 / (step + 1), 0, step]]})
-    assert not spool.drain(0.5) and spool.pending() == 50 and server.taken == []
+    assert not spool.drain(0.5) and spool.pending() == 50 and spool.has_pending() and server.taken == []
     assert len(said) == 1 and "not answering" in said[0] and "Connection refused" in said[0]
     server.away = False
     assert spool.close(30)
     assert [r["metrics"][0][3] for r in server.taken] == list(range(50))
-    assert "answers again" in said[-1] and spool.pending() == 0
+    assert "answers again" in said[-1] and spool.pending() == 0 and not spool.has_pending()
+    with (tmp_path / "spool" / "records.jsonl").open("a") as f:
+        f.write('{"kind": "tags", "ta')  # a writer killed mid-line: nothing waits
+    assert spool.pending() == 0 and not spool.has_pending()
     # a later sender of the same folder (the driver, `mixmae sync`) sends nothing twice
     again = Spool(tmp_path / "spool", server)
     assert again.drain(1) and len(server.taken) == 50

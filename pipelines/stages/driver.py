@@ -98,7 +98,7 @@ def _watch(ctx: StageContext, stage: PreparedStage, stop: threading.Event) -> No
         if sum(bad.values()) > skipped:
             skipped = sum(bad.values())
             console.event(f"{name}: {skipped} images skipped so far ({', '.join(f'{r}: {n}' for r, n in bad.items())})", "yellow")
-        if spool.pending():
+        if spool.has_pending():
             waiting_since = waiting_since or time.monotonic()
             if not said_away and time.monotonic() - waiting_since > SERVER_AWAY_AFTER_S:
                 said_away = True
@@ -193,7 +193,12 @@ def run_worker_group(ctx: StageContext, group: str, names: list[str]) -> list[St
             outcomes[name] = _outcome(name, run, skipped=True)
             say(ctx, f"{name}: finished in an earlier run, skipped")
         else:
-            pending.append(prepare_stage(ctx, name, run.info.run_id))
+            try:
+                pending.append(prepare_stage(ctx, name, run.info.run_id))
+            except Exception as exc:  # its data is missing, say: the stage's run says why, not only the pipeline's
+                client.set_tag(run.info.run_id, FAILED_REASON, str(exc)[:5000])
+                client.set_terminated(run.info.run_id, "FAILED")
+                raise
             _record_start(ctx, pending[-1])
             job = pending[-1].job
             say(ctx, f"{name}: started, {job.loop.total_steps} steps on {job.spec.scaling.num_workers} worker(s), "

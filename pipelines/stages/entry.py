@@ -12,8 +12,9 @@ def run_stages(config: dict) -> None:
     """Train a worker group's jobs (``config["jobs"]``) one after another. After a restart,
     the jobs before the one its latest checkpoint belongs to are finished and do not run again.
     Each job's task class is ``TASK`` of the module named after its task."""
-    from pipelines.stages.loop import first_to_run, train
+    from pipelines.stages.loop import Resume, train
 
     jobs = config["jobs"]
-    for job in jobs[first_to_run([j.name for j in jobs]) :]:
-        train(importlib.import_module(f"pipelines.stages.{job.task}").TASK(job))
+    resume = Resume()
+    for job in jobs[resume.first_to_run([j.name for j in jobs]) :]:
+        train(importlib.import_module(f"pipelines.stages.{job.task}").TASK(job), resume)

@@ -10,6 +10,7 @@ guard.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -46,23 +47,33 @@ LOSS_METRIC = "train/loss"
 SKIPPED_CHECKPOINTS = "mixmae.skipped_checkpoints"
 PREEMPTED = "mixmae.preempted"
 #: how long a worker's sender may go on delivering after training; the driver delivers the rest
+#: (and a sender that already finds the server away hands over at once: the driver waits anyway)
 WORKER_DELIVERY_WAIT_S = 10.0
 worker_log = logging.getLogger(__name__)
 
 
-def _resume_point(keep_corrupt: bool) -> tuple[Optional[Loaded], list[str]]:
-    """The checkpoint this worker group resumes from (None: none), and those passed over."""
-    latest = ray.train.get_checkpoint()
-    skipped: list[str] = []
-    return (newest_loadable(Path(latest.path), skipped, keep_corrupt) if latest else None), skipped
+class Resume:
+    """The checkpoint a worker group resumes from, read once per group start (a pretraining
+    checkpoint with its optimizer state is several times the model's size)."""
 
+    def __init__(self) -> None:
+        latest = ray.train.get_checkpoint()
+        #: checkpoints passed over, as ``"<name>: <why>"``; rank 0 keeps copies of them
+        self.skipped: list[str] = []
+        keep_corrupt = ray.train.get_context().get_world_rank() == 0
+        self.found = newest_loadable(Path(latest.path), self.skipped, keep_corrupt) if latest else None
 
-def first_to_run(stages: list[str]) -> int:
-    """Index of the first of a worker group's ``stages`` to run: the one the latest checkpoint
-    belongs to (it resumes; a final checkpoint just finishes again), else the first."""
-    found, _ = _resume_point(keep_corrupt=False)
-    stage = found.meta.get("stage") if found else None
-    return stages.index(stage) if stage in stages else 0
+    def first_to_run(self, stages: list[str]) -> int:
+        """Index of the first of the group's ``stages`` to run: the one the checkpoint belongs
+        to (it resumes; a final checkpoint just finishes again), else the first."""
+        stage = self.found.meta.get("stage") if self.found else None
+        return stages.index(stage) if stage in stages else 0
+
+    def take(self, stage: str) -> tuple[Optional[Loaded], list[str]]:
+        """The checkpoint if it is ``stage``'s (None otherwise) and those passed over, handed
+        out once: the first stage to run reports them, and the tensors are freed once restored."""
+        found, skipped, self.found, self.skipped = self.found, self.skipped, None, []
+        return (found if found is not None and found.meta.get("stage") == stage else None), skipped
 
 
 @dataclass
@@ -167,11 +178,21 @@ def all_gather(obj: Any) -> list[Any]:
     return out
 
 
-def _reduce(values: torch.Tensor, op=None) -> torch.Tensor:
+def _reduce(values: torch.Tensor, op=None, group=None) -> torch.Tensor:
     if world_size() > 1:
         values = values.clone()
-        dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
+        dist.all_reduce(values, op=op or dist.ReduceOp.SUM, group=group)
     return values
+
+
+@functools.cache
+def _host_group():
+    """A process group over CPU tensors (gloo) for what ranks agree on every step: agreeing
+    through NCCL would make each step wait for the GPU to finish the previous one. One per
+    worker process, whatever the number of stages its group trains."""
+    if world_size() == 1 or dist.get_backend() == dist.Backend.GLOO:
+        return None
+    return dist.new_group(backend=dist.Backend.GLOO)
 
 
 class _Checkpointer:
@@ -180,13 +201,11 @@ class _Checkpointer:
         self.task, self.model, self.optimizer, self.scheduler = task, model, optimizer, scheduler
         self.rank, self.spec, self.logger = rank, spec, logger
         self.last_good: Optional[str] = None
-        self.skipped: list[str] = []
         self.started = time.perf_counter()
 
-    def restore(self, state: TrainState) -> bool:
-        found, self.skipped = _resume_point(keep_corrupt=self.rank == 0)
-        if found is None or found.meta.get("stage") != self.spec.stage:
-            return False  # nothing saved yet, or an earlier stage's of the group
+    def restore(self, state: TrainState, found: Optional[Loaded]) -> bool:
+        if found is None:
+            return False
         _unwrap(self.model).load_state_dict(found.model)
         self.optimizer.load_state_dict(found.trainer["optimizer"])
         self.scheduler.load_state_dict(found.trainer["scheduler"])
@@ -258,8 +277,8 @@ class _Window:
         self.micro += 1
 
 
-def train(task: Task) -> None:
-    """Run (or resume) a stage's training in this Ray Train worker.
+def train(task: Task, resume: Resume) -> None:
+    """Run (or resume from ``resume``) a stage's training in this Ray Train worker.
 
     Rank 0 logs to MLflow through a spool in the pipeline's storage (and so does the first
     worker of every other node, with its node's system metrics): training never waits on
@@ -289,7 +308,7 @@ def train(task: Task) -> None:
     watching = spec.system_metrics_every_s is not None and context.get_local_rank() == 0  # one sampler a node
     try:
         with _node_metrics(spec, node, spools[0] if rank == 0 else spool(node or f"rank{rank}")) if watching else nullcontext():
-            _train(task, spec, logger)
+            _train(task, spec, logger, resume)
     except StopTraining as exc:
         if logger is not None:
             logger.tags({FAILED_REASON: str(exc)})
@@ -298,7 +317,7 @@ def train(task: Task) -> None:
             logger.tags({PREEMPTED: str(exc)})
     finally:
         for each in spools:  # what is not delivered in time stays on disk for the driver
-            each.close(WORKER_DELIVERY_WAIT_S)
+            each.close(0.0 if each.unreachable_since is not None else WORKER_DELIVERY_WAIT_S)
 
 
 def _node_metrics(spec: LoopSpec, node: Optional[str], spool: Spool):
@@ -307,7 +326,7 @@ def _node_metrics(spec: LoopSpec, node: Optional[str], spool: Spool):
     return system_metrics(logger.metrics, node, spec.system_metrics_every_s, first_step=spooled_step(spool, series) + 1)
 
 
-def _train(task: Task, spec: LoopSpec, logger: Optional[RunLogger]) -> None:
+def _train(task: Task, spec: LoopSpec, logger: Optional[RunLogger], resume: Resume) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -318,13 +337,15 @@ def _train(task: Task, spec: LoopSpec, logger: Optional[RunLogger]) -> None:
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     state = TrainState()
     checkpointer = _Checkpointer(task, ddp_model, optimizer, scheduler, rank, spec, logger)
-    resumed = checkpointer.restore(state)
+    found, skipped = resume.take(spec.stage)
+    resumed = checkpointer.restore(state, found)
+    del found
     skips = spec.skips if rank == 0 else None
     pictures = task.picture_steps(spec.total_steps)
     out_dir = Path(tempfile.mkdtemp(prefix=f"{spec.stage}-"))
-    if logger and checkpointer.skipped:
-        worker_log.warning("checkpoints that do not load were passed over (copies in %s): %s", CORRUPT_DIR, checkpointer.skipped)
-        logger.tags({SKIPPED_CHECKPOINTS: "; ".join(checkpointer.skipped)})
+    if logger and skipped:
+        worker_log.warning("checkpoints that do not load were passed over (copies in %s): %s", CORRUPT_DIR, skipped)
+        logger.tags({SKIPPED_CHECKPOINTS: "; ".join(skipped)})
     if logger and resumed:
         logger.tags({"mixmae.resumed_from": checkpointer.last_good})
     if logger and not resumed and 0 in pictures:
@@ -345,10 +366,12 @@ def _train(task: Task, spec: LoopSpec, logger: Optional[RunLogger]) -> None:
                 f"Last good checkpoint: {checkpointer.last_good or 'none (diverged before the first checkpoint)'}."
             )
 
+    host_group = _host_group()
+
     def stop_asked() -> bool:
         """Whether the driver asked to stop; every rank gets the same answer at the same step."""
         asked = bool(spec.stop_file) and os.path.exists(spec.stop_file)
-        return bool(int(_reduce(torch.tensor(int(asked), device=device), dist.ReduceOp.MAX).item()))
+        return bool(int(_reduce(torch.tensor(int(asked)), dist.ReduceOp.MAX, host_group).item()))
 
     def check_data(reason: Optional[str]) -> None:
         """Rank 0 judges the skip counts; every rank must stop with it."""
