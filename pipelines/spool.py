@@ -6,24 +6,29 @@ model) to ``<storage>/tracking_spool/<run id>/records.jsonl`` and returns at onc
 thread delivers the records in order, with back-off while the server is away, and keeps the
 offset of the last one delivered in ``sent``. Records survive the worker: a restarted
 attempt, the driver after the stage, ``mixmae sync`` or the next ``mixmae run`` deliver what
-is left. Delivering a record twice is harmless: a metric carries its timestamp from the
-moment it was logged, so MLflow drops the repeat; tags and artifacts are overwritten with
-the same content.
+is left. Two senders of one folder (a worker's and the driver's) deliver one at a time,
+holding the folder's lock, so neither sends what the other has sent. Should a record still
+go twice (a sender killed between sending and noting it), it is harmless: a metric carries
+its timestamp from the moment it was logged, so MLflow drops the repeat; tags and artifacts
+are overwritten with the same content; a model is looked up before it is created.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 RECORDS = "records.jsonl"
 SENT = "sent"
 RUN_FILE = "run.json"
+LOCK = "deliver.lock"
 REJECTED = "rejected.jsonl"
 FILES = "files"
 SPOOL_DIR = "tracking_spool"
@@ -128,10 +133,24 @@ class Spool:
 
     # ------------------------------------------------------------------ delivering
 
+    @contextmanager
+    def _delivering(self):
+        """The folder's delivery lock, across processes (advisory: every sender takes it)."""
+        with (self.dir / LOCK).open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def deliver(self) -> None:
         """Send every pending record in order. Raises at the first the server could take
         later (see ``retryable``); one it refuses is set aside in ``rejected.jsonl`` with the
         reason, said once each, and delivery goes on."""
+        with self._delivering():
+            self._deliver_pending()
+
+    def _deliver_pending(self) -> None:
         for offset, record in self.records(self.sent_offset()):
             try:
                 self._send(record)

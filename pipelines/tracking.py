@@ -317,10 +317,11 @@ def system_metrics(emit: Callable[[dict[str, float], int], None], node: Optional
 def log_stage_model(tracking_uri: str, run_id: str, config: dict[str, Any], weights: Path) -> str:
     """Log a stage's model (``config`` from ``stage_model.job_config``) as an MLflow model of its
     run: a pyfunc rebuilt from ``weights`` (see ``pipelines/stage_model.py``), with a signature
-    and input example; its URI."""
+    and input example; its URI. A run's model of that name already logged is not logged again."""
     import mlflow
     import numpy as np
     import torch
+    from mlflow.entities import LoggedModelStatus
     from mlflow.models import infer_signature
 
     from mixmae_core.checkpoint import load_state_dict
@@ -328,12 +329,19 @@ def log_stage_model(tracking_uri: str, run_id: str, config: dict[str, Any], weig
 
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{config['name']}'"
+    )
+    ready = [model for model in logged if model.status == LoggedModelStatus.READY]
+    if ready:
+        return ready[0].model_uri
     model = stage_model.build(config).eval()
     model.load_state_dict(load_state_dict(weights))  # what a loader will do, checked here
     size = config["spec"]["img_size"]
     example = np.zeros((1, 3, size, size), np.float32)
     output = stage_model.outputs(config["task"], model, torch.from_numpy(example))
-    logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=config["name"], source_run_id=run_id)
+    logged = client.create_logged_model(experiment_id, name=config["name"], source_run_id=run_id)
     info = mlflow.pyfunc.log_model(
         python_model=stage_model.__file__, model_id=logged.model_id, artifacts={"weights": str(weights)},
         model_config=config, input_example=example, signature=infer_signature(example, output),

@@ -144,21 +144,27 @@ def test_dataset_planning_modules_do_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_ray_trains_dataset_manager_unpickles_the_data_config_without_torch_or_mlflow():
-    """Every stage starts a DatasetManager actor that unpickles the stage's data config."""
+def test_the_train_loop_config_unpickles_without_torch_or_mlflow(synthetic_data, tmp_path):
+    """Ray Train's controller unpickles every run's train-loop config: the stages' jobs with
+    their data recipes; torch or MLflow would cost it seconds."""
     from ray import cloudpickle
 
-    from pipelines.data.ray_internals import StageDataConfig
+    from pipelines.config import load_config
+    from pipelines.data.manifest import build_manifest, open_source, write_manifest
+    from pipelines.stages.jobs import DataRecipe, StageJob
 
+    config = load_config()
+    source = open_source(write_manifest(build_manifest("imagefolder", synthetic_data["pretrain"]), tmp_path / "m.parquet"))
+    job = StageJob("pretrain", config.pretrain, config.pretrain.model,
+                   data={"train": DataRecipe("pretrain", source, {"img_size": 64})})
     code = (
         "import pickle, sys\n"
-        "config = pickle.loads(sys.stdin.buffer.read())\n"
-        "assert type(config).__name__ == 'StageDataConfig', config\n"
+        "jobs = pickle.loads(sys.stdin.buffer.read())\n"
+        "assert type(jobs[0].data['train']).__name__ == 'DataRecipe', jobs\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mlflow', 'timm', 'rich'))\n"
         "assert not bad, bad[:5]\n"
     )
-    pickled = cloudpickle.dumps(StageDataConfig(["train"], ["val"]))
-    subprocess.run([sys.executable, "-c", code], input=pickled, check=True)
+    subprocess.run([sys.executable, "-c", code], input=cloudpickle.dumps([job]), check=True)
 
 
 def test_decode_tasks_are_neither_too_small_nor_too_large():

@@ -1,5 +1,5 @@
 """Ray Data pipelines on the session's local Ray cluster: pairing, epochs, determinism,
-packed shards, every task's rows, skip accounting and Ray Train sharding."""
+workers' shards and resume positions, packed shards, every task's rows, skip accounting."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pipelines.data.datasets import (
 )
 from pipelines.data.manifest import build_manifest, open_source, pack_manifest, write_manifest
 from pipelines.data.quality import PARTNER_SKIPPED, DataQualityError, StageSkips, check_skip_threshold, start_skip_counter
-from pipelines.data.order import units_for_chunk
+from pipelines.data.order import Shard, chunk_units
 from pipelines.data.samples import STREAM_BLOCK_BYTES, decode_classification, decode_pairs
 from pipelines.data.synth import SCALES, SYNTH_LAYOUTS
 from tests.servers import actors
@@ -64,9 +64,12 @@ def _train_ids(manifest) -> list[int]:
     return sorted(table.column("image_id").to_pylist())
 
 
+def _epoch_dataset(manifest, epoch: int, **kwargs):
+    return build_dataset("pretrain", manifest, img_size=96, mask_ratio=0.75, seed=0, shard=Shard(epoch=epoch), **kwargs)
+
+
 def test_pairs_cover_each_image_once_and_change_every_epoch(ray_local, manifests):
-    ds = build_dataset("pretrain", manifests["pretrain"], img_size=96, mask_ratio=0.75, seed=0)
-    epochs = [_epoch(ds), _epoch(ds)]
+    epochs = [_epoch(_epoch_dataset(manifests["pretrain"], e)) for e in (0, 1)]
     for pairs in epochs:
         ids = [i for key in pairs for i in key]
         assert sorted(ids) == _train_ids(manifests["pretrain"]) and len(ids) == PRETRAIN_TRAIN
@@ -77,13 +80,38 @@ def test_pairs_cover_each_image_once_and_change_every_epoch(ray_local, manifests
     masks = {m.tobytes() for _, m in epochs[0].values()}
     assert len(masks) > 1, "one mask per pair, not one per batch"
 
-    # (seed, epoch) alone fixes pairs, crops and masks: a dataset started at epoch 1 replays it
-    replay = _epoch(pretrain_dataset(manifests["pretrain"], img_size=96, mask_ratio=0.75, seed=0, epoch=1))
-    assert replay.keys() == epochs[1].keys()
-    for key, (images, mask) in replay.items():
+    # (seed, epoch) alone fix pairs, crops, masks and their order: the same epoch again is the same
+    replay = list(_epoch_dataset(manifests["pretrain"], 1).iter_torch_batches(batch_size=8, collate_fn=PairCollate()))
+    assert list(_pairs(replay)) == list(epochs[1])
+    for key, (images, mask) in _pairs(replay).items():
         assert np.array_equal(images, epochs[1][key][0]) and np.array_equal(mask, epochs[1][key][1])
-    other_seed = _epoch(pretrain_dataset(manifests["pretrain"], img_size=96, mask_ratio=0.75, seed=1, epoch=1))
+    other_seed = _epoch(pretrain_dataset(manifests["pretrain"], img_size=96, mask_ratio=0.75, seed=1, shard=Shard(epoch=1)))
     assert other_seed.keys() != epochs[1].keys()
+
+
+def _ids_and_positions(ds, batch_size: int = 4) -> tuple[list[int], list[int]]:
+    batches = list(ds.iter_torch_batches(batch_size=batch_size, collate_fn=PairCollate()))
+    return [i for b in batches for i in b["image_ids"].tolist()], [p for b in batches for p in b["position"].tolist()]
+
+
+def test_workers_shards_are_disjoint_ordered_and_a_resumed_shard_reads_on(ray_local, manifests):
+    """Each worker's shard of an epoch is its blocks of the epoch's order, in order; the
+    workers' shards cover the epoch; one started at a position reads exactly what follows."""
+    manifest = manifests["pretrain"]
+    def shard(**fields):
+        return _ids_and_positions(build_dataset("pretrain", manifest, img_size=64, seed=0, shard=Shard(epoch=3, **fields)))
+
+    whole, _ = shard()
+    shards = [shard(rank=r, world=2, block=4) for r in (0, 1)]
+    for rank, (ids, positions) in enumerate(shards):
+        assert positions == list(range(len(positions))) and len(ids) == 2 * len(positions)
+        # blocks of 4 pairs (8 images) dealt in turn: rank r's k-th block is block 2k + r of the epoch
+        for k in range(len(ids) // 8):
+            assert ids[8 * k : 8 * k + 8] == whole[8 * (2 * k + rank) : 8 * (2 * k + rank) + 8]
+    assert sorted(shards[0][0] + shards[1][0]) == sorted(whole) == _train_ids(manifest)
+    ids, positions = shard(rank=1, world=2, block=4, start=6, limit=14)
+    assert positions == list(range(6, 14)) and ids == shards[1][0][12:28]
+    assert shard(rank=1, world=2, block=4, start=14, limit=14) == ([], [])
 
 
 def test_odd_image_count_leaves_one_image_out(ray_local, manifests, tmp_path):
@@ -98,8 +126,8 @@ def test_decode_tasks_yield_blocks_bounded_in_bytes_at_every_image_size(manifest
     """A block holds at most STREAM_BLOCK_BYTES of images (64 at 224 px, 16 at 448), so
     the blocks a decode task keeps waiting stay bounded in bytes at every image size."""
     table = open_source(manifests["pretrain"]).table("train", ["image_id", "path", "label"])
-    pairs = units_for_chunk(table, 0, chunk=24, group=2, shuffle=True, seed=0, epoch=0)
-    singles = units_for_chunk(table, 0, chunk=80, group=1, shuffle=False, seed=0, epoch=0)
+    pairs = chunk_units(table, Shard(), 0, chunk=24, group=2, shuffle=True, seed=0)
+    singles = chunk_units(table, Shard(), 0, chunk=80, group=1, shuffle=False, seed=0)
     expected = {224: ([48], [64, 16]), 448: ([16, 16, 16], [16] * 5)}
     for size, (pair_images, single_images) in expected.items():
         blocks = list(decode_pairs(pairs, img_size=size, mask_ratio=0.5))
@@ -110,14 +138,21 @@ def test_decode_tasks_yield_blocks_bounded_in_bytes_at_every_image_size(manifest
         assert all(b["image"].nbytes <= STREAM_BLOCK_BYTES for b in blocks)
 
 
-def test_packed_shards_give_the_same_pairs_and_images(ray_local, manifests, tmp_path):
+def test_packed_shards_give_one_worker_the_same_pairs_and_images(ray_local, manifests, tmp_path):
     packed = tmp_path / "packed"
     pack_manifest(manifests["pretrain"], packed, rows_per_shard=30)
-    from_paths = _epoch(pretrain_dataset(manifests["pretrain"], img_size=64, seed=3, epoch=2))
-    from_bytes = _epoch(pretrain_dataset(packed, img_size=64, seed=3, epoch=2))
-    assert from_paths.keys() == from_bytes.keys() and len(from_paths) == PRETRAIN_TRAIN // 2
+    from_paths = _epoch(pretrain_dataset(manifests["pretrain"], img_size=64, seed=3, shard=Shard(epoch=2)))
+    from_bytes = _epoch(pretrain_dataset(packed, img_size=64, seed=3, shard=Shard(epoch=2)))
+    assert list(from_paths) == list(from_bytes) and len(from_paths) == PRETRAIN_TRAIN // 2
     for key, (images, mask) in from_paths.items():
         assert np.array_equal(images, from_bytes[key][0]) and np.array_equal(mask, from_bytes[key][1])
+    # two workers read their own row groups: disjoint, covering, in order; resumed, what follows
+    shards = [_ids_and_positions(pretrain_dataset(packed, img_size=64, seed=3, shard=Shard(rank=r, world=2, epoch=2)))
+              for r in (0, 1)]
+    assert sorted(shards[0][0] + shards[1][0]) == _train_ids(manifests["pretrain"])
+    assert all(positions == list(range(len(positions))) for _, positions in shards)
+    again = _ids_and_positions(pretrain_dataset(packed, img_size=64, seed=3, shard=Shard(rank=1, world=2, epoch=2, start=5)))
+    assert again == (shards[1][0][10:], shards[1][1][5:])
 
     def by_id(source):
         ds = classification_dataset(source, split="val", img_size=64, train=False)
@@ -136,13 +171,17 @@ def test_classification_eval_reads_every_layout(ray_local, manifests, name):
 
 
 def test_classification_training_rows_are_augmented_per_epoch_and_reproducible(ray_local, manifests):
-    ds = classification_dataset(manifests["imagenet"], split="train", img_size=64, train=True, seed=5)
+    def epoch(e):
+        return classification_dataset(manifests["imagenet"], split="train", img_size=64, train=True, seed=5, shard=Shard(epoch=e))
+
+    ds = epoch(0)
     first = {r["image_id"]: r["image"] for r in ds.take_all()}
-    second = {r["image_id"]: r["image"] for r in ds.take_all()}
+    second = {r["image_id"]: r["image"] for r in epoch(1).take_all()}
     assert first.keys() == second.keys() and len(first) == TINY.classes["imagenet"] * TINY.train_per_class
     assert sum(np.array_equal(first[k], second[k]) for k in first) < len(first) // 10
-    replay = classification_dataset(manifests["imagenet"], split="train", img_size=64, train=True, seed=5, epoch=1)
-    assert all(np.array_equal(r["image"], second[r["image_id"]]) for r in replay.take_all())
+    replay = epoch(1).take_all()
+    assert [r["image_id"] for r in replay] == list(second)
+    assert all(np.array_equal(r["image"], second[r["image_id"]]) for r in replay)
     batch = next(iter(ds.iter_torch_batches(batch_size=16)))
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (16, 3, 64, 64)
     assert batch["label"].dtype == torch.int64
@@ -155,8 +194,9 @@ def test_detection_targets_live_in_the_ground_truth_frame(ray_local, manifests):
 
     ds = detection_dataset(manifests["coco"], split="val", img_size=96, train=False)
     detections = []
-    for images, targets in ds.iter_torch_batches(batch_size=4, collate_fn=DetectionCollate()):
-        for image, target in zip(images, targets):
+    for batch in ds.iter_torch_batches(batch_size=4, collate_fn=DetectionCollate()):
+        assert batch["image_id"].tolist() == [int(t["image_id"]) for t in batch["targets"]]
+        for image, target in zip(batch["images"], batch["targets"]):
             assert image.shape == (3, 96, 96) and image.dtype == torch.uint8
             assert target["masks"].shape == (len(target["boxes"]), 96, 96)
             assert set(target["labels"].tolist()) <= {1, 2, 3}
@@ -240,67 +280,3 @@ def test_bad_inputs_are_counted_and_the_threshold_fires(ray_local, bad_dataset, 
     assert 2 * len(pairs) + dropped + len(expected_skips) == len(bad_images) + 1
     assert snap["attempted"] == len(bad_images) + 1
     ray.kill(actor)
-
-
-def test_ray_train_workers_get_disjoint_shards_that_cover_the_epoch(ray_local, manifests, tmp_path):
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    def train_fn(config):
-        ctx = ray.train.get_context()
-        shard = ray.train.get_dataset_shard("train")
-        ids = [i for b in shard.iter_torch_batches(batch_size=4, collate_fn=PairCollate()) for i in b["image_ids"].tolist()]
-        with open(f"{config['out']}/rank{ctx.get_world_rank()}.json", "w") as f:
-            json.dump(ids, f)
-
-    TorchTrainer(
-        train_fn,
-        train_loop_config={"out": str(tmp_path)},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
-        run_config=RunConfig(storage_path=str(tmp_path / "results"), name="disjoint-shards"),
-        datasets={"train": pretrain_dataset(manifests["pretrain"], img_size=64, seed=0)},
-    ).fit()
-    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert all(len(ids) == PRETRAIN_TRAIN // 2 for ids in seen)
-    assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == _train_ids(manifests["pretrain"])
-
-
-def test_a_single_worker_reads_its_datasets_in_process_with_fresh_epochs(ray_local, manifests, tmp_path):
-    """One Ray Train worker executes the datasets itself (no split coordinator actors);
-    each epoch is a new order of the whole training split, evaluation sees every image once."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.data.ray_internals import StageDataConfig
-
-    def train_fn(config):
-        train, val = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-        epochs = [[i for b in train.iter_batches(batch_size=8) for i in b["image_id"].tolist()] for _ in range(2)]
-        seen = {"epochs": epochs, "val": [i for b in val.iter_batches(batch_size=8) for i in b["image_id"].tolist()]}
-        with open(f"{config['out']}/ids.json", "w") as f:
-            json.dump(seen, f)
-
-    def coordinators() -> int:
-        return len(actors("SplitCoordinator"))
-
-    before = coordinators()
-    source = manifests["imagenet"]
-    TorchTrainer(
-        train_fn,
-        train_loop_config={"out": str(tmp_path)},
-        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
-        run_config=RunConfig(storage_path=str(tmp_path / "results"), name="one-worker"),
-        datasets={
-            "train": classification_dataset(source, split="train", img_size=32, train=True, auto_augment=None),
-            "val": classification_dataset(source, split="val", img_size=32, train=False),
-        },
-        dataset_config=StageDataConfig(["train"], ["val"]),
-    ).fit()
-    seen = json.loads((tmp_path / "ids.json").read_text())
-    first, second = seen["epochs"]
-    assert sorted(first) == sorted(second) == _train_ids(source)
-    assert first != second
-    val = pq.read_table(source, filters=pc.field("split") == "val").column("image_id").to_pylist()
-    assert sorted(seen["val"]) == sorted(val)
-    assert coordinators() == before

@@ -109,6 +109,37 @@ def test_metrics_delivered_twice_are_stored_once_and_artifacts_are_kept_until_se
     assert pending_spools(tmp_path / "storage") == []
 
 
+def test_a_model_delivered_twice_is_one_logged_model(tmp_path):
+    """The worker's sender and the driver deliver the same spool: one at a time (the folder's
+    lock), and a model record sent again after a crash finds its model instead of making another."""
+    from mixmae_core.checkpoint import save_state_dict
+    from pipelines import stage_model
+    from pipelines.config import load_config
+    from pipelines.stages.jobs import StageJob
+
+    config = load_config()
+    job = StageJob("pretrain", config.pretrain, config.pretrain.model)
+    weights = tmp_path / "encoder.safetensors"
+    save_state_dict(weights, stage_model.build(stage_model.job_config(job)).state_dict())
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("models", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    spool = run_spool(tmp_path / "storage", uri, run_id)
+    RunLogger(uri, run_id, spool=spool).model(stage_model.job_config(job), weights)
+    senders = [open_spool(spool.dir), open_spool(spool.dir)]
+    threads = [threading.Thread(target=sender.drain, args=(120,)) for sender in senders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    spool.dir.joinpath("sent").unlink()  # delivered again from the start, as after a crash before `sent` was written
+    assert open_spool(spool.dir).drain(120)
+    models = client.search_logged_models([experiment])
+    assert len(models) == 1 and models[0].source_run_id == run_id
+    assert client.get_run(run_id).data.tags["mixmae.model_uri"] == models[0].model_uri
+
+
 def test_a_record_the_server_refuses_is_set_aside_with_its_reason_and_the_rest_still_go(tmp_path):
     taken = []
 

@@ -34,7 +34,8 @@ def normalize_on_device(
 
 
 class PairCollate(NumpyBatchCollateFn):
-    """Pairs -> ``{"images": uint8 (2P, 3, S, S), "mask": bool (P, h, w), "image_ids": int64 (2P,)}``.
+    """Pairs -> ``{"images": uint8 (2P, 3, S, S), "mask": bool (P, h, w), "image_ids": int64 (2P,),
+    "position": int64 (P,)}``.
 
     Rows ``2k`` and ``2k+1`` of ``images`` are pair ``k``, as ``mixmae_core`` expects, so
     ``iter_torch_batches(batch_size=P)`` yields ``2P`` images. A pair row holds both views
@@ -50,15 +51,16 @@ class PairCollate(NumpyBatchCollateFn):
             "images": convert_ndarray_to_torch_tensor(images.reshape(-1, *images.shape[2:])),
             "mask": torch.from_numpy(np.array(batch["mask"], dtype=bool)),
             "image_ids": convert_ndarray_to_torch_tensor(batch["image_ids"].reshape(-1)),
+            "position": torch.from_numpy(np.asarray(batch["position"], np.int64)),
         }
 
 
 class DetectionCollate(NumpyBatchCollateFn):
-    """Rows -> ``(images, targets)`` in torchvision detection style: a list of uint8
-    ``(3, S, S)`` tensors and a list of ``{"boxes", "labels", "masks", "image_id"}`` dicts.
-    Left on the CPU (lists of dicts are not moved by ``iter_torch_batches``)."""
+    """Rows -> ``{"images", "targets", "image_id", "position"}`` in torchvision detection
+    style: a list of uint8 ``(3, S, S)`` tensors and a list of ``{"boxes", "labels", "masks",
+    "image_id"}`` dicts. Left on the CPU (lists of dicts are not moved by ``iter_torch_batches``)."""
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict:
         images = [torch.from_numpy(np.array(image)) for image in batch["image"]]
         targets = [
             {
@@ -71,4 +73,5 @@ class DetectionCollate(NumpyBatchCollateFn):
                 zip(batch["boxes"], batch["labels"], batch["masks"], batch["image_id"])
             )
         ]
-        return images, targets
+        return {"images": images, "targets": targets, "image_id": torch.from_numpy(np.asarray(batch["image_id"], np.int64)),
+                "position": torch.from_numpy(np.asarray(batch["position"], np.int64))}

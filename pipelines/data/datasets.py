@@ -1,11 +1,12 @@
 """Ray Data pipelines that feed the Ray Train stages: one builder per task.
 
 Every builder takes a ``source`` (a manifest file or a folder of packed shards, see
-:func:`pipelines.data.manifest.open_source`) and returns a lazy ``ray.data.Dataset`` to
-hand to ``TorchTrainer(datasets=...)``; workers read their shard with
-``ray.train.get_dataset_shard(name).iter_torch_batches(...)``. Training datasets draw a
-fresh order (and pairing) every epoch: see :mod:`pipelines.data.order`; the samples are
-decoded by :mod:`pipelines.data.samples`.
+:func:`pipelines.data.manifest.open_source`) and a :class:`~pipelines.data.order.Shard`
+(which worker, which epoch, from which position) and returns a lazy ``ray.data.Dataset``
+that yields the shard's samples in order: a Ray Train worker builds its own, epoch by
+epoch, and reads it with ``iter_torch_batches``. Each epoch has its own order (and
+pairing): see :mod:`pipelines.data.order`; the samples are decoded by
+:mod:`pipelines.data.samples`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import numpy as np
 import ray
 
 from pipelines.data.manifest import DataSource, open_source
-from pipelines.data.order import unit_stream
+from pipelines.data.order import Shard, unit_stream
 from pipelines.data.quality import StageSkips
-from pipelines.data.ray_internals import tune_streaming
+from pipelines.data.ray_internals import configure_execution
 from pipelines.data.samples import (
     decode_classification,
     decode_detection,
@@ -37,23 +38,37 @@ def _pipeline(
     columns: list[str],
     decode: Callable[..., Iterator[dict]],
     *,
+    shard: Shard,
+    cpus: Optional[float],
     group: int,
     shuffle: bool,
     seed: int,
-    epoch: int,
     max_packed_units: int,
     img_size: int,
     **decode_kwargs: Any,
 ) -> "ray.data.Dataset":
-    """Units of ``split`` (see :func:`pipelines.data.order.unit_stream`) decoded by ``decode``."""
+    """The shard's units of ``split`` (see :func:`pipelines.data.order.unit_stream`) decoded by
+    ``decode``, in order; ``cpus``: what the decode tasks may use (None: the whole cluster)."""
+    if cpus is None:
+        cpus = cluster_cpus()
     ds, batch_size = unit_stream(
-        source, split, columns, group=group, shuffle=shuffle, seed=seed, epoch=epoch,
-        max_packed_units=max_packed_units,
+        source, split, columns, shard, group=group, shuffle=shuffle, seed=seed, max_packed_units=max_packed_units,
+        cpus=cpus,
     )
     ds = ds.map_batches(decode, batch_size=batch_size, fn_kwargs=dict(img_size=img_size, **decode_kwargs))
     # the context is shared with the datasets ``ds`` derives from, nobody else's
-    tune_streaming(ds.context, None if source.packed else stream_images(img_size) * 3 * img_size * img_size)
+    block_bytes = None if source.packed else stream_images(img_size) * 3 * img_size * img_size
+    configure_execution(ds.context, block_bytes, cpus, 1 / shard.world)
     return ds
+
+
+def cluster_cpus() -> float:
+    """The cluster's CPUs (joining or starting one as :class:`~pipelines.config.RaySettings` says)."""
+    from pipelines.config import RaySettings
+
+    if not ray.is_initialized():
+        ray.init(address=RaySettings().cluster() or "local")
+    return float(ray.cluster_resources().get("CPU", 1))
 
 
 def pretrain_dataset(
@@ -63,7 +78,8 @@ def pretrain_dataset(
     img_size: int = 224,
     mask_ratio: float = 0.5,
     seed: int = 0,
-    epoch: int = 0,
+    shard: Shard = Shard(),
+    cpus: Optional[float] = None,
     scale: tuple[float, float] = PRETRAIN_SCALE,
     ratio: tuple[float, float] = CROP_RATIO,
     hflip: float = 0.5,
@@ -79,7 +95,7 @@ def pretrain_dataset(
     """
     return _pipeline(
         open_source(source), split, ["image_id", "path"], decode_pairs,
-        group=2, shuffle=True, seed=seed, epoch=epoch, max_packed_units=64, img_size=img_size,
+        shard=shard, cpus=cpus, group=2, shuffle=True, seed=seed, max_packed_units=64, img_size=img_size,
         mask_ratio=mask_ratio, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip, draft=draft, skips=skips,
     )
 
@@ -91,7 +107,8 @@ def classification_dataset(
     img_size: int = 224,
     train: bool,
     seed: int = 0,
-    epoch: int = 0,
+    shard: Shard = Shard(),
+    cpus: Optional[float] = None,
     auto_augment: Optional[str] = RAND_AUGMENT,
     crop_pct: float = 0.875,
     interpolation: str = "bicubic",
@@ -107,7 +124,7 @@ def classification_dataset(
     """
     return _pipeline(
         open_source(source), split, ["image_id", "path", "label"], decode_classification,
-        group=1, shuffle=train, seed=seed, epoch=epoch, max_packed_units=64, img_size=img_size,
+        group=1, shard=shard, cpus=cpus, shuffle=train, seed=seed, max_packed_units=64, img_size=img_size,
         train=train, transform=(auto_augment, crop_pct, interpolation, tuple(scale), hflip), skips=skips,
     )
 
@@ -119,7 +136,8 @@ def detection_dataset(
     img_size: int = 512,
     train: bool,
     seed: int = 0,
-    epoch: int = 0,
+    shard: Shard = Shard(),
+    cpus: Optional[float] = None,
     skips: Optional[StageSkips] = None,
 ) -> "ray.data.Dataset":
     """COCO layout rows: ``image`` uint8 (3, S, S) letterboxed (longer side scaled to S,
@@ -133,7 +151,7 @@ def detection_dataset(
         raise ValueError(f"detection reads the coco layout; {source.files[0]} is {source.layout}")
     return _pipeline(
         source, split, ["image_id", "path", "annotation"], decode_detection,
-        group=1, shuffle=train, seed=seed, epoch=epoch, max_packed_units=16, img_size=img_size,
+        group=1, shard=shard, cpus=cpus, shuffle=train, seed=seed, max_packed_units=16, img_size=img_size,
         train=train, category_ids=source.category_ids, skips=skips,
     )
 
@@ -145,7 +163,8 @@ def segmentation_dataset(
     img_size: int = 512,
     train: bool,
     seed: int = 0,
-    epoch: int = 0,
+    shard: Shard = Shard(),
+    cpus: Optional[float] = None,
     scale_range: tuple[float, float] = (0.5, 2.0),
     skips: Optional[StageSkips] = None,
 ) -> "ray.data.Dataset":
@@ -158,7 +177,7 @@ def segmentation_dataset(
         raise ValueError(f"segmentation reads the ade20k layout; {source.files[0]} is {source.layout}")
     return _pipeline(
         source, split, ["image_id", "path", "annotation"], decode_segmentation,
-        group=1, shuffle=train, seed=seed, epoch=epoch, max_packed_units=32, img_size=img_size,
+        group=1, shard=shard, cpus=cpus, shuffle=train, seed=seed, max_packed_units=32, img_size=img_size,
         train=train, scale_range=tuple(scale_range), skips=skips,
     )
 

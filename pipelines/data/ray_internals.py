@@ -2,33 +2,25 @@
 
 Each use below is a knob with no public equivalent in the pinned Ray (2.60). When Ray is
 upgraded, rerun ``python benchmarks/data_throughput.py`` (Ray Data against a DataLoader
-doing the same work, per core) and ``pytest -m ray tests/test_data_pipeline.py`` (epochs,
+doing the same work, per core) and ``pytest -m ray tests/test_data_pipeline.py`` (order,
 pairing, resume); the README's data figures say what to expect.
 
-* ``DataContext._execution_idx`` (:func:`execution_index`): Ray Data's own per-epoch
-  reseeding keys on this counter; the streaming executor bumps it after each execution and
-  ships it to tasks. A training dataset reads it to draw a fresh order and pairing every
-  epoch from one lazily built dataset.
-* ``DataContext._max_num_blocks_in_streaming_gen_buffer`` (:func:`tune_streaming`): how many
-  finished blocks a decode task may hold before it pauses in ``yield``.
-* ``DataConfig._resolve_execution_options`` (:class:`StageDataConfig`): the execution
-  options Ray Train gives a dataset, reused for the datasets this config executes itself.
+* ``DataContext._max_num_blocks_in_streaming_gen_buffer`` (:func:`configure_execution`): how
+  many finished blocks a decode task may hold before it pauses in ``yield``.
+* ``ResourceManager.DEFAULT_OBJECT_STORE_MEMORY_LIMIT_FRACTION_NO_RESERVATION``
+  (:func:`configure_execution`): the share of the object store an executor plans with, which
+  each of a stage's workers divides (every worker executes its own dataset).
 
-The public ``DataContext`` fields set in :func:`tune_streaming` live here too, because
+The public ``DataContext`` fields set in :func:`configure_execution` live here too, because
 they were tuned together with the private one and are measured by the same benchmark.
-
-This module imports Ray only: Ray Train's DatasetManager actor unpickles
-:class:`StageDataConfig` (so imports this module) in every stage, and torch, MLflow or
-rich would cost it seconds.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-import ray
-import ray.train
-from ray.data import DataContext
+from ray.data import DataContext, ExecutionOptions, ExecutionResources
+from ray.data._internal.execution.resource_manager import ResourceManager
 
 #: Blocks a decode task may have waiting for the driver before it pauses (Ray's default: 2).
 STREAM_GEN_BUFFER_BLOCKS = 8
@@ -37,16 +29,17 @@ STREAM_GEN_BUFFER_BLOCKS = 8
 DOWNSTREAM_QUEUE_RATIO = 8.0
 
 
-def execution_index() -> int:
-    """How many times the dataset running this task was executed before: its epoch offset."""
-    return DataContext.get_current()._execution_idx
-
-
-def tune_streaming(ctx: DataContext, block_bytes: Optional[int]) -> None:
-    """Settings for long decode tasks that stream ``block_bytes`` blocks to a trainer
+def configure_execution(ctx: DataContext, block_bytes: Optional[int], cpus: float, share: float = 1.0) -> None:
+    """Settings for a worker's dataset: long decode tasks that stream ``block_bytes`` blocks
     (None: leave the block settings alone, for packed shards, whose read and shuffle would
-    otherwise be cut into tiny blocks).
+    otherwise be cut into tiny blocks) to one consumer, in order, within ``cpus`` and
+    ``share`` of the object store Ray Data would plan with.
 
+    * Blocks come out in the order of the shard (``preserve_order``): what a step trains on
+      must not depend on which decode task finished first. Decode tasks are long and of
+      equal size, so a task's blocks rarely wait for its predecessor's.
+    * Every worker of a stage executes its own dataset, so each executor gets its share of
+      the CPUs and object store (Ray Data would otherwise plan with the whole cluster's).
     * Ray Data merges a task's yields into blocks up to ``target_max_block_size``; one yield
       per block lets the first images of a long task reach the consumer while it decodes.
     * The driver takes a task's next block only after a background thread fetched the
@@ -64,33 +57,12 @@ def tune_streaming(ctx: DataContext, block_bytes: Optional[int]) -> None:
     if block_bytes is not None:
         ctx.target_max_block_size = block_bytes
         ctx._max_num_blocks_in_streaming_gen_buffer = STREAM_GEN_BUFFER_BLOCKS
+    ctx.override_object_store_memory_limit_fraction = (
+        share * ResourceManager.DEFAULT_OBJECT_STORE_MEMORY_LIMIT_FRACTION_NO_RESERVATION
+    )
+    ctx.execution_options = ExecutionOptions(
+        resource_limits=ExecutionResources.for_limits(cpu=cpus), preserve_order=True,
+        verbose_progress=ctx.execution_options.verbose_progress,
+    )
     ctx.downstream_capacity_backpressure_ratio = DOWNSTREAM_QUEUE_RATIO
     ctx.op_resource_reservation_enabled = False
-
-
-class StageDataConfig(ray.train.DataConfig):
-    """Ray Train's ingest, except that evaluation datasets are split with ``equal=False``
-    (the default equal split drops up to ``world_size - 1`` rows to even the shards out)."""
-
-    def __init__(self, train: list[str], evaluation: list[str]):
-        super().__init__(datasets_to_split=train)
-        self._evaluation = evaluation
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        if world_size == 1:
-            # One worker reads everything: the dataset executes in the worker itself, as
-            # Ray Train does for unsplit datasets. A split would add a coordinator actor
-            # per dataset (a process with seconds of start-up) for nothing.
-            return [{name: self._own_copy(name, ds).iterator() for name, ds in datasets.items()}]
-        rest = {k: v for k, v in datasets.items() if k not in self._evaluation}
-        output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
-        for name in (n for n in self._evaluation if n in datasets):  # Train may configure one dataset at a time
-            for i, split in enumerate(self._own_copy(name, datasets[name]).streaming_split(world_size, equal=False)):
-                output[i][name] = split
-        return output
-
-    def _own_copy(self, name: str, ds: "ray.data.Dataset") -> "ray.data.Dataset":
-        ds = ds.copy(ds)
-        ds.set_name(name)
-        ds.context.execution_options = self._resolve_execution_options(name)
-        return ds

@@ -70,7 +70,7 @@ def decode_pairs(
     skips: Optional[StageSkips] = None,
 ) -> Iterator[dict]:
     """Pair units -> ``images`` uint8 ``(P, 2, 3, S, S)``, ``mask`` bool ``(P, h, w)``,
-    ``image_ids`` ``(P, 2)``.
+    ``image_ids`` ``(P, 2)``, ``position`` ``(P,)`` (the unit's in its shard).
 
     Both views and the mask are drawn from the unit's ``seed``. A pair with a skipped
     image is dropped; the skipped image counts under its reason, its partner under
@@ -107,6 +107,7 @@ def decode_pairs(
             images=[view for _, view in views],
             mask=sample_mask(1, grid, mask_ratio, generator=torch.Generator().manual_seed(seed))[0].numpy(),
             image_ids=[int(batch["image_id" + s][i]) for s in PAIR], epoch=int(batch["epoch"][i]),
+            position=int(batch["position"][i]),
         )
         if 2 * len(rows) >= per_block:
             yield _pair_block(rows.take())
@@ -123,6 +124,7 @@ def _pair_block(out: dict[str, list]) -> dict[str, np.ndarray]:
         "mask": np.stack(out["mask"]),
         "image_ids": np.array(out["image_ids"], np.int64),
         "epoch": np.array(out["epoch"], np.int64),
+        "position": np.array(out["position"], np.int64),
     }
 
 
@@ -148,8 +150,9 @@ def _decode_rows(
     batch: dict, skips: Optional[StageSkips], sample: Callable[[Any, int], Any], img_size: int
 ) -> Iterator[dict[str, list]]:
     """Decode each row's image and let ``sample(result, i)`` turn it into output fields
-    (or a skip reason string); yields the fields as lists every :func:`stream_images` rows
-    (nothing when all were skipped: Ray Data cannot store an empty tensor column)."""
+    (or a skip reason string); yields the fields, with ``image_id`` and ``position``, as
+    lists every :func:`stream_images` rows (nothing when all were skipped: Ray Data cannot
+    store an empty tensor column)."""
     tally, rows, per_block = Tally(), _Rows(), stream_images(img_size)
     for i in range(len(batch["image_id"])):
         path = str(batch["path"][i])
@@ -161,12 +164,16 @@ def _decode_rows(
         tally.add(path, result)
         if fields is None:
             continue
-        rows.append(**fields, image_id=int(batch["image_id"][i]))
+        rows.append(**fields, image_id=int(batch["image_id"][i]), position=int(batch["position"][i]))
         if len(rows) >= per_block:
             yield rows.take()
     tally.flush(skips)
     if len(rows):
         yield rows.take()
+
+
+def _ids(out: dict[str, list]) -> dict[str, np.ndarray]:
+    return {"image_id": np.array(out["image_id"], np.int64), "position": np.array(out["position"], np.int64)}
 
 
 def decode_classification(
@@ -180,7 +187,7 @@ def decode_classification(
         return {"image": tf(result.image), "label": int(batch["label"][i])}
 
     for out in _decode_rows(batch, skips, sample, img_size):
-        yield {"image": np.stack(out["image"]), "label": np.array(out["label"], np.int64), "image_id": np.array(out["image_id"])}
+        yield {"image": np.stack(out["image"]), "label": np.array(out["label"], np.int64), **_ids(out)}
 
 
 def decode_detection(
@@ -199,7 +206,7 @@ def decode_detection(
         yield {
             "image": np.stack(out["image"]),
             **{k: _ragged(out[k]) for k in ("boxes", "labels", "masks")},
-            "image_id": np.array(out["image_id"]),
+            **_ids(out),
         }
 
 
@@ -216,5 +223,5 @@ def decode_segmentation(
         return {"image": image, "label": label}
 
     for out in _decode_rows(batch, skips, sample, img_size):
-        yield {"image": np.stack(out["image"]), "label": np.stack(out["label"]), "image_id": np.array(out["image_id"])}
+        yield {"image": np.stack(out["image"]), "label": np.stack(out["label"]), **_ids(out)}
 

@@ -59,9 +59,3 @@ def newest_loadable(latest: Path, skipped: list[str], keep_corrupt: bool) -> Opt
                 if not aside.exists():
                     shutil.copytree(directory, aside)
     return None
-
-
-def newest_in(trainer_dir: Path) -> Optional[Loaded]:
-    """The newest loadable checkpoint a trainer left in ``trainer_dir`` (None if none)."""
-    names = sorted(d for d in trainer_dir.glob("checkpoint_*") if d.is_dir())
-    return newest_loadable(names[-1], [], keep_corrupt=False) if names else None

@@ -4,8 +4,6 @@ frozen encoder (MAE's recipe); top-1/top-5 over the whole validation split."""
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 import torch.nn as nn
 from timm.data import Mixup
@@ -15,6 +13,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from mixmae_core.tasks.classification import build_classifier, build_linear_probe
 from mixmae_core.tasks.metrics import classification_metrics
 from pipelines.stages.jobs import HEADLINE
+from pipelines.stages.loop import MicroBatch
 from pipelines.stages.transfer import TransferTask
 
 
@@ -54,25 +53,20 @@ class ClassifyTask(TransferTask):
             self.criterion = nn.CrossEntropyLoss()
         return model
 
-    def micro_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.batches("train", drop_last=True):
-            images = self.images(batch)
-            targets = batch["label"].to(self.device)
-            if self.erase is not None:
-                images = self.erase(images)
-            if self.mixup is not None:
-                images, targets = self.mixup(images, targets)
-            yield images, targets
-
-    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
-        images, targets = batch
+    def loss(self, model: nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, int]:
+        images = self.images(batch.inputs)
+        targets = batch.inputs["label"].to(self.device)
+        if self.erase is not None:
+            images = self.erase(images)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
         return self.criterion(model(images), targets), images.shape[0]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         metrics = classification_metrics(self.job.num_classes).to(self.device)
         model.eval()
-        for batch in self.batches("val"):
+        for batch in self.evaluation_batches():
             metrics.update(model(self.images(batch)), batch["label"].to(self.device))
         model.train()
         return {f"val/{k}": float(v) for k, v in metrics.compute().items()}

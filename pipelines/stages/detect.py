@@ -15,7 +15,8 @@ from mixmae_core.tasks.metrics import coco_evaluate_results, coco_results
 from mixmae_core.tasks.pictures import draw_detections
 from pipelines.config import DetectStage
 from pipelines.data.collate import DetectionCollate
-from pipelines.stages.loop import all_gather, world_rank
+from pipelines.data.order import Shard
+from pipelines.stages.loop import MicroBatch, all_gather, world_rank
 from pipelines.stages.jobs import HEADLINE
 from pipelines.stages.transfer import TransferTask
 
@@ -41,20 +42,18 @@ class DetectTask(TransferTask):
             encoder_overrides=spec.model_overrides, drop_path_rate=spec.drop_path, **detector_kwargs(spec),
         )
 
-    def _detection_batches(self, name: str) -> Iterator[tuple[list[torch.Tensor], list[dict]]]:
-        for images, targets in self.batches(name, collate_fn=DetectionCollate(), drop_last=name == "train"):
-            yield (
-                [image.to(self.device, non_blocking=True).float().div_(255) for image in images],
-                [{k: v.to(self.device) for k, v in t.items()} for t in targets],
-            )
+    def rows(self, name: str, shard: Shard, **kwargs) -> Iterator[dict]:
+        return super().rows(name, shard, collate_fn=DetectionCollate(), **kwargs)
 
-    def micro_batches(self, epoch: int):
-        return self._detection_batches("train")
+    def on_device(self, batch: dict) -> tuple[list[torch.Tensor], list[dict]]:
+        return (
+            [image.to(self.device, non_blocking=True).float().div_(255) for image in batch["images"]],
+            [{k: v.to(self.device) for k, v in t.items()} for t in batch["targets"]],
+        )
 
-    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
-        images, targets = batch
-        losses = model(images, targets)
-        return sum(losses.values()), len(images)
+    def loss(self, model: nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, int]:
+        images, targets = self.on_device(batch.inputs)
+        return sum(model(images, targets).values()), len(images)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -63,7 +62,7 @@ class DetectTask(TransferTask):
         self.samples = []
         wanted = self.spec.pictures
         labels = {k: k for k in range(1, self.job.num_classes + 1)}
-        for images, targets in self._detection_batches("val"):
+        for images, targets in map(self.on_device, self.evaluation_batches()):
             outputs = model(images)
             predictions = [
                 {**{k: v.cpu() for k, v in out.items()}, "image_id": int(t["image_id"])} for out, t in zip(outputs, targets)

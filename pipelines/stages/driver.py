@@ -23,10 +23,9 @@ import yaml
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines.config import PipelineConfig, PretrainStage, StageBase
-from pipelines.data.ray_internals import StageDataConfig
 from pipelines.stages import entry
 from pipelines.console import PROGRESS_EVERY_S
-from pipelines.stages.jobs import HEADLINE, Preempted, StageError, TrackingAway, stage_dataset
+from pipelines.stages.jobs import HEADLINE, Preempted, StageError, TrackingAway
 from pipelines.stages.checkpoints import CORRUPT_DIR, META_FILE
 from pipelines.stages.loop import LOSS_METRIC, PREEMPTED, SKIPPED_CHECKPOINTS
 from pipelines.stages.prepare import PreparedStage, StageContext, prepare_stage, trainer_name
@@ -242,10 +241,6 @@ def _fit(ctx: StageContext, group: str, stages: list[PreparedStage]) -> None:
     client = ctx.client()
     scaling = stages[0].job.spec.scaling  # the config requires one scaling per group
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
-
-    def names(kind: str) -> list[str]:
-        return [stage_dataset(s.job.name, d) for s in stages for d in getattr(s, kind)]
-
     trainer = TorchTrainer(
         entry.run_stages,
         train_loop_config={"jobs": [s.job for s in stages]},
@@ -265,8 +260,6 @@ def _fit(ctx: StageContext, group: str, stages: list[PreparedStage]) -> None:
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             callbacks=[callback for s in stages for callback in ctx.callbacks.get(s.job.name, [])],
         ),
-        datasets={stage_dataset(s.job.name, d): ds for s in stages for d, ds in s.datasets.items()},
-        dataset_config=StageDataConfig(names("split"), names("evaluation")),
     )
     stop = threading.Event()
     monitors = []

@@ -7,11 +7,17 @@ timm or MLflow; the worker modules that use the settings import those.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional, Union
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from pipelines.config import ClassifyStage, DetectStage, PretrainStage, SegmentStage
+from pipelines.data.manifest import DataSource
 from pipelines.data.quality import StageSkips
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from pipelines.data.order import Shard
 
 StageSpec = Union[PretrainStage, ClassifyStage, DetectStage, SegmentStage]
 HEADLINE = {"pretrain": "train/loss", "classify": "val/top1", "detect": "val/bbox_AP", "segment": "val/mIoU"}
@@ -33,9 +39,9 @@ class TrackingAway(StageError):
 
 @dataclass(frozen=True)
 class LoopSpec:
-    """What the shared training loop needs, resolved by the driver."""
+    """What the shared training loop needs beyond the stage's config: what the driver derived
+    from it (schedule, scaled lr, FLOPs) and where the stage reports."""
 
-    stage: str
     tracking_uri: str
     run_id: str
     steps_per_epoch: int
@@ -43,17 +49,11 @@ class LoopSpec:
     warmup_steps: int
     lr: float
     """Peak learning rate (``base_lr`` scaled by the global batch)."""
-    min_lr: float
-    accum_steps: int = 1
-    clip_grad: Optional[float] = None
     log_every: int = 10
-    checkpoint_every: int = 500
     eval_every: Optional[int] = None
     """Optimizer steps between evaluations (None: only at the end)."""
-    seed: int = 0
     train_flops_per_image: float = 0.0
     skips: Optional[StageSkips] = None
-    max_skip_fraction: float = 0.01
     bf16: bool = False
     system_metrics_every_s: Optional[float] = 10.0
     """Seconds between two samples of each node's system metrics (None: none)."""
@@ -61,6 +61,21 @@ class LoopSpec:
     """The pipeline's storage: checkpoints, and the spool of what goes to MLflow."""
     stop_file: str = ""
     """While this file exists the workers save a checkpoint at the next step and stop (SIGTERM to the driver)."""
+
+
+@dataclass(frozen=True)
+class DataRecipe:
+    """How a worker builds one of its stage's datasets, shard by shard: the builder
+    (:func:`pipelines.data.datasets.build_dataset`'s kind), the source, and its other arguments."""
+
+    kind: str
+    source: DataSource
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, shard: "Shard", cpus: Optional[float] = None) -> "ray.data.Dataset":
+        from pipelines.data.datasets import build_dataset
+
+        return build_dataset(self.kind, self.source, shard=shard, cpus=cpus, **self.arguments)
 
 
 @dataclass(frozen=True)
@@ -80,12 +95,9 @@ class StageJob:
     """Detection: Ray object reference to the validation split's COCO ground truth."""
     loop: Optional[LoopSpec] = None
     """None only for a job built to be measured (``stage_flops``), never trained."""
+    data: dict[str, DataRecipe] = field(default_factory=dict)
+    """The stage's datasets by name (``train``; ``val`` for transfer stages)."""
 
     @property
     def task(self) -> str:
         return self.spec.task
-
-
-def stage_dataset(stage: str, name: str) -> str:
-    """The Ray Train dataset name of a stage's dataset (stages of a worker group share one trainer)."""
-    return f"{stage}.{name}"

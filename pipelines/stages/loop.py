@@ -1,16 +1,30 @@
 """The training loop every stage runs inside its Ray Train workers.
 
-A stage supplies a :class:`Task` (model, optimizer, micro-batches, loss, optional
-evaluation and pictures) built from its :class:`~pipelines.stages.jobs.StageJob`; this
-module owns what they share: gradient accumulation and clipping, the per-step schedule,
-rank-0 MLflow logging, throughput / data-wait / FLOPs accounting, skipped-image counts,
-checkpoints through ``ray.train.report`` and resuming from them, and the non-finite-loss
-guard.
+A stage supplies a :class:`Task` (model, optimizer, its micro-batches, loss, optional
+evaluation and pictures); this module owns what they share. It reads top to bottom as
+MAE's ``train_one_epoch``::
+
+    run = start(task, logger, resume)               # build, restore the checkpoint
+    while run.state.step < total_steps:
+        for step in epoch_steps(run):               # the epoch's batches, from the checkpoint's position
+            optimizer_step(run, step)               # accumulate, clip, step
+            after_step(run)                         # log, evaluate, pictures, checkpoint
+        next_epoch(run)
+    finish(run)                                     # evaluate, final checkpoint
+
+What a step trains on is a function of the seed, epoch, step and number of workers only:
+each worker reads its own :class:`~pipelines.data.order.Shard` of the epoch in order, and
+a checkpoint records each worker's position in it, so a resumed or restarted run reads on
+from there (nothing it trained on is read again). Before each step the workers agree that
+every one of them has a full step's micro-batches (an epoch ends at its last full step) and
+whether the driver asked them to stop; ``data/fingerprint`` chains the image ids of every
+step, so two runs that trained on the same data log the same fingerprints.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -18,7 +32,8 @@ import random
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -32,6 +47,7 @@ import torch.nn as nn
 
 from mixmae_core.checkpoint import save_state_dict
 from mixmae_core.optim import build_scheduler
+from pipelines.data.order import Shard
 from pipelines.data.quality import DataQualityError, check_skip_threshold
 from pipelines.data.transforms import seed_global_rngs
 from pipelines.stages.jobs import LoopSpec, StageJob
@@ -44,56 +60,28 @@ from pipelines.tracking import (
 )
 
 LOSS_METRIC = "train/loss"
+FINGERPRINT_METRIC = "data/fingerprint"
 SKIPPED_CHECKPOINTS = "mixmae.skipped_checkpoints"
 PREEMPTED = "mixmae.preempted"
 #: how long a worker's sender may go on delivering after training; the driver delivers the rest
 #: (and a sender that already finds the server away hands over at once: the driver waits anyway)
 WORKER_DELIVERY_WAIT_S = 10.0
+#: fingerprints are 48-bit, so MLflow's float64 metrics hold them exactly
+_FINGERPRINT_BYTES = 6
 worker_log = logging.getLogger(__name__)
 
 
-class Resume:
-    """The checkpoint a worker group resumes from, read once per group start (a pretraining
-    checkpoint with its optimizer state is several times the model's size)."""
-
-    def __init__(self) -> None:
-        latest = ray.train.get_checkpoint()
-        #: checkpoints passed over, as ``"<name>: <why>"``; rank 0 keeps copies of them
-        self.skipped: list[str] = []
-        keep_corrupt = ray.train.get_context().get_world_rank() == 0
-        self.found = newest_loadable(Path(latest.path), self.skipped, keep_corrupt) if latest else None
-
-    def first_to_run(self, stages: list[str]) -> int:
-        """Index of the first of the group's ``stages`` to run: the one the checkpoint belongs
-        to (it resumes; a final checkpoint just finishes again), else the first."""
-        stage = self.found.meta.get("stage") if self.found else None
-        return stages.index(stage) if stage in stages else 0
-
-    def take(self, stage: str) -> tuple[Optional[Loaded], list[str]]:
-        """The checkpoint if it is ``stage``'s (None otherwise) and those passed over, handed
-        out once: the first stage to run reports them, and the tensors are freed once restored."""
-        found, skipped, self.found, self.skipped = self.found, self.skipped, None, []
-        return (found if found is not None and found.meta.get("stage") == stage else None), skipped
+# ----------------------------------------------------------------------------- what a stage plugs in
 
 
 @dataclass
-class TrainState:
-    step: int = 0
-    epoch: int = 0
-    step_in_epoch: int = 0
-    images_seen: int = 0
-    device_seconds: float = 0.0
-    best: Optional[float] = None
-    """The best evaluation of the task's headline metric so far (the official scripts report it)."""
+class MicroBatch:
+    """One worker's micro-batch, still on the CPU: what the task's loss takes, and which
+    images (and units of the worker's shard) it holds."""
 
-
-class StopTraining(Exception):
-    """A condition on which every rank stops and the stage fails without a retry: retrying
-    from the last checkpoint would meet it again (a diverged loss, too many bad images)."""
-
-
-class StopAsked(Exception):
-    """The driver was asked to stop (SIGTERM): every rank saved a checkpoint at this step."""
+    inputs: Any
+    image_ids: torch.Tensor
+    positions: torch.Tensor
 
 
 class Task:
@@ -101,6 +89,8 @@ class Task:
 
     headline: Optional[str] = None
     """The evaluation metric whose best value is also logged (as ``<headline>_best``)."""
+    images_per_unit = 1
+    """Images in one unit of the stage's training data (pretraining reads pairs)."""
 
     def __init__(self, job: StageJob):
         self.job = job
@@ -113,12 +103,12 @@ class Task:
     def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         raise NotImplementedError
 
-    def micro_batches(self, epoch: int) -> Iterator[Any]:
-        """This worker's micro-batches of ``epoch`` (already on the device)."""
+    def batches(self, name: str, shard: Shard) -> Iterator[MicroBatch]:
+        """This worker's micro-batches of dataset ``name`` (``train``, ``val``) in ``shard``."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
-        """Scalar loss of a micro-batch and its number of images."""
+    def loss(self, model: nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, int]:
+        """Scalar loss of a micro-batch (moved to the device here) and its number of images."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -135,30 +125,33 @@ class Task:
     def export(self, model: nn.Module, out: Path) -> None:
         """Rank 0 only: write ``encoder.safetensors`` (weights a later stage starts from)."""
 
+    def dataset(self, name: str, shard: Shard) -> "ray.data.Dataset":
+        """Dataset ``name`` of the job, this worker's ``shard`` of it."""
+        return self.job.data[name].build(shard, data_cpus(self.spec.scaling))
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    def evaluation_shard(self) -> Shard:
+        """This worker's contiguous slice of an evaluation split: every image scored once."""
+        return Shard(rank=world_rank(), world=world_size())
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def data_cpus(scaling) -> float:
+    """The CPUs one worker's decode tasks may plan with: the cluster's, less the stage's
+    workers' own, shared among the workers (each executes its own dataset); at least one,
+    so a decode task can always run."""
+    spare = ray.cluster_resources().get("CPU", 1.0) - scaling.num_workers * scaling.cpus_per_worker
+    return max(1.0, spare / scaling.num_workers)
+
+
+class StopTraining(Exception):
+    """A condition on which every rank stops and the stage fails without a retry: retrying
+    from the last checkpoint would meet it again (a diverged loss, too many bad images)."""
+
+
+class StopAsked(Exception):
+    """The driver was asked to stop (SIGTERM): every rank saved a checkpoint at this step."""
+
+
+# ----------------------------------------------------------------------------- ranks
 
 
 def world_rank() -> int:
@@ -195,86 +188,191 @@ def _host_group():
     return dist.new_group(backend=dist.Backend.GLOO)
 
 
-class _Checkpointer:
-    def __init__(self, task: Task, model: nn.Module, optimizer, scheduler, rank: int, spec: LoopSpec,
-                 logger: Optional[RunLogger]):
-        self.task, self.model, self.optimizer, self.scheduler = task, model, optimizer, scheduler
-        self.rank, self.spec, self.logger = rank, spec, logger
-        self.last_good: Optional[str] = None
-        self.started = time.perf_counter()
-
-    def restore(self, state: TrainState, found: Optional[Loaded]) -> bool:
-        if found is None:
-            return False
-        _unwrap(self.model).load_state_dict(found.model)
-        self.optimizer.load_state_dict(found.trainer["optimizer"])
-        self.scheduler.load_state_dict(found.trainer["scheduler"])
-        for key, value in found.trainer["train_state"].items():
-            setattr(state, key, value)
-        rngs = found.trainer["rng"]
-        _set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
-        self.last_good = f"step {state.step}"
-        return True
-
-    def save(self, state: TrainState, metrics: dict[str, float], final: bool = False) -> None:
-        """Every rank calls this (``ray.train.report`` is a barrier); rank 0 writes."""
-        rngs = all_gather(_rng_state())
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if self.rank == 0:
-                d = Path(tmp)
-                save_state_dict(d / MODEL_FILE, _unwrap(self.model).state_dict())
-                torch.save(
-                    {
-                        "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(),
-                        "train_state": asdict(state),
-                        "rng": rngs,
-                    },
-                    d / STATE_FILE,
-                )
-                (d / META_FILE).write_text(json.dumps({"stage": self.spec.stage, **asdict(state), "final": final}))
-                if final:
-                    self.task.export(_unwrap(self.model), d)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**metrics, "step": state.step, "final": int(final)}, checkpoint=checkpoint)
-            if final and self.logger is not None:
-                self._record_finished(Path(ray.train.get_checkpoint().path))
-        self.last_good = f"step {state.step}"
-
-    def _record_finished(self, persisted: Path) -> None:
-        """Mark the stage finished on its MLflow run: the driver, and every later run of the
-        pipeline, read the outcome from these tags. The files are the persisted checkpoint's,
-        which stay until delivered."""
-        from pipelines import stage_model  # defines the pyfunc model when imported
-
-        logger = self.logger
-        logger.metrics({"time/wall_s": time.perf_counter() - self.started}, self.spec.total_steps)
-        logger.artifacts(sorted(persisted.iterdir()), "checkpoint", lasting=True)
-        encoder = persisted / ENCODER_FILE
-        if encoder.exists():
-            logger.model(stage_model.job_config(self.task.job), encoder)
-        logger.tags({COMPLETE: "true", CHECKPOINT: str(persisted), ENCODER: str(encoder) if encoder.exists() else "",
-                     "mixmae.meta": META_FILE})
+def _gather_ints(values: list[int]) -> torch.Tensor:
+    """``values`` of every rank as a ``(world, len(values))`` int64 tensor (over the host group)."""
+    mine = torch.tensor(values, dtype=torch.int64)
+    if world_size() == 1:
+        return mine[None]
+    out = [torch.empty_like(mine) for _ in range(world_size())]
+    dist.all_gather(out, mine, group=_host_group())
+    return torch.stack(out)
 
 
-class _Window:
-    """Accumulates what a logging step reports."""
+def _chain(previous: int, data: bytes) -> int:
+    digest = hashlib.blake2b(previous.to_bytes(8, "little") + data, digest_size=_FINGERPRINT_BYTES).digest()
+    return int.from_bytes(digest, "little")
+
+
+# ----------------------------------------------------------------------------- state and checkpoints
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    position: int = 0
+    """Units of this worker's shard of the epoch trained on (where a resumed run reads on)."""
+    images_seen: int = 0
+    device_seconds: float = 0.0
+    fingerprint: int = 0
+    """The chain of every step's image ids so far (see :data:`FINGERPRINT_METRIC`)."""
+    best: Optional[float] = None
+    """The best evaluation of the task's headline metric so far (the official scripts report it)."""
+
+
+class Resume:
+    """The checkpoint a worker group resumes from, read once per group start (a pretraining
+    checkpoint with its optimizer state is several times the model's size)."""
 
     def __init__(self) -> None:
-        self.reset(time.perf_counter())
+        latest = ray.train.get_checkpoint()
+        #: checkpoints passed over, as ``"<name>: <why>"``; rank 0 keeps copies of them
+        self.skipped: list[str] = []
+        keep_corrupt = ray.train.get_context().get_world_rank() == 0
+        self.found = newest_loadable(Path(latest.path), self.skipped, keep_corrupt) if latest else None
 
-    def reset(self, now: float) -> None:
-        self.start = now
-        self.wait = 0.0
-        self.images = 0
-        self.loss_sum: Optional[torch.Tensor] = None
-        self.micro = 0
+    def first_to_run(self, stages: list[str]) -> int:
+        """Index of the first of the group's ``stages`` to run: the one the checkpoint belongs
+        to (it resumes; a final checkpoint just finishes again), else the first."""
+        stage = self.found.meta.get("stage") if self.found else None
+        return stages.index(stage) if stage in stages else 0
 
-    def add_loss(self, loss: torch.Tensor) -> None:
-        detached = loss.detach().float()
-        self.loss_sum = detached if self.loss_sum is None else self.loss_sum + detached
-        self.micro += 1
+    def take(self, stage: str) -> tuple[Optional[Loaded], list[str]]:
+        """The checkpoint if it is ``stage``'s (None otherwise) and those passed over, handed
+        out once: the first stage to run reports them, and the tensors are freed once restored."""
+        found, skipped, self.found, self.skipped = self.found, self.skipped, None, []
+        return (found if found is not None and found.meta.get("stage") == stage else None), skipped
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(("MT19937", state["numpy"]["keys"].numpy().astype(np.uint32), state["numpy"]["pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+@dataclass
+class Run:
+    """One stage in one worker: what the loop's steps share."""
+
+    task: Task
+    spec: LoopSpec
+    logger: Optional[RunLogger]
+    model: nn.Module
+    """The model as trained (DDP-wrapped with several workers)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    state: TrainState
+    rank: int
+    world: int
+    device: torch.device
+    last_good: Optional[str] = None
+    """The newest checkpoint, as ``"step N"`` (named when a stage fails)."""
+    saved_step: int = -1
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The last logged training metrics (a checkpoint carries them)."""
+    window: "Window" = field(default_factory=lambda: Window())
+    bad_step: Optional[torch.Tensor] = None
+    """The first step whose loss was not finite (-1: none), kept on the device (no sync per step)."""
+    out_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="stage-")))
+    started: float = field(default_factory=time.perf_counter)
+    device_seconds0: float = 0.0
+
+    @property
+    def stage(self) -> str:
+        return self.task.job.name
+
+    @property
+    def config(self):
+        return self.task.spec
+
+    @property
+    def accum(self) -> int:
+        return self.config.accum_steps
+
+
+def save_checkpoint(run: Run, metrics: dict[str, float], final: bool = False) -> None:
+    """Every rank calls this (``ray.train.report`` is a barrier); rank 0 writes. The meta file
+    holds the whole training state (each worker's position included): what resuming needs
+    apart from tensors, readable without loading them."""
+    rngs = all_gather(_rng_state())
+    positions = all_gather(run.state.position)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if run.rank == 0:
+            d = Path(tmp)
+            save_state_dict(d / MODEL_FILE, _unwrap(run.model).state_dict())
+            trainer = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": rngs}
+            torch.save(trainer, d / STATE_FILE)
+            meta = {"stage": run.stage, **asdict(run.state), "positions": positions, "final": final}
+            (d / META_FILE).write_text(json.dumps(meta))
+            if final:
+                run.task.export(_unwrap(run.model), d)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({**metrics, "step": run.state.step, "final": int(final)}, checkpoint=checkpoint)
+        if final and run.logger is not None:
+            _record_finished(run, Path(ray.train.get_checkpoint().path))
+    run.last_good, run.saved_step = f"step {run.state.step}", run.state.step
+
+
+def restore(run: Run, found: Loaded) -> None:
+    """Continue from ``found``: weights, optimizer, schedule, random generators, and this
+    worker's position in the epoch (a group of another size cannot read the same images:
+    it reads on from the same share of the epoch)."""
+    meta = found.meta
+    if "positions" not in meta:
+        raise RuntimeError(
+            f"{found.path} was written before checkpoints recorded where each worker was in its data; resume it "
+            "with the version of mixmae that wrote it, or start the stage afresh (give the pipeline another name)"
+        )
+    _unwrap(run.model).load_state_dict(found.model)
+    run.optimizer.load_state_dict(found.trainer["optimizer"])
+    run.scheduler.load_state_dict(found.trainer["scheduler"])
+    for key in asdict(run.state):
+        setattr(run.state, key, meta[key])
+    positions = meta["positions"]
+    run.state.position = positions[run.rank] if len(positions) == run.world else sum(positions) // run.world
+    rngs = found.trainer["rng"]
+    _set_rng_state(rngs[run.rank] if run.rank < len(rngs) else rngs[0])
+    run.last_good, run.saved_step = f"step {run.state.step}", run.state.step
+
+
+def _record_finished(run: Run, persisted: Path) -> None:
+    """Mark the stage finished on its MLflow run: the driver, and every later run of the
+    pipeline, read the outcome from these tags. The files are the persisted checkpoint's,
+    which stay until delivered."""
+    from pipelines import stage_model  # defines the pyfunc model when imported
+
+    logger = run.logger
+    logger.metrics({"time/wall_s": time.perf_counter() - run.started}, run.spec.total_steps)
+    logger.artifacts(sorted(persisted.iterdir()), "checkpoint", lasting=True)
+    encoder = persisted / ENCODER_FILE
+    if encoder.exists():
+        logger.model(stage_model.job_config(run.task.job), encoder)
+    logger.tags({COMPLETE: "true", CHECKPOINT: str(persisted), ENCODER: str(encoder) if encoder.exists() else "",
+                 "mixmae.meta": META_FILE})
+
+
+# ----------------------------------------------------------------------------- the worker's entry
 
 
 def train(task: Task, resume: Resume) -> None:
@@ -308,7 +406,7 @@ def train(task: Task, resume: Resume) -> None:
     watching = spec.system_metrics_every_s is not None and context.get_local_rank() == 0  # one sampler a node
     try:
         with _node_metrics(spec, node, spools[0] if rank == 0 else spool(node or f"rank{rank}")) if watching else nullcontext():
-            _train(task, spec, logger, resume)
+            _train(task, logger, resume)
     except StopTraining as exc:
         if logger is not None:
             logger.tags({FAILED_REASON: str(exc)})
@@ -326,171 +424,226 @@ def _node_metrics(spec: LoopSpec, node: Optional[str], spool: Spool):
     return system_metrics(logger.metrics, node, spec.system_metrics_every_s, first_step=spooled_step(spool, series) + 1)
 
 
-def _train(task: Task, spec: LoopSpec, logger: Optional[RunLogger], resume: Resume) -> None:
+def _train(task: Task, logger: Optional[RunLogger], resume: Resume) -> None:
+    run = start(task, logger, resume)
+    while run.state.step < run.spec.total_steps:
+        stepped = False
+        for step in epoch_steps(run):
+            optimizer_step(run, step)
+            after_step(run)
+            stepped = True
+        if run.state.step < run.spec.total_steps:
+            next_epoch(run, stepped)
+    finish(run)
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+def start(task: Task, logger: Optional[RunLogger], resume: Resume) -> Run:
+    """Build the model, optimizer and schedule on this worker and restore the stage's checkpoint."""
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    spec, config = task.job.loop, task.spec
     device = ray.train.torch.get_device()
-    seed_global_rngs(spec.seed * 1000 + rank)
+    seed_global_rngs(config.seed * 1000 + rank)
     model = task.build(device)
     optimizer = task.optimizer(model, spec.lr)
-    scheduler = build_scheduler(optimizer, spec.total_steps, spec.warmup_steps, spec.min_lr)
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    state = TrainState()
-    checkpointer = _Checkpointer(task, ddp_model, optimizer, scheduler, rank, spec, logger)
-    found, skipped = resume.take(spec.stage)
-    resumed = checkpointer.restore(state, found)
+    scheduler = build_scheduler(optimizer, spec.total_steps, spec.warmup_steps, config.min_lr)
+    trained = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    run = Run(task, spec, logger, trained, optimizer, scheduler, TrainState(), rank, world, device,
+              bad_step=torch.full((), -1, dtype=torch.long, device=device))
+    found, skipped = resume.take(run.stage)
+    if found is not None:
+        restore(run, found)
     del found
-    skips = spec.skips if rank == 0 else None
-    pictures = task.picture_steps(spec.total_steps)
-    out_dir = Path(tempfile.mkdtemp(prefix=f"{spec.stage}-"))
+    run.device_seconds0 = run.state.device_seconds
     if logger and skipped:
         worker_log.warning("checkpoints that do not load were passed over (copies in %s): %s", CORRUPT_DIR, skipped)
         logger.tags({SKIPPED_CHECKPOINTS: "; ".join(skipped)})
-    if logger and resumed:
-        logger.tags({"mixmae.resumed_from": checkpointer.last_good})
-    if logger and not resumed and 0 in pictures:
-        logger.artifacts(task.pictures(_unwrap(ddp_model), 0, False, out_dir), "pictures")
+    if logger and run.last_good:
+        logger.tags({"mixmae.resumed_from": run.last_good})
+    return run
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if spec.bf16 else nullcontext()
-    params = [p for p in model.parameters() if p.requires_grad]
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    window = _Window()
-    stage_start = time.perf_counter()
-    device_seconds0 = state.device_seconds
 
-    def check_finite() -> None:
-        first_bad = int(_reduce(bad_step, dist.ReduceOp.MAX).item())
-        if first_bad >= 0:
-            raise StopTraining(
-                f"stage {spec.stage}: loss became non-finite at step {first_bad}; stopped without saving. "
-                f"Last good checkpoint: {checkpointer.last_good or 'none (diverged before the first checkpoint)'}."
-            )
+@dataclass
+class Step:
+    """One optimizer step's micro-batches on this worker, and the fingerprint of what every
+    worker's micro-batches hold."""
 
-    host_group = _host_group()
+    batches: list[MicroBatch]
+    fingerprint: int
 
-    def stop_asked() -> bool:
-        """Whether the driver asked to stop; every rank gets the same answer at the same step."""
-        asked = bool(spec.stop_file) and os.path.exists(spec.stop_file)
-        return bool(int(_reduce(torch.tensor(int(asked)), dist.ReduceOp.MAX, host_group).item()))
 
-    def check_data(reason: Optional[str]) -> None:
-        """Rank 0 judges the skip counts; every rank must stop with it."""
-        if int(_reduce(torch.tensor(int(reason is not None), device=device), dist.ReduceOp.MAX).item()):
-            raise StopTraining(reason or "stopped by rank 0: too many images skipped")
+def epoch_steps(run: Run) -> Iterator[Step]:
+    """The steps of the current epoch, from this worker's position in it. Before each, the
+    workers agree whether all of them have a full step (else the epoch ends) and whether
+    the driver asked them to stop (then they save a checkpoint and stop)."""
+    units_per_micro = run.config.micro_batch() // run.task.images_per_unit
+    shard = Shard(rank=run.rank, world=run.world, epoch=run.state.epoch, start=run.state.position,
+                  limit=run.spec.steps_per_epoch * run.accum * units_per_micro, block=units_per_micro)
+    stream = run.task.batches("train", shard)
+    while run.state.step < run.spec.total_steps:
+        waited = time.perf_counter()
+        batches = list(islice(stream, run.accum))
+        run.window.wait += time.perf_counter() - waited
+        ids = b"".join(b.image_ids.numpy().astype(np.int64).tobytes() for b in batches)
+        asked = bool(run.spec.stop_file) and os.path.exists(run.spec.stop_file)
+        agreed = _gather_ints([int(len(batches) < run.accum), int(asked), _chain(0, ids)])
+        if agreed[:, 1].any():
+            if run.saved_step != run.state.step:
+                check_finite(run)
+                save_checkpoint(run, run.metrics)
+            raise StopAsked(f"step {run.state.step}")
+        if agreed[:, 0].any():
+            return
+        yield Step(batches, _chain(run.state.fingerprint, agreed[:, 2].numpy().tobytes()))
 
-    def log(extra: Optional[dict[str, float]] = None) -> dict[str, float]:
-        now = time.perf_counter()
-        elapsed = max(now - window.start, 1e-9)
-        loss = _reduce(torch.stack([window.loss_sum, torch.tensor(float(window.micro), device=device)]))
-        images = window.images * world
-        metrics = {
-            LOSS_METRIC: (loss[0] / loss[1]).item(),
-            "train/lr": max(group["lr"] for group in optimizer.param_groups),
-            "train/images_per_s": images / elapsed,
-            "train/data_wait_frac": window.wait / elapsed,
-            "train/epoch": state.epoch + state.step_in_epoch / max(spec.steps_per_epoch, 1),
-            "flops/train_total": state.images_seen * spec.train_flops_per_image,
-            "time/device_hours": state.device_seconds / 3600,
-            **(extra or {}),
-        }
-        data_problem = None
-        if skips is not None:
-            snapshot = skips.snapshot()
-            metrics["data/images_attempted"] = snapshot["attempted"]
-            metrics["data/images_converted"] = snapshot["converted"]
-            for reason, n in snapshot["skipped"].items():
-                metrics[f"data/skipped_{reason}"] = n
-            try:
-                check_skip_threshold(snapshot, spec.max_skip_fraction)
-            except DataQualityError as exc:
-                data_problem = f"stage {spec.stage}: {exc}"
-        check_data(data_problem)
-        if logger:
-            logger.metrics(metrics, state.step)
-        window.reset(time.perf_counter())
-        return metrics
 
-    def note_best(evaluation: dict[str, float]) -> None:
-        value = evaluation.get(task.headline) if task.headline else None
-        if value is not None and (state.best is None or value > state.best):
-            state.best = value
+def optimizer_step(run: Run, step: Step) -> None:
+    """Forward and backward every micro-batch of the step (gradients averaged across workers
+    at the last one), then clip (or measure) the gradients and step the optimizer."""
+    state = run.state
+    for i, micro in enumerate(step.batches):
+        last = i == len(step.batches) - 1
+        with run.model.no_sync() if (run.world > 1 and not last) else nullcontext():
+            with torch.autocast(run.device.type, dtype=torch.bfloat16) if run.spec.bf16 else nullcontext():
+                loss, n_images = run.task.loss(run.model, micro)
+            (loss / run.accum).backward()
+        run.window.add(loss, n_images)
+        run.bad_step = torch.where((run.bad_step < 0) & ~torch.isfinite(loss.detach()), state.step + 1, run.bad_step)
+        state.images_seen += n_images * run.world
+    run.scheduler.step_update(state.step)
+    clip = run.config.clip_grad
+    if clip or _logging_step(run, state.step + 1):
+        params = [p for p in run.model.parameters() if p.requires_grad]
+        run.window.grad_norm = torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.step_in_epoch += 1
+    state.position = int(step.batches[-1].positions.max()) + 1
+    state.fingerprint = step.fingerprint
+    state.device_seconds = run.device_seconds0 + (time.perf_counter() - run.started) * run.world
 
-    metrics: dict[str, float] = {}
-    while state.step < spec.total_steps:
-        skip = state.step_in_epoch * spec.accum_steps
-        resumed_in_epoch = skip > 0  # a checkpoint at an epoch's last step resumes with nothing left to do
-        stepped = False
-        batches = task.micro_batches(state.epoch)
-        micro = 0
-        while state.step < spec.total_steps:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            window.wait += time.perf_counter() - t0
-            if batch is None:
-                break
-            if skip:
-                skip -= 1
-                continue
-            micro += 1
-            last_micro = micro % spec.accum_steps == 0
-            sync = ddp_model.no_sync() if (world > 1 and not last_micro) else nullcontext()
-            with sync:
-                with autocast:
-                    loss, n_images = task.loss(ddp_model, batch)
-                (loss / spec.accum_steps).backward()
-            window.add_loss(loss)
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), state.step + 1, bad_step)
-            window.images += n_images
-            state.images_seen += n_images * world
-            if not last_micro:
-                continue
-            scheduler.step_update(state.step)
-            logging_step = (state.step + 1) % spec.log_every == 0 or state.step + 1 == spec.total_steps
-            grad_norm = None
-            if spec.clip_grad or logging_step:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.clip_grad or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.step_in_epoch += 1
-            state.device_seconds = device_seconds0 + (time.perf_counter() - stage_start) * world
-            stepped = True
-            if logging_step:
-                check_finite()
-                metrics = log({"train/grad_norm": grad_norm.item()})
-            if spec.eval_every and state.step % spec.eval_every == 0 and state.step < spec.total_steps:
-                evaluation = task.evaluate(ddp_model)
-                note_best(evaluation)
-                if logger:
-                    logger.metrics(evaluation, state.step)
-            if state.step in pictures and logger and state.step < spec.total_steps:
-                logger.artifacts(task.pictures(_unwrap(ddp_model), state.step, False, out_dir), "pictures")
-            checkpoint_step = state.step % spec.checkpoint_every == 0 and state.step < spec.total_steps
-            if checkpoint_step:
-                check_finite()
-                checkpointer.save(state, metrics)
-            if stop_asked():
-                if not checkpoint_step:
-                    check_finite()
-                    checkpointer.save(state, metrics)
-                raise StopAsked(f"step {state.step}")
-        if state.step >= spec.total_steps:
-            break
-        if not stepped and not resumed_in_epoch:
-            raise RuntimeError(
-                f"stage {spec.stage}: epoch {state.epoch} gave this worker no complete optimizer step; "
-                "the dataset is smaller than one global batch (lower batch_size or add data)"
-            )
-        state.epoch += 1
-        state.step_in_epoch = 0
-        optimizer.zero_grad(set_to_none=True)
 
-    check_finite()
-    final_metrics = task.evaluate(ddp_model)
-    note_best(final_metrics)
-    if state.best is not None:
-        final_metrics[f"{task.headline}_best"] = state.best
-    if logger:
-        logger.metrics(final_metrics, state.step)
-        logger.artifacts(task.pictures(_unwrap(ddp_model), state.step, True, out_dir), "pictures")
-    checkpointer.save(state, {**metrics, **final_metrics}, final=True)
+def after_step(run: Run) -> None:
+    """What follows a step: log, evaluate, pictures, checkpoint (each at its interval; the
+    last step's are :func:`finish`'s)."""
+    step, total = run.state.step, run.spec.total_steps
+    if _logging_step(run, step):
+        check_finite(run)
+        run.metrics = log_window(run)
+    if step == total:
+        return
+    if run.spec.eval_every and step % run.spec.eval_every == 0:
+        evaluation = run.task.evaluate(run.model)
+        note_best(run, evaluation)
+        if run.logger:
+            run.logger.metrics(evaluation, step)
+    if run.logger and step in run.task.picture_steps(total):
+        run.logger.artifacts(run.task.pictures(_unwrap(run.model), step, False, run.out_dir), "pictures")
+    if step % run.config.checkpoint_every_steps == 0:
+        check_finite(run)
+        save_checkpoint(run, run.metrics)
+
+
+def next_epoch(run: Run, stepped: bool) -> None:
+    if not stepped and run.state.position == 0:
+        raise RuntimeError(
+            f"stage {run.stage}: epoch {run.state.epoch} gave the workers no complete optimizer step; "
+            "the dataset is smaller than one global batch (lower batch_size or add data)"
+        )
+    run.state.epoch += 1
+    run.state.step_in_epoch = 0
+    run.state.position = 0
+
+
+def finish(run: Run) -> None:
+    check_finite(run)
+    final_metrics = run.task.evaluate(run.model)
+    note_best(run, final_metrics)
+    if run.state.best is not None:
+        final_metrics[f"{run.task.headline}_best"] = run.state.best
+    if run.logger:
+        run.logger.metrics(final_metrics, run.state.step)
+        run.logger.artifacts(run.task.pictures(_unwrap(run.model), run.state.step, True, run.out_dir), "pictures")
+    save_checkpoint(run, {**run.metrics, **final_metrics}, final=True)
+
+
+# ----------------------------------------------------------------------------- logging and checks
+
+
+class Window:
+    """What trained since the last logging step."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.wait = 0.0
+        self.images = 0
+        self.loss_sum: Optional[torch.Tensor] = None
+        self.micro = 0
+        self.grad_norm: Optional[torch.Tensor] = None
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        detached = loss.detach().float()
+        self.loss_sum = detached if self.loss_sum is None else self.loss_sum + detached
+        self.micro += 1
+        self.images += images
+
+
+def _logging_step(run: Run, step: int) -> bool:
+    return step % run.spec.log_every == 0 or step == run.spec.total_steps
+
+
+def log_window(run: Run) -> dict[str, float]:
+    """The window's training metrics (loss averaged over every worker's micro-batches), data
+    quality (rank 0 judges the skip counts; every rank stops with it), logged by rank 0."""
+    window, state, spec = run.window, run.state, run.spec
+    elapsed = max(time.perf_counter() - window.start, 1e-9)
+    loss = _reduce(torch.stack([window.loss_sum, torch.tensor(float(window.micro), device=run.device)]))
+    metrics = {
+        LOSS_METRIC: (loss[0] / loss[1]).item(),
+        "train/lr": max(group["lr"] for group in run.optimizer.param_groups),
+        "train/grad_norm": window.grad_norm.item(),
+        "train/images_per_s": window.images * run.world / elapsed,
+        "train/data_wait_frac": window.wait / elapsed,
+        "train/epoch": state.epoch + state.step_in_epoch / max(spec.steps_per_epoch, 1),
+        "flops/train_total": state.images_seen * spec.train_flops_per_image,
+        "time/device_hours": state.device_seconds / 3600,
+        FINGERPRINT_METRIC: float(state.fingerprint),
+    }
+    problem = None
+    if run.rank == 0 and spec.skips is not None:
+        snapshot = spec.skips.snapshot()
+        metrics["data/images_attempted"] = snapshot["attempted"]
+        metrics["data/images_converted"] = snapshot["converted"]
+        metrics.update({f"data/skipped_{reason}": n for reason, n in snapshot["skipped"].items()})
+        try:
+            check_skip_threshold(snapshot, run.config.data.max_skip_fraction)
+        except DataQualityError as exc:
+            problem = f"stage {run.stage}: {exc}"
+    if int(_reduce(torch.tensor(int(problem is not None), device=run.device), dist.ReduceOp.MAX).item()):
+        raise StopTraining(problem or "stopped by rank 0: too many images skipped")
+    if run.logger:
+        run.logger.metrics(metrics, state.step)
+    window.reset()
+    return metrics
+
+
+def check_finite(run: Run) -> None:
+    first_bad = int(_reduce(run.bad_step, dist.ReduceOp.MAX).item())
+    if first_bad >= 0:
+        raise StopTraining(
+            f"stage {run.stage}: loss became non-finite at step {first_bad}; stopped without saving. "
+            f"Last good checkpoint: {run.last_good or 'none (diverged before the first checkpoint)'}."
+        )
+
+
+def note_best(run: Run, evaluation: dict[str, float]) -> None:
+    value = evaluation.get(run.task.headline) if run.task.headline else None
+    if value is not None and (run.state.best is None or value > run.state.best):
+        run.state.best = value

@@ -32,17 +32,10 @@ from pipelines.config import (
     StageBase,
     TransferBase,
 )
-from pipelines.data.datasets import (
-    classification_dataset,
-    coco_ground_truth,
-    detection_dataset,
-    pretrain_dataset,
-    segmentation_dataset,
-)
+from pipelines.data.datasets import coco_ground_truth
 from pipelines.data.manifest import DataSource, build_manifest, open_source, write_manifest
 from pipelines.data.quality import StageSkips
-from pipelines.stages.jobs import LoopSpec, StageError, StageJob
-from pipelines.stages.checkpoints import newest_in
+from pipelines.stages.jobs import DataRecipe, LoopSpec, StageError, StageJob
 
 if TYPE_CHECKING:
     from pipelines.console import RunConsole
@@ -98,11 +91,6 @@ class StageInput:
 @dataclass
 class PreparedStage:
     job: StageJob
-    datasets: dict[str, "ray.data.Dataset"]
-    split: list[str]
-    """Training datasets: split equally, so every rank runs the same number of steps."""
-    evaluation: list[str]
-    """Evaluation datasets: split unequally, so every image is scored exactly once."""
     flops: dict[str, float]
     """FLOPs and sizes, logged as the stage run's metrics at step 0."""
     tags: dict[str, str]
@@ -220,13 +208,6 @@ def trainer_name(ctx: StageContext, group: str) -> str:
     return f"{ctx.parent_run_id}-{group}"
 
 
-def resume_epoch(ctx: StageContext, stage_name: str) -> int:
-    """The epoch the checkpoint this stage resumes from stopped in (0 without one), so that a
-    resumed run's data continues with that epoch's order and pairing."""
-    found = newest_in(ctx.storage / trainer_name(ctx, ctx.config.group_name(stage_name)))
-    return int(found.meta.get("epoch", 0)) if found and found.meta.get("stage") == stage_name else 0
-
-
 def encoder_method(ctx: StageContext, spec: StageBase, weights: Optional[str]) -> str:
     """How the stage's encoder was pretrained: its method, ``none`` (random), or what an
     ``init`` checkpoint says (``unknown`` when it does not say)."""
@@ -252,32 +233,21 @@ def encoder_source(ctx: StageContext, name: str, spec: TransferBase) -> Optional
     return str(path)
 
 
-def _datasets(spec: StageBase, source: DataSource, epoch: int, skips: dict[str, Optional[StageSkips]]) -> dict[str, Any]:
+def _recipes(spec: StageBase, source: DataSource, skips: dict[str, Optional[StageSkips]]) -> dict[str, DataRecipe]:
+    """How the stage's workers build their datasets (each its own shard, epoch by epoch)."""
     data = spec.data
     common = dict(img_size=spec.img_size, seed=spec.seed)
     if isinstance(spec, PretrainStage):
-        return {
-            "train": pretrain_dataset(
-                source, split=data.train_split, mask_ratio=spec.mask_ratio, epoch=epoch, scale=spec.crop_scale,
-                hflip=spec.hflip, skips=skips["train"], **common,
-            )
-        }
+        arguments = dict(split=data.train_split, mask_ratio=spec.mask_ratio, scale=spec.crop_scale, hflip=spec.hflip)
+        return {"train": DataRecipe("pretrain", source, {**arguments, **common, "skips": skips["train"]})}
+    augment: dict[str, Any] = {}
     if isinstance(spec, ClassifyStage):
         probe = spec.mode == "linear_probe"
-        augment = dict(
-            auto_augment=None if probe else spec.auto_augment, crop_pct=spec.crop_pct, scale=spec.crop_scale,
-            hflip=spec.hflip,
-        )
-        build = classification_dataset
-    elif isinstance(spec, DetectStage):
-        augment, build = {}, detection_dataset
-    elif isinstance(spec, SegmentStage):
-        augment, build = {}, segmentation_dataset
-    else:  # pragma: no cover - the config schema admits only these
-        raise StageError(f"unknown task {spec.task}")
+        augment = dict(auto_augment=None if probe else spec.auto_augment, crop_pct=spec.crop_pct,
+                       scale=spec.crop_scale, hflip=spec.hflip)
     return {
-        "train": build(source, split=data.train_split, train=True, epoch=epoch, skips=skips["train"], **augment, **common),
-        "val": build(source, split=data.val_split, train=False, skips=skips["val"], **augment, **common),
+        name: DataRecipe(spec.task, source, dict(split=split, train=name == "train", skips=skips[name], **augment, **common))
+        for name, split in (("train", data.train_split), ("val", data.val_split))
     }
 
 
@@ -307,36 +277,25 @@ def prepare_stage(ctx: StageContext, name: str, run_id: str) -> PreparedStage:
     tags.update(method=encoder_method(ctx, spec, weights), encoder=ctx.config.stage_model(spec))
     flops = stage_flops(ctx.config, name, spec, num_classes)
     loop = LoopSpec(
-        stage=name,
         tracking_uri=ctx.tracking_uri,
         run_id=run_id,
         steps_per_epoch=steps.steps_per_epoch,
         total_steps=steps.total_steps,
         warmup_steps=steps.warmup_steps,
         lr=scaled_lr(spec.base_lr, spec.batch_size),
-        min_lr=spec.min_lr,
-        accum_steps=spec.accum_steps,
-        clip_grad=spec.clip_grad,
         log_every=min(spec.log_every_steps, steps.total_steps),
-        checkpoint_every=spec.checkpoint_every_steps,
         eval_every=None if isinstance(spec, PretrainStage) else max(1, round(spec.eval_every_epochs * steps.steps_per_epoch)),
-        seed=spec.seed,
         train_flops_per_image=flops["flops/train_per_image"],
         skips=ctx.skips(run_id),
-        max_skip_fraction=spec.data.max_skip_fraction,
         bf16=spec.fast and spec.scaling.use_gpu,
         system_metrics_every_s=ctx.config.tracking.system_metrics_every_s if ctx.config.tracking.system_metrics else None,
         storage=str(ctx.storage),
         stop_file=str(ctx.stop_file or ""),
     )
-    job = StageJob(name, spec, ctx.config.stage_model(spec), num_classes=num_classes, loop=loop, **job_fields)
+    data = _recipes(spec, source, {"train": ctx.skips(run_id), "val": ctx.skips(run_id, "val")})
+    job = StageJob(name, spec, ctx.config.stage_model(spec), num_classes=num_classes, loop=loop, data=data, **job_fields)
     return PreparedStage(
         job=job,
-        datasets=_datasets(
-            spec, source, resume_epoch(ctx, name), {"train": ctx.skips(run_id), "val": ctx.skips(run_id, "val")}
-        ),
-        split=["train"],
-        evaluation=[] if isinstance(spec, PretrainStage) else ["val"],
         flops={**flops, "data/train_images": images, **({"data/val_images": val_images} if val_images else {})},
         tags=tags,
         inputs=stage_inputs(ctx, name, spec, source),

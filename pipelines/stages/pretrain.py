@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Optional
 
-import ray.train
 import torch
 import torch.nn as nn
 
@@ -15,12 +14,13 @@ from mixmae_core.methods import create_pretraining_model, pretraining_step
 from mixmae_core.optim import build_optimizer
 from mixmae_core.viz import save_reconstruction_png
 from pipelines.data.collate import PairCollate, normalize_on_device
-from pipelines.stages.jobs import stage_dataset
+from pipelines.data.order import Shard
 from pipelines.stages.checkpoints import ENCODER_FILE
-from pipelines.stages.loop import Task
+from pipelines.stages.loop import MicroBatch, Task
 
 
 class PretrainTask(Task):
+    images_per_unit = 2  # pairs
     preview: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def _options(self) -> StepOptions:
@@ -41,10 +41,9 @@ class PretrainTask(Task):
         fused = self._options().fused_adamw and self.device.type == "cuda"
         return build_optimizer(model, lr, self.spec.weight_decay, tuple(self.spec.betas), fused=fused)
 
-    def micro_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        shard = ray.train.get_dataset_shard(stage_dataset(self.job.name, "train"))
+    def batches(self, name: str, shard: Shard) -> Iterator[MicroBatch]:
         # masks stay on the CPU (the encoder counts them there without a device sync)
-        for batch in shard.iter_torch_batches(
+        for batch in self.dataset(name, shard).iter_torch_batches(
             batch_size=self.spec.micro_batch() // 2,
             collate_fn=PairCollate(),
             drop_last=True,
@@ -52,11 +51,7 @@ class PretrainTask(Task):
             prefetch_batches=4,
             pin_memory=self.device.type == "cuda",
         ):
-            images = normalize_on_device(batch["images"].to(self.device, non_blocking=True))
-            mask = self.masks(batch["mask"])
-            if self.preview is None:
-                self.preview = (images[:8].detach().clone(), mask[:4].clone())
-            yield images, mask
+            yield MicroBatch((batch["images"], self.masks(batch["mask"])), batch["image_ids"], batch["position"])
 
     def masks(self, drawn: torch.Tensor) -> torch.Tensor:
         """The micro-batch's masks: one per pair as the data pipeline drew them, or with
@@ -64,8 +59,11 @@ class PretrainTask(Task):
         mask per step and device)."""
         return drawn[:1].expand_as(drawn).contiguous() if self.spec.mask_mode == "batch" else drawn
 
-    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
-        images, mask = batch
+    def loss(self, model: nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, int]:
+        pixels, mask = batch.inputs
+        images = normalize_on_device(pixels.to(self.device, non_blocking=True))
+        if self.preview is None:
+            self.preview = (images[:8].detach().clone(), mask[:4].clone())
         return pretraining_step(model, images, mask).loss, images.shape[0]
 
     def picture_steps(self, total_steps: int) -> set[int]:

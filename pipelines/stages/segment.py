@@ -4,8 +4,6 @@ over the whole validation split, prediction pictures."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -14,7 +12,7 @@ from mixmae_core.tasks.metrics import segmentation_metrics
 from mixmae_core.tasks.pictures import draw_segmentation
 from mixmae_core.tasks.segmentation import build_upernet
 from pipelines.data.transforms import IGNORE_INDEX
-from pipelines.stages.loop import world_size
+from pipelines.stages.loop import MicroBatch, world_size
 from pipelines.stages.jobs import HEADLINE
 from pipelines.stages.transfer import TransferTask
 
@@ -33,12 +31,8 @@ class SegmentTask(TransferTask):
         # the decoder's BatchNorm sees one worker's micro-batch; synchronise it across workers
         return nn.SyncBatchNorm.convert_sync_batchnorm(model) if world_size() > 1 else model
 
-    def micro_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.batches("train", drop_last=True):
-            yield self.images(batch), batch["label"].to(self.device).long()
-
-    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
-        images, labels = batch
+    def loss(self, model: nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, int]:
+        images, labels = self.images(batch.inputs), batch.inputs["label"].to(self.device).long()
         return F.cross_entropy(model(images), labels, ignore_index=IGNORE_INDEX), images.shape[0]
 
     @torch.no_grad()
@@ -46,7 +40,7 @@ class SegmentTask(TransferTask):
         metrics = segmentation_metrics(self.job.num_classes).to(self.device)
         model.eval()
         self.samples = []
-        for batch in self.batches("val"):
+        for batch in self.evaluation_batches():
             images, labels = self.images(batch), batch["label"].to(self.device).long()
             prediction = model(images).argmax(1)
             metrics.update(prediction, labels)

@@ -6,16 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-import ray.train
 import torch
 import torch.nn as nn
 
 from mixmae_core.checkpoint import save_state_dict
 from mixmae_core.optim import build_optimizer
 from pipelines.data.collate import normalize_on_device
-from pipelines.stages.jobs import stage_dataset
+from pipelines.data.order import Shard
 from pipelines.stages.checkpoints import ENCODER_FILE
-from pipelines.stages.loop import Task
+from pipelines.stages.loop import MicroBatch, Task
 
 
 class TransferTask(Task):
@@ -40,9 +39,19 @@ class TransferTask(Task):
             fused=spec.fast and self.device.type == "cuda", opt=spec.optimizer,
         )
 
-    def batches(self, name: str, **kwargs) -> Iterator[dict]:
-        shard = ray.train.get_dataset_shard(stage_dataset(self.job.name, name))
-        yield from shard.iter_torch_batches(batch_size=self.spec.micro_batch(), device="cpu", prefetch_batches=2, **kwargs)
+    def rows(self, name: str, shard: Shard, **kwargs) -> Iterator[dict]:
+        """Collated batches of dataset ``name`` in ``shard`` (whole micro-batches in training)."""
+        yield from self.dataset(name, shard).iter_torch_batches(
+            batch_size=self.spec.micro_batch(), device="cpu", prefetch_batches=2, drop_last=name == "train", **kwargs
+        )
+
+    def batches(self, name: str, shard: Shard) -> Iterator[MicroBatch]:
+        for batch in self.rows(name, shard):
+            yield MicroBatch(batch, batch["image_id"], batch["position"])
+
+    def evaluation_batches(self, **kwargs) -> Iterator[dict]:
+        """This worker's share of the validation split (every image once across workers)."""
+        return self.rows("val", self.evaluation_shard(), **kwargs)
 
     def images(self, batch: dict) -> torch.Tensor:
         return normalize_on_device(batch["image"].to(self.device, non_blocking=True))

@@ -1,0 +1,156 @@
+"""What a step trains on depends on the seed, epoch, step and number of workers only: two runs
+of the quickstart's pretraining on 2 workers log the same loss at every step, and so do a run
+whose worker is killed mid-epoch (Ray Train restarts the group) and a run stopped by SIGTERM
+mid-epoch and run again; their workers trained on the same image ids at every step (the
+``data/fingerprint`` chain) and the continued run decoded nothing it had trained on. An epoch
+ends at its last full step: its leftover images are neither decoded nor counted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import DEFAULT_CONFIG, load_config
+from pipelines.pipeline import run_pipeline
+from pipelines.spool import Spool
+from pipelines.stages.loop import FINGERPRINT_METRIC, LOSS_METRIC
+from pipelines.tracking import STAGE, spooled_steps
+from tests.servers import BIN, actors, launch
+
+pytestmark = pytest.mark.timeout(900)
+
+#: 80 images, 24 a step: 3 steps an epoch and 8 images left over each epoch; a checkpoint
+#: every 4 steps falls mid-epoch (epoch 1, step 1)
+STEPS, BATCH, EPOCHS = 12, 24, 4
+SETTINGS = [f"pretrain.epochs={EPOCHS}", f"pretrain.batch_size={BATCH}", "pretrain.log_every_steps=1",
+            "pretrain.checkpoint_every_steps=4", "pretrain.reconstructions=0", "tracking.system_metrics=false"]
+
+
+def _overrides(work: Path, synthetic_data: dict) -> list[str]:
+    return [f"storage={work / 'runs'}", f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
+            f"synthetic.root={Path(synthetic_data['pretrain']).parent}", *SETTINGS]
+
+
+def _pretrain_run(work: Path):
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("mixmae-quickstart").experiment_id
+    (run,) = client.search_runs([experiment], f"tags.`{STAGE}` = 'pretrain'")
+    return client, run
+
+
+def _history(work: Path, key: str) -> list[tuple[int, float]]:
+    client, run = _pretrain_run(work)
+    return [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, ray_local, synthetic_data):
+    work = tmp_path_factory.mktemp("reference")
+    run_pipeline(load_config(DEFAULT_CONFIG, _overrides(work, synthetic_data)), stages=["pretrain"])
+    return work
+
+
+def _same_training(work: Path, reference: Path) -> None:
+    for key in (LOSS_METRIC, FINGERPRINT_METRIC):
+        assert _history(work, key) == _history(reference, key), key
+
+
+def test_an_epoch_ends_at_its_last_full_step_and_counts_only_what_trained(reference):
+    losses = _history(reference, LOSS_METRIC)
+    assert [step for step, _ in losses] == list(range(1, STEPS + 1))
+    assert len({value for _, value in _history(reference, FINGERPRINT_METRIC)}) == STEPS
+    images = dict(_history(reference, "data/images_attempted"))
+    assert images[STEPS] == STEPS * BATCH  # the 8 images left over each epoch were never decoded
+    flops = dict(_history(reference, "flops/train_total"))
+    per_image = dict(_history(reference, "flops/train_per_image"))[0]
+    assert flops[STEPS] == pytest.approx(STEPS * BATCH * per_image)
+
+
+def test_two_runs_with_one_seed_log_the_same_loss_at_every_step(reference, tmp_path, synthetic_data):
+    run_pipeline(load_config(DEFAULT_CONFIG, _overrides(tmp_path, synthetic_data)), stages=["pretrain"])
+    _same_training(tmp_path, reference)
+
+
+def _registered_checkpoint_steps(storage: Path) -> list[int]:
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            results = json.loads(snapshot.read_text())["checkpoint_results"]
+        except (OSError, ValueError, KeyError):  # being written
+            return []
+        return [int(result["metrics"]["step"]) for result in results]
+    return []
+
+
+def test_a_worker_killed_mid_epoch_resumes_on_the_same_data(reference, tmp_path, synthetic_data):
+    config = load_config(DEFAULT_CONFIG, _overrides(tmp_path, synthetic_data))
+    done, killed = threading.Event(), []
+
+    def kill_after_the_first_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not done.is_set():
+            if _registered_checkpoint_steps(tmp_path / "runs"):
+                workers = actors("RayTrainWorker", state="ALIVE")
+                if workers:
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    killed.append(workers[-1].pid)
+                    return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    try:
+        run_pipeline(config, stages=["pretrain"])
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "the run ended before a worker could be killed"
+    client, run = _pretrain_run(tmp_path)
+    assert run.data.tags["mixmae.resumed_from"] == "step 4"
+    _same_training(tmp_path, reference)
+
+
+def test_a_run_stopped_by_sigterm_mid_epoch_continues_on_the_same_data_and_decodes_nothing_twice(
+    reference, tmp_path, ray_local, synthetic_data
+):
+    """The driver gets SIGTERM mid-epoch: its workers save a checkpoint at their next step and
+    it exits 75; the same command again (a new driver, a new count of decoded images) reads
+    on from each worker's position: it decodes exactly the images of the steps left."""
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    command = [str(BIN / "mixmae"), "pretrain", str(DEFAULT_CONFIG),
+               *(arg for item in _overrides(tmp_path, synthetic_data) for arg in ("--set", item))]
+    spool = lambda: next((d for d in (tmp_path / "runs" / "tracking_spool").glob("*") if "." not in d.name), None)  # noqa: E731
+
+    def trained_through(step: int) -> bool:
+        folder = spool()
+        return folder is not None and max(spooled_steps(Spool(folder, print), LOSS_METRIC), default=0) >= step
+
+    log = tmp_path / "first.log"
+    first = launch(command, log, cwd=tmp_path, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not trained_through(5):  # epoch 1, step 2: between the checkpoint at 4 and the epoch's end
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=300) == 75, log.read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    client, run = _pretrain_run(tmp_path)
+    stopped_at = int(run.data.tags["mixmae.preempted"].split()[-1])
+    assert 5 <= stopped_at < STEPS
+
+    log = tmp_path / "second.log"
+    second = launch(command, log, cwd=tmp_path, env=env)
+    assert second.wait(timeout=600) == 0, log.read_text()[-3000:]
+    client, run = _pretrain_run(tmp_path)
+    assert run.data.tags["mixmae.resumed_from"] == f"step {stopped_at}"
+    _same_training(tmp_path, reference)
+    assert dict(_history(tmp_path, "data/images_attempted"))[STEPS] == (STEPS - stopped_at) * BATCH
