@@ -88,23 +88,28 @@ def store(tmp_path_factory):
     """Experiment ``methods``: a sweep of MixMAE and SimMIM on three encoders (3, 3 and 1
     seeds), with an unfinished trial; ``other``: a trial that must not count; ``plain``: runs
     of `mixmae run`; ``old``: a trial written before trials carried seeds and curves."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
-    methods = client.create_experiment("methods")
+
+    def experiment(name):  # artifacts under the test's folder, not MLflow's default ./mlruns
+        return client.create_experiment(name, artifact_location=(root / "artifacts" / name).as_uri())
+
+    methods = experiment("methods")
     sweep_id = finished_run(client, methods, "methods", {KIND: "sweep"})
     for (encoder, method), accuracies in PROBE.items():
         for seed, accuracy in enumerate(accuracies):
             trial(client, methods, sweep_id, encoder, method, seed, accuracy)
     trial(client, methods, sweep_id, SWIN, "mixmae", 3, 0.99, status="RUNNING")
-    other = client.create_experiment("other")
+    other = experiment("other")
     trial(client, other, finished_run(client, other, "methods", {KIND: "sweep"}), SWIN, "mixmae", 4, 0.01)
-    plain = client.create_experiment("plain")
+    plain = experiment("plain")
     for name, method, ratio, seed, knn, log_every in [
         ("a", "mixmae", "0.5", 0, 0.40, 10), ("b", "mixmae", "0.5", 1, 0.44, 20),
         ("c", "mixmae", "0.7", 0, 0.30, 10), ("d", "simmim", "0.6", 0, 0.35, 10),
     ]:
         plain_run(client, plain, name, method, ratio, seed, knn, log_every)
-    old = client.create_experiment("old")
+    old = experiment("old")
     old_sweep = finished_run(client, old, "old-sweep", {KIND: "sweep"})
     finished_run(client, old, "t", {KIND: "pipeline", MLFLOW_PARENT_RUN_ID: old_sweep},
                  {"method": "mixmae", "model": SWIN, "mask_ratio": 0.5}, {"probe_top1": 0.5, "pretrain_flops": 1e12})
