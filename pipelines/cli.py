@@ -205,29 +205,32 @@ def sweep(
 def report(
     experiment: Optional[str] = typer.Argument(None, help="MLflow experiment (default: the quickstart's)"),
     metric: Optional[str] = typer.Option(None, "--metric", help="accuracy metric of the pipeline runs"),
-    out: Path = typer.Option(Path("mixmae_report"), "--out", help="where the CSV and PNG go"),
+    out: Path = typer.Option(Path("mixmae_report"), "--out", help="where the CSV, Markdown and PNG files go"),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="default: as `mixmae run` resolves it"),
+    as_json: bool = typer.Option(False, "--json", help="print the tables as JSON, and nothing else, on stdout"),
 ) -> None:
-    """Accuracy against pretraining FLOPs (Pareto front marked), logged back to MLflow."""
+    """Which differences are above the noise: runs grouped over seeds, methods paired by seed on
+    each encoder, k-NN accuracy at common pretraining FLOPs budgets; logged back to MLflow."""
     from pipelines.config import load_config
     from pipelines.report import run_report
+    from pipelines.report_files import console_tables, report_json
     from pipelines.tracking import resolve_tracking_uri
 
     default = load_config()
     uri = resolve_tracking_uri(tracking_uri or default.tracking.uri)
     try:
-        rows, label, table_path, plot, run_id = run_report(uri, experiment or default.tracking.experiment, out, metric)
+        result, files, run_id = run_report(uri, experiment or default.tracking.experiment, out, metric)
     except ValueError as exc:
+        if as_json:  # stdout is the script's: the message goes to stderr
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(1)
         fail(exc, 1)
-    table = Table(title=f"{label} vs pretraining FLOPs")
-    for column in ("run", "method", "encoder", "mask_ratio", "epochs", "pretrain FLOPs", label, "95% interval", "Pareto"):
-        table.add_column(column)
-    for r in rows:
-        low, high = r.interval()
-        table.add_row(r.name, r.method, r.encoder, r.mask_ratio, r.epochs, f"{r.flops:.3e}", f"{r.accuracy:.4f}",
-                      f"{low:.3f}-{high:.3f}" if r.val_images else "n/a", "*" if r.pareto else "")
-    console.print(table)
-    console.print(f"wrote {table_path} and {plot}; logged to MLflow run {run_id}")
+    if as_json:
+        typer.echo(json.dumps(report_json(result, files, run_id)))
+        return
+    for table in console_tables(result):
+        console.print(table)
+    console.print(f"wrote {', '.join(str(f) for f in files)}; logged to MLflow run {run_id}", soft_wrap=True)
 
 
 @app.command()
