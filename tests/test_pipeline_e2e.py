@@ -167,5 +167,6 @@ def test_report_plots_accuracy_against_pretraining_flops(quickstart, tmp_path):
         assert plot.width > 300
     reports = client.search_runs([outcome.experiment_id], "tags.`mixmae.kind` = 'report'")
     assert {a.path for a in client.list_artifacts(reports[0].info.run_id, "report")} == {
-        "report/flops_vs_accuracy.csv", "report/flops_vs_accuracy.png"
+        f"report/{name}" for name in ("flops_vs_accuracy.csv", "flops_vs_accuracy.png", "seed_groups.csv",
+                                      "paired_comparisons.csv", "flops_budgets.csv", "report.md")
     }
