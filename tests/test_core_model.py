@@ -212,18 +212,19 @@ def test_padding_slots_are_never_attended():
     from mixmae_core.encoders.swin import SwinLevel
 
     torch.manual_seed(0)
-    stage = SwinLevel(16, 16, 1, 2, (8, 8), downsample=False, drop_path=[0.0], attn_impl="reference").eval()
+    stage = SwinLevel(16, 16, 1, 2, (8, 8), downsample=False, drop_path=[0.0]).eval()
+    attention = get_attention("reference")
     x = torch.randn(1, 12, 20, 16)
     layout = stage.layout(x, None, None)
     assert layout.index.shape == (6, 64) and (~layout.valid).sum() == 6 * 64 - 12 * 20
     seq = layout.gather(x)
     assert (seq[~layout.valid] == 0).all()
-    context = stage._impl.prepare(AttentionContext(layout.segments))
+    context = attention.prepare(AttentionContext(layout.segments))
     noisy = torch.where(layout.valid[..., None], seq, torch.randn_like(seq))
     block = stage.blocks[0]
     with torch.no_grad():
         bias = block.attn.relative_bias()
-        a, b = block(seq, stage._impl, context, bias), block(noisy, stage._impl, context, bias)
+        a, b = block(seq, attention, context, bias), block(noisy, attention, context, bias)
     assert torch.allclose(a[layout.valid], b[layout.valid], atol=1e-5)
     assert torch.equal(layout.scatter(seq, x.shape), x)
 
