@@ -4,16 +4,9 @@ import torch
 from PIL import Image
 
 import mixmae_core
-from mixmae_core.checkpoint import (
-    convert_official,
-    encoder_state_dict,
-    load_encoder_weights,
-    load_state_dict,
-    save_state_dict,
-)
+from mixmae_core.checkpoint import encoder_state_dict, load_encoder_weights, load_state_dict, save_state_dict
 from mixmae_core.flops import flop_report
 from mixmae_core.viz import save_reconstruction_png
-from tests.official_reference import OfficialMixMIM
 
 MICRO = "mixmae_swin_micro_w8"
 
@@ -63,38 +56,6 @@ def test_position_tables_resize_for_new_windows_and_resolution(tmp_path):
     assert torch.allclose(table, torch.arange(4.0).expand_as(table), atol=1e-4)
     assert big.absolute_pos_embed.shape == (64, 64, 32)
     assert big(torch.randn(1, 3, 256, 256)).shape == (1, 3)
-
-
-def test_official_checkpoint_converts_to_identical_loss(tmp_path):
-    cfg = dict(img_size=128, embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=(8, 8, 8, 8))
-    torch.manual_seed(0)
-    official = OfficialMixMIM(**cfg, dec_dim=64, dec_depth=2, dec_heads=4).eval()
-    with torch.no_grad():  # random everything (position tables and index buffers excluded)
-        for p in official.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    src = tmp_path / "official.pth"
-    torch.save({"model": official.state_dict(), "epoch": 599}, src)
-
-    ours = mixmae_core.create_model(MICRO, **cfg, decoder_dim=64, decoder_depth=2, decoder_num_heads=4).eval()
-    converted = convert_official(load_state_dict(src))
-    ours.load_state_dict(converted, strict=True)
-
-    B = 6
-    images = torch.randn(B, 3, 128, 128)
-    mask = (torch.rand(4, 4) < 0.5).float()
-    with torch.no_grad():
-        expected = official(images, mask)
-        # the official pairs image i with B-1-i; lay those pairs out as rows 2k/2k+1
-        order = [i for k in range(B // 2) for i in (k, B - 1 - k)]
-        got = ours(images[order], mask.bool()).loss
-    assert torch.allclose(got, expected, rtol=1e-5, atol=0), (got.item(), expected.item())
-
-
-def test_official_checkpoint_with_foreign_position_table_is_refused():
-    sd = {"absolute_pos_embed": torch.randn(1, 16, 32), "decoder_pred.weight": torch.zeros(1)}
-    with pytest.raises(ValueError, match="sin-cos"):
-        convert_official(sd)
 
 
 def test_encoder_state_dict_understands_every_layout():

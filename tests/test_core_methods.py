@@ -11,37 +11,16 @@ import mixmae_core
 from mixmae_core import mae, simmim
 from mixmae_core.encoders import convs
 from mixmae_core.flops import counting, flop_report
-from mixmae_core.masking import pair_rows, patchify, sample_mask, upsample_mask
+from mixmae_core.masking import pair_rows, patchify, upsample_mask
 from mixmae_core.methods import check_method_encoder, create_pretraining_model
+from tests.helpers_core import partner_leaks, seeded_images
 
 HIERARCHICAL = ["mixmae_swin_micro_w8", "mixmae_twins_svt_micro", "mixmae_pvt_v2_micro"]
 
 
-def _images(n=4, size=64, seed=0):
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _own_features(z, mask):
-    """Per image, its features at every coarse position, from whichever mixed row holds them."""
-    m = pair_rows(mask)[..., None]
-    return torch.where(m, z.unflatten(0, (-1, 2)).flip(1).flatten(0, 1), z)
-
-
 def _partner_leaks(name: str, size: int = 128) -> bool:
-    """Whether changing image 1 changes image 0's prediction or features under MixMAE."""
     torch.manual_seed(0)
-    model = mixmae_core.create_model(name, img_size=size).eval()
-    grid = (size // 32, size // 32)
-    mask = sample_mask(2, grid, 0.5, generator=torch.Generator().manual_seed(1))
-    images, changed = _images(size=size), _images(size=size)
-    changed[1] = torch.randn(3, size, size)
-    changed[0] = images[0]
-    with torch.no_grad():
-        a, b = model(images, mask), model(changed, mask)
-        fa = _own_features(model.forward_encoder(images, pair_rows(mask)), mask)
-        fb = _own_features(model.forward_encoder(changed, pair_rows(mask)), mask)
-    assert not torch.allclose(fa[1], fb[1], atol=1e-3)  # the change itself was seen
-    return not (torch.allclose(a.pred[0], b.pred[0], atol=1e-5) and torch.allclose(fa[0], fb[0], atol=1e-5))
+    return partner_leaks(mixmae_core.create_model(name, img_size=size).eval(), size)
 
 
 @pytest.mark.parametrize("name", HIERARCHICAL)
@@ -75,7 +54,7 @@ def test_twins_and_pvt_hold_timms_parameters_and_compute_timms_function(ours, ti
     reference = timm.create_model(timms).eval()
     model = timm.create_model(ours).eval()
     model.load_state_dict(reference.state_dict(), strict=True)
-    x = _images(2, 224)
+    x = seeded_images(2, 224)
     with torch.no_grad():
         assert torch.allclose(model(x), reference(x), atol=1e-5)
 
@@ -83,7 +62,7 @@ def test_twins_and_pvt_hold_timms_parameters_and_compute_timms_function(ours, ti
 @pytest.mark.parametrize("name", ["mixmae_twins_svt_micro", "mixmae_pvt_v2_micro"])
 def test_features_only_gives_four_levels(name):
     features = timm.create_model(name, features_only=True, img_size=128)
-    maps = features(_images(2, 128))
+    maps = features(seeded_images(2, 128))
     assert [tuple(m.shape[-2:]) for m in maps] == [(32, 32), (16, 16), (8, 8), (4, 4)]
     assert features.feature_info.reduction() == [4, 8, 16, 32]
 
@@ -100,7 +79,7 @@ def test_simmim_visible_tokens_never_see_masked_pixels(name):
     torch.manual_seed(0)
     model = simmim.create_model(name).eval()
     masked = pair_rows(torch.tensor([[[1, 0], [0, 1]], [[0, 1], [1, 1]]]).bool())
-    images = _images()
+    images = seeded_images()
     changed = torch.where(upsample_mask(masked, (64, 64))[:, None], torch.randn_like(images), images)
     with torch.no_grad():
         assert torch.allclose(model.forward_encoder(images, masked), model.forward_encoder(changed, masked), atol=1e-5)
@@ -109,7 +88,7 @@ def test_simmim_visible_tokens_never_see_masked_pixels(name):
 def test_simmim_loss_is_l1_on_masked_pixels_only():
     torch.manual_seed(0)
     model = simmim.create_model("mixmae_swin_micro_w8")
-    images = _images()
+    images = seeded_images()
     mask = torch.tensor([[[1, 0], [0, 0]], [[0, 1], [1, 0]]]).bool()
     out = model(images, mask)
     pixels = upsample_mask(pair_rows(mask), (64, 64))[:, None].expand_as(images)
@@ -120,7 +99,7 @@ def test_simmim_loss_is_l1_on_masked_pixels_only():
 def test_mae_encodes_a_quarter_of_the_patches_and_scores_only_the_dropped_ones():
     torch.manual_seed(0)
     model = mae.create_model("mae_vit_micro_p8")
-    images = _images()
+    images = seeded_images()
     latent, dropped, restore = model.forward_encoder(images)
     assert latent.shape[1] == 1 + 64 // 4 and dropped.sum(1).tolist() == [48] * 4
     out = model(images)
@@ -174,7 +153,7 @@ def test_train_flops_follow_what_each_method_encodes():
 def test_every_method_learns_a_fixed_batch(method, encoder):
     torch.manual_seed(0)
     model = create_pretraining_model(method, encoder).train()
-    images = _images()
+    images = seeded_images()
     mask = torch.tensor([[[1, 0], [0, 1]], [[0, 1], [1, 0]]]).bool()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     losses = []

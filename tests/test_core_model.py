@@ -12,6 +12,7 @@ from mixmae_core.encoders.attention import (
 )
 from mixmae_core.masking import mix_images, mix_pairs, pair_rows, sample_mask, upsample_mask
 from mixmae_core.masking import norm_pix_target
+from tests.helpers_core import partner_leaks, seeded_images
 
 MICRO = "mixmae_swin_micro_w8"
 
@@ -21,35 +22,9 @@ def _micro(**kw):
     return mixmae_core.create_model(MICRO, **kw).eval()
 
 
-def _pair_batch(n=4, size=64, seed=0):
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _image_features(z, mask):
-    """Per image, its own encoder feature at every coarse position (from whichever mixed row holds it)."""
-    m = mask.repeat_interleave(2, 0)[..., None]
-    partner = z.unflatten(0, (-1, 2)).flip(1).flatten(0, 1)
-    return torch.where(m, partner, z)
-
-
-def _isolation_holds(model):
-    images = _pair_batch()
-    mask = sample_mask(2, (2, 2), 0.5, generator=torch.Generator().manual_seed(1))
-    changed = images.clone()
-    changed[1] = torch.randn(3, 64, 64)
-    with torch.no_grad():
-        out_a, out_b = model(images, mask), model(changed, mask)
-        feat_a = _image_features(model.forward_encoder(images, pair_rows(mask)), mask)
-        feat_b = _image_features(model.forward_encoder(changed, pair_rows(mask)), mask)
-    pred_same = torch.allclose(out_a.pred[0], out_b.pred[0], atol=1e-5)
-    feat_same = torch.allclose(feat_a[0], feat_b[0], atol=1e-5)
-    assert not torch.allclose(feat_a[1], feat_b[1], atol=1e-3)  # the change itself was seen
-    return pred_same and feat_same
-
-
 @pytest.mark.parametrize("impl", ["reference", "sdpa"])
 def test_partner_pixels_do_not_reach_image_prediction_or_features(impl):
-    assert _isolation_holds(_micro(attn_impl=impl))
+    assert not partner_leaks(_micro(attn_impl=impl))
 
 
 def test_isolation_test_fails_without_attention_masking():
@@ -60,12 +35,12 @@ def test_isolation_test_fails_without_attention_masking():
             return AttentionContext(positions=context.positions)
 
     register_attention(Unmasked.name, Unmasked)
-    assert not _isolation_holds(_micro(attn_impl="unmasked-for-test"))
+    assert partner_leaks(_micro(attn_impl="unmasked-for-test"))
 
 
 def test_loss_equals_independent_norm_pix_mse_and_outputs_have_contract_shapes():
     model = _micro()
-    images = _pair_batch(6)
+    images = seeded_images(6)
     out = model(images)
     assert out.pred.shape == (6, 4, 32 * 32 * 3)
     assert out.mask.shape == (3, 2, 2) and out.mask.dtype == torch.bool
@@ -80,7 +55,7 @@ def test_each_prediction_comes_from_the_copy_where_its_patch_was_hidden():
     """pred[b] at a position never depends on image b's own patch there, nor on any
     patch of the same group: the copy predicting it saw only the other group."""
     model = _micro()
-    images = _pair_batch()
+    images = seeded_images()
     mask = torch.tensor([[[1, 0], [0, 1]], [[0, 0], [1, 0]]]).bool()
     with torch.no_grad():
         base = model(images, mask).pred
@@ -118,7 +93,7 @@ def test_mixing_shows_every_pixel_of_a_pair_exactly_once_across_its_two_inputs()
 
 def test_fixed_mask_makes_the_step_deterministic_and_accepts_hw_mask():
     model = _micro()
-    images = _pair_batch()
+    images = seeded_images()
     mask = torch.tensor([[1, 0], [0, 1]])
     a, b = model(images, mask), model(images, mask.bool().expand(2, 2, 2))
     assert torch.equal(a.loss, b.loss) and torch.equal(a.pred, b.pred)
@@ -126,11 +101,11 @@ def test_fixed_mask_makes_the_step_deterministic_and_accepts_hw_mask():
 
 def test_odd_batch_is_refused_with_reason():
     with pytest.raises(ValueError, match="must be even"):
-        _micro()(_pair_batch(3))
+        _micro()(seeded_images(3))
 
 
 def test_batch_mask_mode_shares_one_mask():
-    out = _micro(mask_mode="batch")(_pair_batch(8))
+    out = _micro(mask_mode="batch")(seeded_images(8))
     assert (out.mask == out.mask[0]).all()
 
 
@@ -157,7 +132,7 @@ def test_reference_and_sdpa_attention_agree_with_gradients(with_padding, with_po
 
 def test_whole_model_agrees_across_attention_impls():
     ref, sdpa = _micro(attn_impl="reference"), _micro(attn_impl="sdpa")
-    images, mask = _pair_batch(), torch.tensor([[1, 0], [1, 0]])
+    images, mask = seeded_images(), torch.tensor([[1, 0], [1, 0]])
     assert torch.allclose(ref(images, mask).loss, sdpa(images, mask).loss, rtol=1e-5)
 
 
@@ -212,18 +187,19 @@ def test_padding_slots_are_never_attended():
     from mixmae_core.encoders.swin import SwinLevel
 
     torch.manual_seed(0)
-    stage = SwinLevel(16, 16, 1, 2, (8, 8), downsample=False, drop_path=[0.0], attn_impl="reference").eval()
+    stage = SwinLevel(16, 16, 1, 2, (8, 8), downsample=False, drop_path=[0.0]).eval()
+    attention = get_attention("reference")
     x = torch.randn(1, 12, 20, 16)
     layout = stage.layout(x, None, None)
     assert layout.index.shape == (6, 64) and (~layout.valid).sum() == 6 * 64 - 12 * 20
     seq = layout.gather(x)
     assert (seq[~layout.valid] == 0).all()
-    context = stage._impl.prepare(AttentionContext(layout.segments))
+    context = attention.prepare(AttentionContext(layout.segments))
     noisy = torch.where(layout.valid[..., None], seq, torch.randn_like(seq))
     block = stage.blocks[0]
     with torch.no_grad():
         bias = block.attn.relative_bias()
-        a, b = block(seq, stage._impl, context, bias), block(noisy, stage._impl, context, bias)
+        a, b = block(seq, attention, context, bias), block(noisy, attention, context, bias)
     assert torch.allclose(a[layout.valid], b[layout.valid], atol=1e-5)
     assert torch.equal(layout.scatter(seq, x.shape), x)
 
@@ -231,7 +207,7 @@ def test_padding_slots_are_never_attended():
 @pytest.mark.parametrize("impl", ["reference", "sdpa"])
 def test_group_split_layout_computes_the_same_step(impl):
     """One sequence per (image, group) in global-window stages: same loss, same gradients."""
-    images = _pair_batch(4, 128)
+    images = seeded_images(4, 128)
     mask = sample_mask(2, (4, 4), 0.5, generator=torch.Generator().manual_seed(5))
     losses, grads = [], []
     for split in (False, True):
@@ -263,7 +239,7 @@ def test_group_layout_has_no_cross_image_slots():
 def test_tiny_model_overfits_a_fixed_batch():
     torch.manual_seed(0)
     model = mixmae_core.create_model(MICRO).train()
-    images = _pair_batch(4)
+    images = seeded_images(4)
     mask = torch.tensor([[1, 0], [0, 1]])
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     first = None

@@ -1,7 +1,8 @@
 """Encoders, one file per family, each variant registered with timm: the hierarchical ones
 under MixMAE's encoder contract (``mixmae_core/mixmae.py``): Swin, Twins-SVT, PVTv2; and plain
-ViTs for MAE. The segment-masked attention they share is ``attention``; convolutions kept
-inside their group are ``convs``."""
+ViTs for MAE. The contract and timm's protocol, written once over each family's stem and
+levels, are ``base``; the segment-masked attention they share is ``attention``; convolutions
+kept inside their group are ``convs``."""
 
 import timm
 

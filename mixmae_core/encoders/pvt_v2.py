@@ -20,18 +20,21 @@ What keeps each image of a mixed input apart:
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import DropPath, LayerNorm
+from timm.models import register_model
 from timm.models.pvt_v2 import MlpWithDepthwiseConv, OverlapPatchEmbed, PyramidVisionTransformerV2
 
-from mixmae_core.checkpoint import StateDict, adapt_to_encoder, encoder_state_dict
-from mixmae_core.encoders.attention import SpatialReductionAttention, check_reduction_grid, get_attention, reduction_context
+from mixmae_core.encoders.attention import (
+    AttentionImpl,
+    SpatialReductionAttention,
+    check_reduction_grid,
+    reduction_context,
+)
+from mixmae_core.encoders.base import HierarchicalEncoder, build_encoder, default_cfgs_for, on_device_of, run_block
 from mixmae_core.encoders.convs import per_group
 
 
@@ -72,19 +75,16 @@ class PVTLevel(nn.Module):
         )
         self.norm = LayerNorm(dim_out)
 
-    def forward(self, x: torch.Tensor, impl, groups: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention: AttentionImpl, groups: Optional[torch.Tensor]) -> torch.Tensor:
         if self.downsample is not None:
             x = self.downsample.norm(per_group(self.downsample.proj, x.permute(0, 3, 1, 2), groups).permute(0, 2, 3, 1))
-        context = reduction_context(impl, x, self.sr_ratio, groups)
+        context = reduction_context(attention, x, self.sr_ratio, groups)
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, impl, context, groups, use_reentrant=False)
-            else:
-                x = block(x, impl, context, groups)
+            x = run_block(block, x, attention, context, groups, grad_checkpointing=self.grad_checkpointing)
         return self.norm(x)
 
 
-class MixMAEPVTv2(nn.Module):
+class MixMAEPVTv2(HierarchicalEncoder):
     """PVTv2 (no linear-attention variants: their 7x7 pooling mixes units) with every token
     mixer kept inside its group."""
 
@@ -107,21 +107,10 @@ class MixMAEPVTv2(nn.Module):
         attn_impl: str = "sdpa",
         **kwargs,
     ):
-        super().__init__()
-        unexpected = kwargs.keys() - {"pretrained_cfg", "pretrained_cfg_overlay"}  # timm passes these
-        if unexpected:
-            raise TypeError(f"unexpected arguments for MixMAEPVTv2: {sorted(unexpected)}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         num_levels = len(depths)
-        self.img_size = to_2tuple(img_size)
-        self.stride = 4 * 2 ** (num_levels - 1)
+        super().__init__(img_size, 4 * 2 ** (num_levels - 1), num_classes, global_pool, attn_impl, kwargs)
         for i, sr in enumerate(sr_ratios):
             check_reduction_grid(i, 4 * 2**i, sr, unit=self.stride)
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.set_attn_impl(attn_impl)
         self.patch_embed = OverlapPatchEmbed(patch_size=7, stride=4, in_chans=in_chans, embed_dim=embed_dims[0])
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))
         self.stages = nn.Sequential(
@@ -137,15 +126,11 @@ class MixMAEPVTv2(nn.Module):
         self.feature_info = [
             dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(num_levels)
         ]
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.norm = nn.Identity()  # each level ends with its own norm: the last one is the final norm
+        self._init_head(embed_dims[-1], drop_rate)
         self.apply(partial(PyramidVisionTransformerV2._init_weights, self))
 
-    # ----------------------------------------------------------------- timm protocol
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return set()
-
+    # ----------------------------------------------------------------- timm protocol (the rest is base.py's)
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """A layer per block (a merge with its level's first block), the head with the last
@@ -162,158 +147,72 @@ class MixMAEPVTv2(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for level in self.stages:
-            level.grad_checkpointing = enable
+    # ----------------------------------------------------------------- the stem and the levels
+    def _stem(self, images: torch.Tensor, groups: Optional[torch.Tensor]) -> torch.Tensor:
+        """The 7x7 stride-4 convolution, per group: each token reads only pixels of units in
+        its own group."""
+        groups = on_device_of(images, groups)
+        return self.patch_embed.norm(per_group(self.patch_embed.proj, images, groups).permute(0, 2, 3, 1))
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def set_attn_impl(self, name: str) -> None:
-        self.attn_impl = name
-        self._impl = get_attention(name)
-
-    # ----------------------------------------------------------------- the encoder contract
-    def embed(self, x: torch.Tensor, groups: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Images -> stem tokens ``(B, H/4, W/4, C)`` (7x7 stride-4 convolution); with groups
-        each token reads only pixels of units in its own group."""
-        H, W = x.shape[-2:]
-        if H % self.stride or W % self.stride:
-            raise ValueError(f"input size {H}x{W} is not a multiple of the encoder stride {self.stride}")
-        if groups is not None:
-            groups = groups.to(x.device, non_blocking=True)
-        return self.patch_embed.norm(per_group(self.patch_embed.proj, x, groups).permute(0, 2, 3, 1))
-
-    def forward_tokens(
-        self, x: torch.Tensor, groups: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stem tokens -> (last map, per-level maps), NHWC; each level ends with its own norm,
-        which for the last level is the final norm."""
-        if groups is not None:
-            groups = groups.to(x.device, non_blocking=True)
-        features = list(self._levels(x, groups))
-        return features[-1], features
-
-    def _levels(self, x, groups, stop: Optional[int] = None):
+    def _levels(
+        self, x: torch.Tensor, groups: Optional[torch.Tensor], stop: Optional[int] = None
+    ) -> Iterator[torch.Tensor]:
+        groups = on_device_of(x, groups)
         for level in self.stages[:stop]:
-            x = level(x, self._impl, groups)
+            x = level(x, self.attention, groups)
             yield x
-
-    # ----------------------------------------------------------------- classification and dense heads
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(self.embed(x))[0]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, list[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """Level feature maps for dense heads (timm's intermediates protocol)."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        for i, x in enumerate(self._levels(self.embed(x), None, stop=max_index + 1 if stop_early else None)):
-            if i in take:
-                intermediates.append(x.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x)
-        return intermediates if intermediates_only else (x, intermediates)
 
 
 # --------------------------------------------------------------------- timm registration
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: MixMAEPVTv2) -> StateDict:
-    """timm's ``pretrained_filter_fn``: pretraining, classifier or timm ``pvt_v2_*``
-    checkpoints (local files only: the configs carry no URL or hub id)."""
-    return adapt_to_encoder(encoder_state_dict(state_dict), model)
-
-
-def _cfg(img_size: int = 224) -> dict[str, Any]:
-    return dict(
-        url="", num_classes=1000, input_size=(3, img_size, img_size), pool_size=None,
-        crop_pct=0.9 if img_size == 224 else 1.0, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj", classifier="head", license="apache-2.0",
-    )
-
-
 _NAMES = ("micro", "b0", "b1", "b2", "b3", "b4", "b5")
-default_cfgs = generate_default_cfgs({f"mixmae_pvt_v2_{n}": _cfg(64 if n == "micro" else 224) for n in _NAMES})
+default_cfgs = default_cfgs_for(
+    {f"mixmae_pvt_v2_{n}": 64 if n == "micro" else 224 for n in _NAMES}, first_conv="patch_embed.proj", crop_pct=0.9
+)
 _B1_5 = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8))
-
-
-def _create(name: str, pretrained: bool, model_args: dict[str, Any], **kwargs: Any) -> MixMAEPVTv2:
-    kwargs = {**model_args, **kwargs}
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs["depths"]))))
-    return build_model_with_cfg(
-        MixMAEPVTv2,
-        name,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
 
 
 @register_model
 def mixmae_pvt_v2_micro(pretrained: bool = False, **kwargs: Any) -> MixMAEPVTv2:
     """Tests and the CPU quickstart: 64 px, the widths of the micro Swin and Twins."""
     args = dict(img_size=64, depths=(2, 2, 2, 2), embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8))
-    return _create("mixmae_pvt_v2_micro", pretrained, args, **kwargs)
+    return build_encoder(MixMAEPVTv2, "mixmae_pvt_v2_micro", pretrained, args, **kwargs)
 
 
 @register_model
 def mixmae_pvt_v2_b0(pretrained: bool = False, **kwargs: Any) -> MixMAEPVTv2:
     """PVTv2-B0 (3.7M parameters, 0.6 GFLOPs at 224), timm's ``pvt_v2_b0``."""
     args = dict(depths=(2, 2, 2, 2), embed_dims=(32, 64, 160, 256), num_heads=(1, 2, 5, 8))
-    return _create("mixmae_pvt_v2_b0", pretrained, args, **kwargs)
+    return build_encoder(MixMAEPVTv2, "mixmae_pvt_v2_b0", pretrained, args, **kwargs)
 
 
 @register_model
 def mixmae_pvt_v2_b1(pretrained: bool = False, **kwargs: Any) -> MixMAEPVTv2:
     """PVTv2-B1 (14M parameters), timm's ``pvt_v2_b1``."""
-    return _create("mixmae_pvt_v2_b1", pretrained, dict(depths=(2, 2, 2, 2), **_B1_5), **kwargs)
+    return build_encoder(MixMAEPVTv2, "mixmae_pvt_v2_b1", pretrained, dict(depths=(2, 2, 2, 2), **_B1_5), **kwargs)
 
 
 @register_model
 def mixmae_pvt_v2_b2(pretrained: bool = False, **kwargs: Any) -> MixMAEPVTv2:
     """PVTv2-B2 (25M parameters, 4.0 GFLOPs at 224), timm's ``pvt_v2_b2``."""
-    return _create("mixmae_pvt_v2_b2", pretrained, dict(depths=(3, 4, 6, 3), **_B1_5), **kwargs)
+    return build_encoder(MixMAEPVTv2, "mixmae_pvt_v2_b2", pretrained, dict(depths=(3, 4, 6, 3), **_B1_5), **kwargs)
 
 
 @register_model
 def mixmae_pvt_v2_b3(pretrained: bool = False, **kwargs: Any) -> MixMAEPVTv2:
     """PVTv2-B3 (45M parameters), timm's ``pvt_v2_b3``."""
-    return _create("mixmae_pvt_v2_b3", pretrained, dict(depths=(3, 4, 18, 3), **_B1_5), **kwargs)
+    return build_encoder(MixMAEPVTv2, "mixmae_pvt_v2_b3", pretrained, dict(depths=(3, 4, 18, 3), **_B1_5), **kwargs)
 
 
 @register_model
 def mixmae_pvt_v2_b4(pretrained: bool = False, **kwargs: Any) -> MixMAEPVTv2:
     """PVTv2-B4 (63M parameters), timm's ``pvt_v2_b4``."""
-    return _create("mixmae_pvt_v2_b4", pretrained, dict(depths=(3, 8, 27, 3), **_B1_5), **kwargs)
+    return build_encoder(MixMAEPVTv2, "mixmae_pvt_v2_b4", pretrained, dict(depths=(3, 8, 27, 3), **_B1_5), **kwargs)
 
 
 @register_model
 def mixmae_pvt_v2_b5(pretrained: bool = False, **kwargs: Any) -> MixMAEPVTv2:
     """PVTv2-B5 (82M parameters), timm's ``pvt_v2_b5``."""
     args = dict(depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4), **_B1_5)
-    return _create("mixmae_pvt_v2_b5", pretrained, args, **kwargs)
+    return build_encoder(MixMAEPVTv2, "mixmae_pvt_v2_b5", pretrained, args, **kwargs)

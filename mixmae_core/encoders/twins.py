@@ -20,25 +20,22 @@ What keeps each image of a mixed input apart:
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import DropPath, Mlp
+from timm.models import register_model
 from timm.models.twins import PatchEmbed, PosConv, Twins
 
-from mixmae_core.checkpoint import StateDict, adapt_to_encoder, encoder_state_dict
 from mixmae_core.encoders.attention import (
     SpatialReductionAttention,
     WindowAttention,
     check_reduction_grid,
-    get_attention,
     reduction_context,
     windows_for,
 )
+from mixmae_core.encoders.base import HierarchicalEncoder, build_encoder, default_cfgs_for, on_device_of, run_block
 from mixmae_core.encoders.convs import per_group
 
 
@@ -73,7 +70,7 @@ class TwinsBlock(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
-class MixMAETwins(nn.Module):
+class MixMAETwins(HierarchicalEncoder):
     """Twins-SVT with every token mixer kept inside its group."""
 
     def __init__(
@@ -96,23 +93,12 @@ class MixMAETwins(nn.Module):
         attn_impl: str = "sdpa",
         **kwargs,
     ):
-        super().__init__()
-        unexpected = kwargs.keys() - {"pretrained_cfg", "pretrained_cfg_overlay"}  # timm passes these
-        if unexpected:
-            raise TypeError(f"unexpected arguments for MixMAETwins: {sorted(unexpected)}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         num_levels = len(depths)
-        self.img_size = to_2tuple(img_size)
-        self.stride = patch_size * 2 ** (num_levels - 1)
+        super().__init__(img_size, patch_size * 2 ** (num_levels - 1), num_classes, global_pool, attn_impl, kwargs)
         for i, sr in enumerate(sr_ratios):
             check_reduction_grid(i, patch_size * 2**i, sr, unit=self.stride)
-        self.num_classes = num_classes
-        self.global_pool = global_pool
         self.wss, self.sr_ratios = tuple(wss), tuple(sr_ratios)
-        self.num_features = self.head_hidden_size = embed_dims[-1]
         self.grad_checkpointing = False
-        self.set_attn_impl(attn_impl)
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
         size, prev = self.img_size, in_chans
@@ -135,12 +121,11 @@ class MixMAETwins(nn.Module):
             ))
             self.feature_info.append(dict(num_chs=embed_dims[k], reduction=patch_size * 2**k, module=f"blocks.{k}"))
         self.pos_block = nn.ModuleList(PosConv(dim, dim) for dim in embed_dims)
-        self.norm = norm_layer(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.norm = norm_layer(embed_dims[-1])
+        self._init_head(embed_dims[-1], drop_rate)
         self.apply(partial(Twins._init_weights, self))
 
-    # ----------------------------------------------------------------- timm protocol
+    # ----------------------------------------------------------------- timm protocol (the rest is base.py's)
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {"pos_block." + n for n, _ in self.pos_block.named_parameters()}
@@ -152,164 +137,74 @@ class MixMAETwins(nn.Module):
         matcher["blocks"].append((r"^head", (99999,)))
         return matcher
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def set_attn_impl(self, name: str) -> None:
-        self.attn_impl = name
-        self._impl = get_attention(name)
-
-    # ----------------------------------------------------------------- the encoder contract
-    def embed(self, x: torch.Tensor, groups: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Images -> stem tokens ``(B, H/4, W/4, C)``. A token reads one 4x4 patch, inside one
-        32-px unit, so it never reads another group's pixels anyway."""
-        H, W = x.shape[-2:]
-        if H % self.stride or W % self.stride:
-            raise ValueError(f"input size {H}x{W} is not a multiple of the encoder stride {self.stride}")
-        return self._patch_embed(0, x)
-
-    def forward_tokens(
-        self, x: torch.Tensor, groups: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stem tokens -> (final-normed last map, per-level maps), NHWC; ``groups`` as Swin's."""
-        if groups is not None:
-            groups = groups.to(x.device, non_blocking=True)
-        features = list(self._levels(x, groups))
-        return self.norm(features[-1]), features
+    # ----------------------------------------------------------------- the stem and the levels
+    def _stem(self, images: torch.Tensor, groups: Optional[torch.Tensor]) -> torch.Tensor:
+        """A token reads one 4x4 patch, inside one 32-px unit, so it never reads another
+        group's pixels anyway."""
+        return self._patch_embed(0, images)
 
     def _patch_embed(self, level: int, x: torch.Tensor) -> torch.Tensor:
         embed = self.patch_embeds[level]
         return embed.norm(embed.proj(x).permute(0, 2, 3, 1))
 
-    def _levels(self, x, groups, stop: Optional[int] = None):
+    def _levels(
+        self, x: torch.Tensor, groups: Optional[torch.Tensor], stop: Optional[int] = None
+    ) -> Iterator[torch.Tensor]:
+        groups = on_device_of(x, groups)
         for k, blocks in enumerate(self.blocks[:stop]):
             if k:
                 x = self._patch_embed(k, x.permute(0, 3, 1, 2))
             contexts = {}  # computed once per level, shared by its blocks
             if any(block.local for block in blocks):
-                contexts["windows"] = windows_for(self._impl, x, (self.wss[k], self.wss[k]), groups)
+                contexts["windows"] = windows_for(self.attention, x, (self.wss[k], self.wss[k]), groups)
             if not all(block.local for block in blocks):
-                contexts["global"] = reduction_context(self._impl, x, self.sr_ratios[k], groups)
+                contexts["global"] = reduction_context(self.attention, x, self.sr_ratios[k], groups)
             for j, block in enumerate(blocks):
-                if self.grad_checkpointing and torch.is_grad_enabled():
-                    x = torch.utils.checkpoint.checkpoint(block, x, self._impl, contexts, use_reentrant=False)
-                else:
-                    x = block(x, self._impl, contexts)
+                x = run_block(block, x, self.attention, contexts, grad_checkpointing=self.grad_checkpointing)
                 if j == 0:  # the PEG: a depthwise 3x3 convolution, per group
                     nchw = x.permute(0, 3, 1, 2)
                     x = (per_group(self.pos_block[k].proj, nchw, groups) + nchw).permute(0, 2, 3, 1)
             yield x
 
-    # ----------------------------------------------------------------- classification and dense heads
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_tokens(self.embed(x))[0]
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, list[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ):
-        """Level feature maps for dense heads (timm's intermediates protocol)."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be NCHW or NHWC, got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.blocks), indices)
-        last = len(self.blocks) - 1
-        intermediates = []
-        for i, x in enumerate(self._levels(self.embed(x), None, stop=max_index + 1 if stop_early else None)):
-            if i in take:
-                feat = self.norm(x) if norm and i == last else x
-                intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else feat)
-        if intermediates_only:
-            return intermediates
-        return (self.norm(x) if i == last else x), intermediates
-
 
 # --------------------------------------------------------------------- timm registration
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: MixMAETwins) -> StateDict:
-    """timm's ``pretrained_filter_fn``: pretraining, classifier or timm ``twins_svt_*``
-    checkpoints (local files only: the configs carry no URL or hub id)."""
-    return adapt_to_encoder(encoder_state_dict(state_dict), model)
-
-
-def _cfg(img_size: int = 224) -> dict[str, Any]:
-    return dict(
-        url="", num_classes=1000, input_size=(3, img_size, img_size), pool_size=None,
-        crop_pct=0.9 if img_size == 224 else 1.0, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD, first_conv="patch_embeds.0.proj", classifier="head", license="apache-2.0",
-    )
-
-
-default_cfgs = generate_default_cfgs(
+default_cfgs = default_cfgs_for(
     {
-        "mixmae_twins_svt_micro": _cfg(64),
-        "mixmae_twins_svt_small": _cfg(),
-        "mixmae_twins_svt_base": _cfg(),
-        "mixmae_twins_svt_large": _cfg(),
-    }
+        "mixmae_twins_svt_micro": 64,
+        "mixmae_twins_svt_small": 224,
+        "mixmae_twins_svt_base": 224,
+        "mixmae_twins_svt_large": 224,
+    },
+    first_conv="patch_embeds.0.proj",
+    crop_pct=0.9,
 )
-
-
-def _create(name: str, pretrained: bool, model_args: dict[str, Any], **kwargs: Any) -> MixMAETwins:
-    kwargs = {**model_args, **kwargs}
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs["depths"]))))
-    return build_model_with_cfg(
-        MixMAETwins,
-        name,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
 
 
 @register_model
 def mixmae_twins_svt_micro(pretrained: bool = False, **kwargs: Any) -> MixMAETwins:
     """Tests and the CPU quickstart: 64 px, windows of 8 tokens (one mask unit at level 1)."""
     args = dict(img_size=64, embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8), depths=(2, 2, 2, 2), wss=(8, 8, 8, 8))
-    return _create("mixmae_twins_svt_micro", pretrained, args, **kwargs)
+    return build_encoder(MixMAETwins, "mixmae_twins_svt_micro", pretrained, args, **kwargs)
 
 
 @register_model
 def mixmae_twins_svt_small(pretrained: bool = False, **kwargs: Any) -> MixMAETwins:
     """Twins-SVT-S (24M parameters, 2.9 GFLOPs at 224), timm's ``twins_svt_small``."""
     args = dict(embed_dims=(64, 128, 256, 512), num_heads=(2, 4, 8, 16), depths=(2, 2, 10, 4))
-    return _create("mixmae_twins_svt_small", pretrained, args, **kwargs)
+    return build_encoder(MixMAETwins, "mixmae_twins_svt_small", pretrained, args, **kwargs)
 
 
 @register_model
 def mixmae_twins_svt_base(pretrained: bool = False, **kwargs: Any) -> MixMAETwins:
     """Twins-SVT-B (56M parameters, 8.6 GFLOPs at 224), timm's ``twins_svt_base``."""
     args = dict(embed_dims=(96, 192, 384, 768), num_heads=(3, 6, 12, 24), depths=(2, 2, 18, 2))
-    return _create("mixmae_twins_svt_base", pretrained, args, **kwargs)
+    return build_encoder(MixMAETwins, "mixmae_twins_svt_base", pretrained, args, **kwargs)
 
 
 @register_model
 def mixmae_twins_svt_large(pretrained: bool = False, **kwargs: Any) -> MixMAETwins:
     """Twins-SVT-L (99M parameters, 15.1 GFLOPs at 224), timm's ``twins_svt_large``."""
     args = dict(embed_dims=(128, 256, 512, 1024), num_heads=(4, 8, 16, 32), depths=(2, 2, 18, 2))
-    return _create("mixmae_twins_svt_large", pretrained, args, **kwargs)
+    return build_encoder(MixMAETwins, "mixmae_twins_svt_large", pretrained, args, **kwargs)

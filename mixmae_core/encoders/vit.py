@@ -3,30 +3,14 @@ test-sized one for the CPU stand-ins, the same class with smaller dimensions."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
 
-import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from mixmae_core.checkpoint import StateDict, adapt_to_encoder, encoder_state_dict
+from mixmae_core.encoders.base import checkpoint_filter_fn, default_cfgs_for
 
-
-def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: VisionTransformer) -> StateDict:
-    """timm's ``pretrained_filter_fn``: an MAE pretraining or classifier checkpoint (local files only)."""
-    return adapt_to_encoder(encoder_state_dict(state_dict), model)
-
-
-default_cfgs = generate_default_cfgs(
-    {
-        "mae_vit_micro_p8": dict(
-            url="", num_classes=1000, input_size=(3, 64, 64), pool_size=None, crop_pct=1.0, interpolation="bicubic",
-            mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv="patch_embed.proj", classifier="head",
-            license="apache-2.0",
-        )
-    }
-)
+default_cfgs = default_cfgs_for({"mae_vit_micro_p8": 64}, first_conv="patch_embed.proj", crop_pct=1.0)
 
 
 @register_model
