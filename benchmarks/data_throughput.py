@@ -1,9 +1,11 @@
 """Pretraining input pipeline throughput: Ray Data vs a torch DataLoader, per CPU core.
 
-Both sides run the same work on the same files: the epoch's pairing, decode
-(``decode_image``), RandomResizedCrop(0.2-1, bicubic) + flip per image, one mixing mask
-per pair, and ``PairCollate`` into ``(2P, 3, S, S)`` uint8 batches. Ray Data gets a local
-cluster of N CPUs; the DataLoader gets N worker processes. One warm-up epoch each
+Both sides run the same work on the same files, in the same order: the epoch's pairing,
+decode (``decode_image``), RandomResizedCrop(0.2-1, bicubic) + flip per image, one mixing
+mask per pair, and ``PairCollate`` into ``(2P, 3, S, S)`` uint8 batches, delivered in the
+epoch's order (as a training worker reads its shard; a DataLoader keeps its order too). Ray
+Data gets a local cluster of N CPUs and builds each epoch's dataset as a worker does; the
+DataLoader gets N worker processes. One warm-up epoch each
 (worker start-up and imports), then the timed epochs, Ray and DataLoader epochs
 alternating (and which of the two goes first alternating too) so both see the same
 background load. Rates are medians over the epochs; ratios are medians of the per-epoch
@@ -11,9 +13,9 @@ ratios (a Ray epoch against the DataLoader epoch next to it), which cancels most
 shared machine's drifting load. Images per CPU-second (all processes of the run: driver,
 Ray daemons and workers, DataLoader workers) is shown too.
 
-Every epoch is a new Ray Data execution (a fresh order and pairing), which leaves the
-cores idle for a moment at the epoch's boundary: nothing on a real dataset, several
-percent on a 600-image epoch (the README's data figures).
+Every epoch is a new Ray Data dataset and execution (its own order and pairing), which
+leaves the cores idle for a moment at the epoch's boundary: nothing on a real dataset,
+several percent on a 600-image epoch (the README's data figures).
 
     python benchmarks/data_throughput.py [--images 2400] [--epochs 7] [--img-size 224] [--cores 1 2]
 """
@@ -38,7 +40,7 @@ from rich.table import Table
 
 from pipelines.data.collate import PairCollate
 from pipelines.data.datasets import pretrain_dataset
-from pipelines.data.order import units_for_chunk
+from pipelines.data.order import Shard, chunk_units
 from pipelines.data.samples import decode_pairs
 from pipelines.data.manifest import build_manifest, open_source, write_manifest
 
@@ -78,7 +80,7 @@ class PairChunks(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         epoch, c = item
-        units = units_for_chunk(self.table, c, chunk=PAIRS_PER_CHUNK, group=2, shuffle=True, seed=0, epoch=epoch)
+        units = chunk_units(self.table, Shard(epoch=epoch), c, chunk=PAIRS_PER_CHUNK, group=2, shuffle=True, seed=0)
         blocks = list(decode_pairs(units, img_size=self.img_size, mask_ratio=0.5))
         return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
 
@@ -119,7 +121,6 @@ def measure(manifest: Path, cores: int, img_size: int, epochs: int) -> dict[str,
     ray.init(address="local", num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        ds = pretrain_dataset(manifest, img_size=img_size, seed=0)
         dataset = PairChunks(manifest, img_size)
         sampler = EpochSampler(dataset.chunks())
         loader = torch.utils.data.DataLoader(
@@ -127,7 +128,8 @@ def measure(manifest: Path, cores: int, img_size: int, epochs: int) -> dict[str,
             collate_fn=PairCollate(), multiprocessing_context="forkserver",  # no fork of a Ray driver
         )
         runs = {
-            "ray": lambda: ds.iter_torch_batches(batch_size=PAIRS_PER_BATCH, collate_fn=PairCollate()),
+            "ray": lambda: pretrain_dataset(manifest, img_size=img_size, seed=0, shard=Shard(epoch=sampler.epoch))
+            .iter_torch_batches(batch_size=PAIRS_PER_BATCH, collate_fn=PairCollate()),
             "loader": lambda: loader,
         }
         rates = {name: {"wall": [], "cpu": []} for name in runs}

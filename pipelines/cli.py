@@ -174,31 +174,79 @@ def sweep(
     config: Path = typer.Argument(..., exists=True, dir_okay=False, help="sweep YAML (ray_configs/sweeps/...)"),
     overrides: list[str] = SetOpt,
     fresh: bool = typer.Option(False, "--fresh", help="start over instead of resuming a sweep of the same name"),
+    verbose: bool = VerboseOpt,
 ) -> None:
-    """Ray Tune over pretraining settings; each trial pretrains, then linear-probes."""
-    from pipelines.config import ConfigError
-    from pipelines.sweep import FLOPS_METRIC, PROBE_METRIC, load_sweep, run_sweep, trial_error
+    """Ray Tune over pretraining settings, once per seed; each trial pretrains (its k-NN
+    monitor scoring the encoder along the way), then linear-probes."""
+    import time
+
+    from pipelines.config import ConfigError, absolute
+    from pipelines.console import RunConsole
+    from pipelines.sweep import FLOPS_METRIC, KNN_METRIC, PROBE_METRIC, load_sweep, trial_error
+    from pipelines.sweep_run import run_sweep
 
     try:
         spec, base = load_sweep(config, overrides)
     except ConfigError as exc:
         fail(exc, 2)
-    sweep_run, grid = run_sweep(spec, base, resume=not fresh)
+    log = None if verbose else absolute(base.storage) / "logs" / f"sweep-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    run_console = RunConsole(log)
+    run_console.start_progress()
+    try:
+        sweep_run, grid = run_sweep(spec, base, resume=not fresh, console=run_console)
+    finally:
+        import ray
+
+        ray.shutdown()
+        run_console.close()
     table = Table(title=f"sweep {spec.name} (MLflow run {sweep_run})")
-    for column in (*spec.search, "pretrain FLOPs", PROBE_METRIC, "MLflow run", "outcome"):
+    for column in (*spec.search, "seed", "pretrain FLOPs", KNN_METRIC, PROBE_METRIC, "MLflow run", "outcome"):
         table.add_column(column)
     for result in grid:
         m = result.metrics or {}
         table.add_row(
-            *(str(result.config.get(k)) for k in spec.search),
-            f"{m.get(FLOPS_METRIC, float('nan')):.3e}", f"{m.get(PROBE_METRIC, float('nan')):.4f}",
-            str(m.get("mlflow_run_id", "")), f"[red]failed: {trial_error(result)}[/]" if result.error else "ok",
+            *(str(result.config.get(k)) for k in (*spec.search, "seed")),
+            f"{m.get(FLOPS_METRIC, float('nan')):.3e}", f"{m.get(KNN_METRIC, float('nan')):.4f}",
+            f"{m.get(PROBE_METRIC, float('nan')):.4f}", str(m.get("mlflow_run_id", "")),
+            f"[red]failed: {trial_error(result.error)}[/]" if result.error else "ok" if PROBE_METRIC in m else "stopped",
         )
     console.print(table)
     failed = sum(1 for result in grid if result.error)
     if failed:
         fail(RuntimeError(f"{failed} of {len(grid)} trial(s) failed (recorded as FAILED in MLflow); the same "
                           "command retries them and keeps the finished ones"), 1)
+
+
+@app.command(name="eval")
+def evaluate(
+    checkpoint: Path = typer.Argument(..., exists=True, dir_okay=False, help="a classifier or linear probe (.safetensors)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="pipeline YAML whose stage names the data"),
+    stage: str = typer.Option(..., "--stage", help="a classification stage: its validation split is scored"),
+    overrides: list[str] = SetOpt,
+) -> None:
+    """Score a checkpoint on a classification stage's validation split, nothing trained: ours,
+    or an official fine-tuned one converted by `mixmae convert`. Top-1/top-5 with 95% intervals,
+    recorded as an MLflow run."""
+    from pipelines.evaluate import evaluate_checkpoint
+    from pipelines.stages.jobs import StageError
+
+    cfg = _load(config, overrides)
+    try:
+        scored = evaluate_checkpoint(cfg, stage, checkpoint)
+    except StageError as exc:
+        fail(exc, 1)
+    finally:
+        import ray
+
+        ray.shutdown()
+    m = scored.metrics
+    table = Table(title=f"{checkpoint.name} on {stage} ({scored.images} validation images)")
+    for column in ("metric", "value", "95% interval"):
+        table.add_column(column)
+    for key in ("val/top1", "val/top5"):
+        table.add_row(key, f"{m[key]:.4f}", f"{m[key + '_ci95_low']:.4f}-{m[key + '_ci95_high']:.4f}")
+    console.print(table)
+    console.print(f"MLflow: {scored.tracking_uri} (run {scored.run_id})")
 
 
 @app.command()
@@ -212,8 +260,7 @@ def report(
     """Which differences are above the noise: runs grouped over seeds, methods paired by seed on
     each encoder, k-NN accuracy at common pretraining FLOPs budgets; logged back to MLflow."""
     from pipelines.config import load_config
-    from pipelines.report import run_report
-    from pipelines.report_files import console_tables, report_json
+    from pipelines.report_files import console_tables, report_json, run_report
     from pipelines.tracking import resolve_tracking_uri
 
     default = load_config()
@@ -244,7 +291,7 @@ def plan(
 ) -> None:
     """Per stage: GFLOPs, optimizer steps, training FLOPs and estimated device-hours."""
     from pipelines.plan import bill
-    from pipelines.stages.jobs import Preempted, StageError
+    from pipelines.stages.jobs import StageError
 
     cfg = _load(config, overrides)
     rates = {}

@@ -120,6 +120,27 @@ METHOD_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+class Monitor(Strict):
+    """Accuracy along the pretraining: a weighted k-NN classifier (DINO's, as solo-learn's) on
+    the encoder's pooled, L2-normalised features of a labelled dataset: its train split is the
+    memory, its validation split is scored. Cheap (forward passes only), and comparable across
+    methods and mask ratios, unlike the pretraining loss."""
+
+    data: DataSpec = Field(description="a labelled dataset (classification layout)")
+    k: int = Field(20, ge=1, description="neighbours that vote")
+    temperature: float = Field(0.07, gt=0, description="a neighbour's vote is exp(cosine similarity / temperature)")
+    max_images: Optional[int] = Field(
+        None, gt=0, description="at most this many images of each split: a fixed random subset, the same in every run"
+    )
+    crop_pct: float = Field(0.875, gt=0, le=1, description="resize to img_size / crop_pct, center crop")
+
+    @model_validator(mode="after")
+    def _labelled(self):
+        if self.data.layout not in ("imagefolder", "inat", "places"):
+            raise ValueError(f"the k-NN monitor needs labelled images (imagefolder, inat or places), not {self.data.layout}")
+        return self
+
+
 class PretrainStage(StageBase):
     """The pretraining stage. ``method`` picks MixMAE, SimMIM or MAE; the fields left out of a
     config take that method's recipe (``METHOD_RECIPES``: encoder, mask ratio, epochs, lr,
@@ -141,6 +162,10 @@ class PretrainStage(StageBase):
     reconstructions: int = Field(3, ge=0, description="reconstruction pictures logged over the run")
     crop_scale: tuple[float, float] = Field((0.2, 1.0), description="RandomResizedCrop area range (the papers': 0.2-1)")
     hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability (0 for images flips change)")
+    monitor: Optional[Monitor] = Field(None, description="k-NN accuracy along the pretraining (eval/knn_top1)")
+    eval_every_epochs: Optional[float] = Field(
+        None, gt=0, description="epochs between two evaluations of the monitor (None: at the end only)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -296,9 +321,9 @@ class PipelineConfig(Strict):
         for name in self.stages:
             if name == "pretrain" or not name.replace("_", "").isalnum():
                 raise ValueError(f"stage name {name!r} must be alphanumeric (underscores allowed) and not 'pretrain'")
-        for name, stage in self.all_stages().items():
-            if stage.data.root.startswith(SYNTHETIC_PREFIX) and self.synthetic is None:
-                raise ValueError(f"stage {name} reads {stage.data.root} but the config has no 'synthetic' section")
+        for name, data in self.data_specs():
+            if data.root.startswith(SYNTHETIC_PREFIX) and self.synthetic is None:
+                raise ValueError(f"{name} reads {data.root} but the config has no 'synthetic' section")
         grouped: list[str] = []
         for group in self.stage_groups:
             unknown = [name for name in group if name not in self.stages]
@@ -356,14 +381,22 @@ class PipelineConfig(Strict):
         raw["storage"] = str(absolute(self.storage))
         if self.synthetic is not None:
             raw["synthetic"]["root"] = str(absolute(self.synthetic.root))
-        for name, stage in [("pretrain", raw["pretrain"]), *raw["stages"].items()]:
-            root = stage["data"]["root"]
+        sections = [raw["pretrain"], *raw["stages"].values()] + ([raw["pretrain"]["monitor"]] if self.pretrain.monitor else [])
+        for section in sections:
+            root = section["data"]["root"]
             if not root.startswith(SYNTHETIC_PREFIX):
-                stage["data"]["root"] = str(absolute(root))
+                section["data"]["root"] = str(absolute(root))
         return PipelineConfig.model_validate(raw)
 
     def all_stages(self) -> dict[str, StageBase]:
         return {"pretrain": self.pretrain, **self.stages}
+
+    def data_specs(self) -> list[tuple[str, DataSpec]]:
+        """Every dataset the pipeline reads, named by where it is configured."""
+        specs = [(f"stage {name}", stage.data) for name, stage in self.all_stages().items()]
+        if self.pretrain.monitor is not None:
+            specs.append(("pretrain.monitor", self.pretrain.monitor.data))
+        return specs
 
     def group_name(self, stage: str) -> str:
         """The worker group ``stage`` runs in: its stages joined with '+' (a lone stage: its name)."""

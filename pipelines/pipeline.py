@@ -75,7 +75,6 @@ def init_ray(config: PipelineConfig) -> None:
         )
     except ConnectionError:
         raise unreachable from None
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 @contextmanager
@@ -162,6 +161,8 @@ def run_pipeline(
     if unknown:
         raise StageError(f"unknown stage(s) {unknown}; this config has {known}")
     init_ray(config)
+    # the stages' workers inherit this process's DataContext (a sweep's trial process too)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     uri = resolve_tracking_uri(config.tracking.uri)
     client = MlflowClient(uri)
     storage = absolute(config.storage)
@@ -171,22 +172,8 @@ def run_pipeline(
             raise TrackingAway(f"records of an earlier run wait in {', '.join(map(str, left))} and the tracking "
                                f"server does not take them; start it, then run again (or `mixmae sync`)")
     experiment_id = ensure_experiment(client, config.tracking.experiment, Path.cwd() / "mlartifacts")
-    if resume:
-        parent = client.get_run(resume)
-        if parent.data.tags.get(KIND) != "pipeline":
-            raise StageError(f"run {resume} is not a mixmae pipeline run")
-    else:
-        parent = start_or_resume(client, experiment_id, config.name, {KIND: "pipeline"}, parent_id=parent_run_id)
-    check_same_pretraining(config, parent)
-    parent_id = parent.info.run_id
+    parent_id = _pipeline_run(config, client, experiment_id, resume, parent_run_id)
     logger = RunLogger(uri, parent_id)
-    logger.tags({"method": config.pretrain.method, "encoder": config.pretrain.model})
-    logger.params(flatten("", config.model_dump(mode="json")))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "pipeline_config.yaml"
-        path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        logger.artifact(path)
-
     if console is not None:
         console.event(f"pipeline {config.name}: MLflow run {parent_id} in {uri} (experiment {config.tracking.experiment})")
     counter_name = f"skips-{parent_id}-{uuid.uuid4().hex[:8]}"  # one per attempt: an old one may still be dying
@@ -237,6 +224,28 @@ def run_pipeline(
     return outcome
 
 
+def _pipeline_run(
+    config: PipelineConfig, client: MlflowClient, experiment_id: str, resume: Optional[str], parent_run_id: Optional[str]
+) -> str:
+    """The pipeline's MLflow run (the one to ``resume``, or the config's by name), with the
+    config as params and artifact and the pretraining's method and encoder as tags."""
+    if resume:
+        parent = client.get_run(resume)
+        if parent.data.tags.get(KIND) != "pipeline":
+            raise StageError(f"run {resume} is not a mixmae pipeline run")
+    else:
+        parent = start_or_resume(client, experiment_id, config.name, {KIND: "pipeline"}, parent_id=parent_run_id)
+    check_same_pretraining(config, parent)
+    logger = RunLogger(client.tracking_uri, parent.info.run_id)
+    logger.tags({"method": config.pretrain.method, "encoder": config.pretrain.model})
+    logger.params(flatten("", config.model_dump(mode="json")))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pipeline_config.yaml"
+        path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        logger.artifact(path)
+    return parent.info.run_id
+
+
 def register_encoder(uri: str, name: str, pretrain_run, summary: dict[str, float], pipeline_run_id: str) -> None:
     """A new version of registered model ``name``: the pretrained encoder's MLflow model, its
     pipeline's FLOPs and accuracies as version tags (a rerun that pretrained nothing new adds none)."""
@@ -254,6 +263,7 @@ def register_encoder(uri: str, name: str, pretrain_run, summary: dict[str, float
 
 SUMMARY_KEYS = (
     "flops/train_total", "flops/encoder_gmacs", "flops/task_gmacs", "time/wall_s", "time/device_hours", "data/val_images",
+    "eval/knn_top1", "eval/knn_images",
 )
 
 

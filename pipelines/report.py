@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import combinations
-from pathlib import Path
 from typing import Optional, Sequence
 
 from mlflow.tracking import MlflowClient
@@ -26,7 +25,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from pipelines.config import METHOD_RECIPES, PretrainStage
 from pipelines.report_stats import Spread, interpolate_at, log_budgets, mean_by_seed, spread, verdict, wilson_interval
 from pipelines.sweep import FLOPS_METRIC, PROBE_METRIC
-from pipelines.tracking import KIND, STAGE, RunLogger, start_or_resume
+from pipelines.tracking import KIND, STAGE
 
 PRETRAIN_FLOPS = "pretrain.flops_train_total"
 KNN_METRICS = ("knn_top1", "pretrain.eval_knn_top1")
@@ -361,18 +360,3 @@ def build_report(client: MlflowClient, experiment: str, metric: Optional[str] = 
     rows, label = collect(client, experiment, metric)
     groups = group_runs(rows)
     return Report(experiment, label, rows, groups, compare_methods(groups), budget_points(groups))
-
-
-def run_report(tracking_uri: str, experiment: str, out: Path, metric: Optional[str] = None):
-    """Build the report, write its files under ``out`` and log them to the experiment's
-    ``report-<experiment>`` run; returns the report, the files and that run's id."""
-    from pipelines.report_files import write_report
-
-    client = MlflowClient(tracking_uri)
-    report = build_report(client, experiment, metric)
-    files = write_report(report, out)
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    run = start_or_resume(client, experiment_id, f"report-{experiment}", {KIND: "report"})
-    RunLogger(tracking_uri, run.info.run_id).artifacts(files, "report")
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return report, files, run.info.run_id

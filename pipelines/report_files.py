@@ -1,4 +1,5 @@
-"""``mixmae report``'s outputs: four tables (CSV, Markdown, the console, JSON) and one figure.
+"""``mixmae report``'s outputs: four tables (CSV, Markdown, the console, JSON) and one figure,
+logged to the experiment's ``report-<experiment>`` MLflow run.
 
 Every output shows the same tables, built once here as rows of plain values: numbers stay
 numbers in the CSV files and the JSON, and are rounded only for reading (Markdown, console).
@@ -10,10 +11,15 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
-from pipelines.report import METHOD_COLOURS, BudgetPoint, Comparison, Report, ReportRow, SeedGroup, at_budget
+from mlflow.tracking import MlflowClient
+
+from pipelines.report import (
+    METHOD_COLOURS, BudgetPoint, Comparison, Report, ReportRow, SeedGroup, at_budget, build_report,
+)
 from pipelines.report_stats import spread
+from pipelines.tracking import KIND, RunLogger, start_or_resume
 
 ENCODER_MARKERS = ("o", "s", "^", "D", "v", "P")
 ENCODER_LINES = ("-", "--", ":", "-.")
@@ -262,3 +268,16 @@ def _plot_curves(axis, report: Report, encoders: list[str]) -> None:
         axis.text(0.5, 0.5, "no k-NN curves recorded by these runs", ha="center", va="center", transform=axis.transAxes)
     axis.set_xlabel("pretraining FLOPs (dotted: the budgets)")
     axis.set_ylabel("k-NN top-1: mean over seeds (thin: not all seeds), 95% t-band")
+
+
+def run_report(tracking_uri: str, experiment: str, out: Path, metric: Optional[str] = None):
+    """Build the report, write its files under ``out`` and log them to the experiment's
+    ``report-<experiment>`` run; returns the report, the files and that run's id."""
+    client = MlflowClient(tracking_uri)
+    report = build_report(client, experiment, metric)
+    files = write_report(report, out)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    run = start_or_resume(client, experiment_id, f"report-{experiment}", {KIND: "report"})
+    RunLogger(tracking_uri, run.info.run_id).artifacts(files, "report")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return report, files, run.info.run_id

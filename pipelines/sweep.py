@@ -1,35 +1,43 @@
-"""Ray Tune sweeps over pretraining settings (method and encoder, mask ratio, epochs, ...).
+"""Ray Tune sweeps over pretraining settings (method and encoder, mask ratio, epochs, ...),
+every setting once per seed.
 
-A trial is a pipeline of two stages: pretraining with the trial's settings, then the cheap
-evaluation, a linear probe on one transfer stage's data. Each trial is an MLflow pipeline
-run nested under one sweep run, carrying the swept settings as params (``method``,
-``model``, ``mask_ratio``, ``epochs``, ...) and metrics ``pretrain_flops`` and
-``probe_top1``, so selecting the trials in the MLflow UI's compare view plots FLOPs against
-accuracy directly. Trials are named from their settings, so a resumed sweep resumes each
-trial's stages from their checkpoints.
+A trial is a pipeline of two stages: pretraining with the trial's settings and seed (its
+k-NN monitor scoring the encoder along the way), then the cheap evaluation, a linear probe
+on one transfer stage's data with the same seed. Runs with one seed see the same images in
+the same order, so the seeds of two settings pair up. Each trial is an MLflow pipeline run
+nested under one sweep run, named by its settings in words
+(``methods-mixmae-swin_micro_w8-s1``) and carrying them as params (``seed``, ``method``,
+``encoder``, the swept fields, ``sweep``, ``trial``: the setting without the seed) and
+metrics ``pretrain_flops``, ``knn_top1`` and ``probe_top1``: the MLflow UI groups the runs
+by setting and aggregates the seeds, and ``mixmae report`` says which differences are above
+the noise. A resumed sweep resumes each trial's stages from their checkpoints.
+
+ASHA stops trials by the monitor's ``eval/knn_top1`` (comparable across methods and mask
+ratios) at each evaluation; by the pretraining loss only for searches at one mask ratio
+and method, whose losses are comparable.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
-from mlflow.tracking import MlflowClient
 from pydantic import Field, ValidationError, model_validator
 
 from pipelines.config import (
-    METHOD_RECIPES, ConfigError, PipelineConfig, Strict, _format, _set_dotted, absolute, load_config, parse_override,
+    METHOD_RECIPES, ConfigError, PipelineConfig, Strict, _format, _set_dotted, load_config, parse_override,
 )
-from pipelines.tracking import KIND, RunLogger, ensure_experiment, resolve_tracking_uri, start_or_resume
+
 
 PROBE_METRIC = "probe_top1"
 FLOPS_METRIC = "pretrain_flops"
-ASHA_METRIC = "train/loss"
-"""ASHA compares trials by pretraining loss at equal checkpoint counts (the probe runs once,
-at the end); it suits searches at one mask ratio, since the loss scale depends on it."""
+KNN_METRIC = "knn_top1"
+#: trial names longer than this end in a short hash of the rest
+MAX_NAME = 80
 
 
 class Grid(Strict):
@@ -62,8 +70,18 @@ class Probe(Strict):
 
 class Asha(Strict):
     type: Literal["asha"] = "asha"
-    grace_period: int = Field(1, ge=1, description="checkpoint reports before a trial may be stopped")
+    metric: Literal["knn", "loss"] = Field(
+        "knn", description="'knn': the monitor's eval/knn_top1 at each evaluation (needs pretrain.monitor); "
+        "'loss': train/loss at each checkpoint (searches at one mask ratio and method only)",
+    )
+    grace_period: int = Field(1, ge=1, description="evaluations (checkpoints for 'loss') before a trial may be stopped")
     reduction_factor: float = Field(2, gt=1)
+
+    def target(self) -> tuple[str, str, str]:
+        """What ASHA compares, in which direction, and on what time axis."""
+        if self.metric == "knn":
+            return "eval/knn_top1", "max", "evaluations"
+        return "train/loss", "min", "training_iteration"
 
 
 class SweepConfig(Strict):
@@ -73,7 +91,10 @@ class SweepConfig(Strict):
     search: dict[str, Space] = Field(
         description="pretrain fields to vary (mask_ratio, epochs, ...); a 'cases' space varies several together under any name"
     )
-    num_samples: int = Field(1, ge=1, description="repeats of the grid (or samples of random spaces)")
+    seeds: list[int] = Field([0], min_length=1, description="every point of the search runs once per seed")
+    num_samples: int = Field(
+        1, ge=1, description="samples of random spaces (choice, uniform); a setting drawn twice is trained once"
+    )
     probe: Probe
     scheduler: Optional[Asha] = None
     max_concurrent_trials: int = Field(1, ge=1)
@@ -89,6 +110,26 @@ class SweepConfig(Strict):
         unknown = sorted(set(named) - set(PretrainStage.model_fields))
         if unknown:
             raise ValueError(f"search names unknown pretrain fields {unknown}")
+        if "seed" in named:
+            raise ValueError("search the seed with seeds: [...], so trials of one setting pair up by seed")
+        random = any(isinstance(space, (Choice, Uniform)) for space in self.search.values())
+        if self.num_samples > 1 and not random:
+            raise ValueError(
+                f"num_samples: {self.num_samples} would repeat the same grid with the same seed (same data, same "
+                "result); give seeds: [0, 1, 2] for replicates instead"
+            )
+        if random and len(self.seeds) > 1:
+            raise ValueError(
+                "a random search (choice, uniform) draws each trial's settings anew, so its seeds would not be "
+                "replicates of one setting; search a grid or cases with seeds, or give one seed"
+            )
+        if self.scheduler is not None and self.scheduler.metric == "loss":
+            compared = {"mask_ratio", "method"} & set(named)
+            if compared:
+                raise ValueError(
+                    f"ASHA on the pretraining loss cannot compare trials of different {' and '.join(sorted(compared))}: "
+                    "their losses are on other scales; use scheduler.metric: knn (the k-NN monitor's accuracy)"
+                )
         return self
 
     def pretrain_fields(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -114,11 +155,17 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[SweepCo
     probe = base.stages.get(sweep.probe.stage)
     if probe is None or probe.task != "classify":
         raise ConfigError(f"probe.stage {sweep.probe.stage!r} must name a classification stage of {sweep.base}")
+    if sweep.scheduler is not None and sweep.scheduler.metric == "knn" and base.pretrain.monitor is None:
+        raise ConfigError(
+            f"{path}: ASHA on accuracy needs the base config's pretrain.monitor (the k-NN monitor); add one, "
+            "or set scheduler.metric: loss for a search at one mask ratio and method"
+        )
     return sweep, base
 
 
-def trial_config(base: PipelineConfig, sweep: SweepConfig, params: dict[str, Any]) -> PipelineConfig:
-    """The two-stage pipeline of one trial: pretraining with ``params``, then the linear probe."""
+def trial_config(base: PipelineConfig, sweep: SweepConfig, params: dict[str, Any], seed: int) -> PipelineConfig:
+    """The two-stage pipeline of one trial: pretraining with ``params`` and ``seed``, then the
+    linear probe with the same seed."""
     raw = base.model_dump(mode="json")
     fields = sweep.pretrain_fields(params)
     if "method" in fields:  # what the base took from its method's recipe follows the trial's method
@@ -126,110 +173,54 @@ def trial_config(base: PipelineConfig, sweep: SweepConfig, params: dict[str, Any
         for key, value in after.items():
             if key not in fields and json.dumps(raw["pretrain"][key]) == json.dumps(before[key], default=list):
                 raw["pretrain"][key] = value
-    raw["pretrain"].update(fields)
+    raw["pretrain"].update(fields, seed=seed)
     probe = dict(raw["stages"][sweep.probe.stage])
     probe.update(
         mode="linear_probe", optimizer="lars", weight_decay=0.0, layer_decay=None, epochs=sweep.probe.epochs,
-        base_lr=sweep.probe.base_lr, init="pretrained",
+        base_lr=sweep.probe.base_lr, init="pretrained", seed=seed,
     )
     if sweep.probe.batch_size:
         probe["batch_size"] = sweep.probe.batch_size
-    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
-    raw.update(name=f"{sweep.name}-{digest}", stages={"probe": probe}, stage_groups=[], max_parallel_stages=1)
+    raw.update(name=trial_name(sweep, params, seed), stages={"probe": probe}, stage_groups=[], max_parallel_stages=1)
     return PipelineConfig.model_validate(raw)
 
 
-def _space(spec: Space):
-    from ray import tune
+def setting_name(sweep: SweepConfig, params: dict[str, Any]) -> str:
+    """A trial's settings in words, without its seed: ``methods-mixmae-swin_micro_w8``,
+    ``mask-ratio-epochs-mask_ratio0.5-epochs4``; past :data:`MAX_NAME` characters the end is
+    a short hash of the whole."""
+    words = []
+    for key, value in params.items():
+        if isinstance(sweep.search[key], Cases):
+            words += [_word(v) for v in value.values()]
+        else:
+            words.append(f"{key}{_word(value)}")
+    name = "-".join([sweep.name, *words])
+    if len(name) > MAX_NAME:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        name = f"{name[: MAX_NAME - 9]}-{digest}"
+    return name
 
-    if isinstance(spec, Grid):
-        return tune.grid_search(spec.grid)
-    if isinstance(spec, Choice):
-        return tune.choice(spec.choice)
-    if isinstance(spec, Cases):
-        return tune.grid_search(spec.cases)
-    return tune.uniform(*spec.uniform)
+
+def trial_name(sweep: SweepConfig, params: dict[str, Any], seed: int) -> str:
+    return f"{setting_name(sweep, params)}-s{seed}"
 
 
-def _trial(config: dict) -> None:
-    """One Tune trial: run the trial's pipeline, then report its FLOPs and probe accuracy."""
-    from ray import tune
-
-    from pipelines.pipeline import run_pipeline
-
+def trial_label(config: dict[str, Any]) -> str:
+    """The name of the trial with Tune config ``config``: its settings in words and its seed."""
     sweep = SweepConfig.model_validate(config["sweep"])
-    base = PipelineConfig.model_validate(config["base"])
-    params = {key: config[key] for key in sweep.search}
-    trial = trial_config(base, sweep, params)
-    callbacks = {}
-    if sweep.scheduler is not None:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        callbacks["pretrain"] = [TuneReportCallback()]  # ASHA rungs: pretraining checkpoints
-    outcome = run_pipeline(trial, parent_run_id=config["sweep_run_id"], callbacks=callbacks)
-    pretrain, probe = outcome.stages
-    metrics = {
-        FLOPS_METRIC: pretrain.metrics.get("flops/train_total", float("nan")),
-        PROBE_METRIC: probe.metrics.get("val/top1", float("nan")),
-        ASHA_METRIC: pretrain.metrics.get(ASHA_METRIC, float("nan")),
-    }
-    logger = RunLogger(outcome.tracking_uri, outcome.run_id)
-    logger.params(sweep.pretrain_fields(params))
-    logger.metrics(metrics, 0)
-    tune.report({**metrics, "mlflow_run_id": outcome.run_id})
+    return trial_name(sweep, {key: config[key] for key in sweep.search}, config["seed"])
 
 
-def run_sweep(sweep: SweepConfig, base: PipelineConfig, resume: bool = True):
-    """Run (or resume) the sweep; returns Tune's ResultGrid."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    from pipelines.pipeline import init_ray
-
-    uri = resolve_tracking_uri(base.tracking.uri)
-    client = MlflowClient(uri)
-    experiment_id = ensure_experiment(client, base.tracking.experiment, Path.cwd() / "mlartifacts")
-    sweep_run = start_or_resume(client, experiment_id, sweep.name, {KIND: "sweep"})
-    RunLogger(uri, sweep_run.info.run_id).params({f"search.{k}": json.dumps(v.model_dump()) for k, v in sweep.search.items()})
-    init_ray(base)
-    storage = absolute(sweep.storage)
-    # trials run in their own directories: every path and the store must be absolute
-    base = base.resolved()
-    base = base.model_copy(update={"tracking": base.tracking.model_copy(update={"uri": uri})})
-    param_space = {
-        **{key: _space(spec) for key, spec in sweep.search.items()},
-        "sweep": sweep.model_dump(mode="json"),
-        "base": base.model_dump(mode="json"),
-        "sweep_run_id": sweep_run.info.run_id,
-    }
-    trainable = tune.with_resources(_trial, {"CPU": sweep.trial_cpus})
-    path = storage / sweep.name
-    if resume and tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, restart_errored=True)
-    else:
-        scheduler = None
-        if sweep.scheduler is not None:
-            scheduler = ASHAScheduler(
-                metric=ASHA_METRIC, mode="min", time_attr="training_iteration",
-                grace_period=sweep.scheduler.grace_period, reduction_factor=sweep.scheduler.reduction_factor,
-            )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent_trials, scheduler=scheduler
-            ),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=0),
-        )
-    grid = tuner.fit()
-    failed = sum(1 for result in grid if result.error)
-    RunLogger(uri, sweep_run.info.run_id).tags({"mixmae.failed_trials": failed})
-    client.set_terminated(sweep_run.info.run_id, "FAILED" if failed else "FINISHED")
-    return sweep_run.info.run_id, grid
+def _word(value: Any) -> str:
+    """A value as a name part: encoders without the ``mixmae_`` prefix, anything else in the
+    characters a pipeline name may hold."""
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", text.removeprefix("mixmae_")).strip("_")
 
 
-def trial_error(result) -> str:
+def trial_error(error: BaseException) -> str:
     """Why a trial failed, in one line (its pipeline's own message, without Ray's wrapping)."""
-    text = str(result.error)
+    text = str(error)
     cause = [line for line in text.splitlines() if line.startswith(("pipelines.", "StageError"))]
     return (cause[-1].split(": ", 1)[-1] if cause else text.splitlines()[-1] if text else "failed")[:500]

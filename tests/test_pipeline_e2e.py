@@ -4,6 +4,7 @@ first stopped after pretraining (as an interrupted pipeline would be) and then c
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,12 @@ def test_pretraining_on_two_workers_learns_and_exports_a_timm_encoder(quickstart
     # the quickstart's 50 steps reach about 0.96 (0.958-0.960 over three runs)
     mean_patch_loss = (32 * 32 * 3 - 1) / (32 * 32 * 3)
     assert losses[-1] < 0.98 * mean_patch_loss < losses[0], losses
+    # the k-NN monitor scored the encoder every 5 epochs and at the end, at known pretraining FLOPs
+    knn = client.get_metric_history(run.info.run_id, "eval/knn_top1")
+    flops = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "flops/train_total")}
+    assert [m.step for m in knn] == [25, 50] and all(0 <= m.value <= 1 for m in knn)
+    assert all(flops[m.step] == m.step * 16 * run.data.metrics["flops/train_per_image"] for m in knn)
+    assert run.data.metrics["eval/knn_images"] == 24  # the stand-in's validation split
     for key in ("train/lr", "train/images_per_s", "train/grad_norm", "train/data_wait_frac", "flops/train_total",
                 "time/device_hours", "flops/encoder_gmacs", "flops/train_per_image", "data/images_attempted"):
         assert key in run.data.metrics, key
@@ -145,6 +152,40 @@ def test_segmentation_beats_the_all_background_baseline(quickstart, synthetic_da
     path = Path(client.download_artifacts(runs["ade20k"].info.run_id, "pictures", str(work / "seg")))
     with Image.open(next(path.glob("*.png"))) as picture:
         assert picture.width == 3 * picture.height  # image | prediction | target
+
+
+def _official_fine_tuned(classifier: dict) -> dict:
+    """A classifier state dict as the official main_finetune.py saves it: patch merging
+    numbered with the level before it, the position table as ``(1, h*w, C)``, in ``model``."""
+    state = {}
+    for key, value in classifier.items():
+        key = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", key)
+        state[key] = value.flatten(0, 1)[None] if key == "absolute_pos_embed" else value
+    return {"model": state, "epoch": 99}
+
+
+def test_eval_scores_a_stage_checkpoint_and_its_official_conversion_as_the_stage_did(quickstart, tmp_path, synthetic_data):
+    config, outcome, client, runs, work, _ = quickstart
+    stage = runs["inat2018"]
+    settings = ["--set", f"storage={work / 'runs'}", "--set", f"tracking.uri={outcome.tracking_uri}",
+                "--set", f"synthetic.root={Path(synthetic_data['pretrain']).parent}"]
+    checkpoint = stage.data.tags[ENCODER]
+    official = tmp_path / "checkpoint-99.pth"
+    torch.save(_official_fine_tuned(load_state_dict(checkpoint)), official)
+    converted = tmp_path / "official.safetensors"
+    assert CliRunner().invoke(app, ["convert", str(official), str(converted)]).exit_code == 0
+    for path in (checkpoint, converted):
+        result = CliRunner().invoke(app, ["eval", str(path), "--config", str(DEFAULT_CONFIG), "--stage", "inat2018", *settings])
+        assert result.exit_code == 0, result.output
+        (run,) = client.search_runs([outcome.experiment_id], f"tags.`mixmae.kind` = 'eval' and attributes.run_name = "
+                                                             f"'eval-inat2018-{Path(path).stem}'")
+        scored = run.data.metrics
+        assert scored["val/top1"] == stage.data.metrics["val/top1"] and scored["data/val_images"] == 30
+        assert scored["val/top1_ci95_low"] < scored["val/top1"] < scored["val/top1_ci95_high"]
+        assert run.data.params["checkpoint_kind"] == "classifier" and "val/top1" in result.output
+    pretrained = runs["pretrain"].data.tags[ENCODER]  # an encoder has no head: nothing to score
+    result = CliRunner().invoke(app, ["eval", pretrained, "--config", str(DEFAULT_CONFIG), "--stage", "inat2018", *settings])
+    assert result.exit_code == 1 and "without a classification head" in result.output
 
 
 def test_rerunning_a_finished_pipeline_skips_every_stage(quickstart):

@@ -14,8 +14,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.report import build_report, run_report
-from pipelines.report_files import TABLES
+from pipelines.report import build_report
+from pipelines.report_files import TABLES, run_report
 from pipelines.report_stats import interpolate_at, log_budgets, spread, verdict
 from pipelines.tracking import KIND, STAGE
 

@@ -10,7 +10,8 @@ from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from mixmae_core.tasks.classification import build_classifier, build_linear_probe
+from mixmae_core.checkpoint import load_encoder_weights, load_state_dict
+from mixmae_core.tasks.classification import build_classifier, build_linear_probe, create_encoder
 from mixmae_core.tasks.metrics import classification_metrics
 from pipelines.stages.jobs import HEADLINE
 from pipelines.stages.loop import MicroBatch
@@ -70,6 +71,41 @@ class ClassifyTask(TransferTask):
             metrics.update(model(self.images(batch)), batch["label"].to(self.device))
         model.train()
         return {f"val/{k}": float(v) for k, v in metrics.compute().items()}
+
+
+class ScoreTask(ClassifyTask):
+    """A classification stage's evaluation of a finished checkpoint (``mixmae eval``): the
+    classifier or linear probe as the checkpoint holds it, head included, nothing trained."""
+
+    @property
+    def probe(self) -> bool:
+        return checkpoint_kind(load_state_dict(self.job.encoder_weights)) == "probe"
+
+    def build_model(self) -> nn.Module:
+        job, spec = self.job, self.spec
+        state = load_state_dict(job.encoder_weights)
+        if self.probe:
+            model = build_linear_probe(job.model, job.num_classes, img_size=spec.img_size, **spec.model_overrides)
+            model.load_state_dict(state)
+            return model
+        model = create_encoder(job.model, img_size=spec.img_size, num_classes=job.num_classes, drop_path_rate=0.0,
+                               **spec.model_overrides)
+        load_encoder_weights(model, state)
+        return model
+
+
+def checkpoint_kind(state: dict) -> str:
+    """``probe`` (a linear probe's frozen encoder and BatchNorm + linear head), ``classifier``
+    (an encoder with its classification head), or ``encoder`` (no head: nothing to score)."""
+    if "head.1.weight" in state:
+        return "probe"
+    return "classifier" if any(key.endswith("head.weight") or key.endswith("head.fc.weight") for key in state) else "encoder"
+
+
+def head_classes(state: dict) -> int:
+    """Classes of a classifier or probe checkpoint's head."""
+    key = "head.1.weight" if "head.1.weight" in state else next(k for k in state if k.endswith(("head.weight", "head.fc.weight")))
+    return state[key].shape[0]
 
 
 TASK = ClassifyTask

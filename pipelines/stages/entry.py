@@ -18,3 +18,19 @@ def run_stages(config: dict) -> None:
     resume = Resume()
     for job in jobs[resume.first_to_run([j.name for j in jobs]) :]:
         train(importlib.import_module(f"pipelines.stages.{job.task}").TASK(job), resume)
+
+
+def score_checkpoint(config: dict) -> None:
+    """``mixmae eval``'s workers: each scores its slice of the validation split; rank 0 records
+    the metrics on the evaluation's MLflow run."""
+    import ray.train
+    import ray.train.torch
+
+    from pipelines.stages.classify import ScoreTask
+    from pipelines.tracking import RunLogger
+
+    job = config["job"]
+    task = ScoreTask(job)
+    metrics = task.evaluate(task.build(ray.train.torch.get_device()))
+    if ray.train.get_context().get_world_rank() == 0:
+        RunLogger(job.loop.tracking_uri, job.loop.run_id).metrics(metrics, 0)

@@ -217,6 +217,8 @@ class TrainState:
     device_seconds: float = 0.0
     fingerprint: int = 0
     """The chain of every step's image ids so far (see :data:`FINGERPRINT_METRIC`)."""
+    evaluations: int = 0
+    eval_seconds: float = 0.0
     best: Optional[float] = None
     """The best evaluation of the task's headline metric so far (the official scripts report it)."""
 
@@ -537,10 +539,8 @@ def after_step(run: Run) -> None:
     if step == total:
         return
     if run.spec.eval_every and step % run.spec.eval_every == 0:
-        evaluation = run.task.evaluate(run.model)
-        note_best(run, evaluation)
-        if run.logger:
-            run.logger.metrics(evaluation, step)
+        # reported too, so a sweep's scheduler sees the evaluation as it happens
+        ray.train.report({**evaluate(run), "step": step, "final": 0})
     if run.logger and step in run.task.picture_steps(total):
         run.logger.artifacts(run.task.pictures(_unwrap(run.model), step, False, run.out_dir), "pictures")
     if step % run.config.checkpoint_every_steps == 0:
@@ -561,14 +561,34 @@ def next_epoch(run: Run, stepped: bool) -> None:
 
 def finish(run: Run) -> None:
     check_finite(run)
-    final_metrics = run.task.evaluate(run.model)
-    note_best(run, final_metrics)
+    final_metrics = evaluate(run)
     if run.state.best is not None:
         final_metrics[f"{run.task.headline}_best"] = run.state.best
+        if run.logger:
+            run.logger.metrics({f"{run.task.headline}_best": run.state.best}, run.state.step)
     if run.logger:
-        run.logger.metrics(final_metrics, run.state.step)
         run.logger.artifacts(run.task.pictures(_unwrap(run.model), run.state.step, True, run.out_dir), "pictures")
+    # a sweep's scheduler decides at the evaluations along the way, not at the end
+    final_metrics.pop("evaluations", None)
     save_checkpoint(run, {**run.metrics, **final_metrics}, final=True)
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """The task's evaluation, logged at the step with the training FLOPs spent so far (so
+    accuracy plots against FLOPs) and the time evaluations took in all."""
+    started = time.perf_counter()
+    evaluation = run.task.evaluate(run.model)
+    state = run.state
+    state.eval_seconds += time.perf_counter() - started
+    note_best(run, evaluation)
+    if evaluation:
+        state.evaluations += 1
+        evaluation.update({"evaluations": state.evaluations, "time/eval_s": state.eval_seconds,
+                           "flops/train_total": _flops(run)})
+        if run.logger:  # at a logging step the training metrics hold the FLOPs already
+            logged = {k: v for k, v in evaluation.items() if k != "flops/train_total" or not _logging_step(run, state.step)}
+            run.logger.metrics(logged, state.step)
+    return evaluation
 
 
 # ----------------------------------------------------------------------------- logging and checks
@@ -612,7 +632,7 @@ def log_window(run: Run) -> dict[str, float]:
         "train/images_per_s": window.images * run.world / elapsed,
         "train/data_wait_frac": window.wait / elapsed,
         "train/epoch": state.epoch + state.step_in_epoch / max(spec.steps_per_epoch, 1),
-        "flops/train_total": state.images_seen * spec.train_flops_per_image,
+        "flops/train_total": _flops(run),
         "time/device_hours": state.device_seconds / 3600,
         FINGERPRINT_METRIC: float(state.fingerprint),
     }
@@ -632,6 +652,10 @@ def log_window(run: Run) -> dict[str, float]:
         run.logger.metrics(metrics, state.step)
     window.reset()
     return metrics
+
+
+def _flops(run: Run) -> float:
+    return run.state.images_seen * run.spec.train_flops_per_image
 
 
 def check_finite(run: Run) -> None:

@@ -9,12 +9,14 @@ same impossible configs.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import torch
 from mlflow.tracking import MlflowClient
@@ -26,6 +28,7 @@ from pipelines.config import (
     ClassifyStage,
     DataSpec,
     DetectStage,
+    Monitor,
     PipelineConfig,
     PretrainStage,
     SegmentStage,
@@ -149,6 +152,13 @@ def stage_flops(config: PipelineConfig, name: str, spec: StageBase, num_classes:
     return {"flops/task_gmacs": macs / 1e9, "flops/train_per_image": 2 * macs * (3.0 if trains_all else 1.0)}
 
 
+def eval_every(spec: StageBase, steps: Schedule) -> Optional[int]:
+    """Optimizer steps between two evaluations (None: only at the end); pretraining evaluates
+    only with a monitor."""
+    every = spec.eval_every_epochs if not isinstance(spec, PretrainStage) or spec.monitor else None
+    return max(1, round(every * steps.steps_per_epoch)) if every else None
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -196,6 +206,24 @@ def stage_inputs(ctx: StageContext, name: str, spec: StageBase, source: DataSour
     return inputs
 
 
+def monitor_source(ctx: StageContext, monitor: Monitor) -> DataSource:
+    """The k-NN monitor's data: its train and validation splits, each cut to ``max_images``
+    by a fixed random subset (not the run's seed: every run is scored on the same images)."""
+    source = resolve_source(ctx, "pretrain_monitor", monitor.data)
+    splits = (monitor.data.train_split, monitor.data.val_split)
+    for split in splits:
+        split_size(source, split, "pretrain (its monitor)")
+    if monitor.max_images is None:
+        return source
+    parts = []
+    for split in splits:
+        rows = source.table(split)
+        keep = np.sort(np.random.default_rng(0).permutation(rows.num_rows)[: monitor.max_images])
+        parts.append(rows.take(keep))
+    subset = pa.concat_tables(parts).replace_schema_metadata(pq.read_schema(source.files[0]).metadata)
+    return open_source(write_manifest(subset, ctx.storage / "manifests" / "pretrain_monitor_subset.parquet"))
+
+
 def split_size(source: DataSource, split: str, stage_name: str) -> int:
     n = source.table(split, ["image_id"]).num_rows
     if n == 0:
@@ -233,13 +261,21 @@ def encoder_source(ctx: StageContext, name: str, spec: TransferBase) -> Optional
     return str(path)
 
 
-def _recipes(spec: StageBase, source: DataSource, skips: dict[str, Optional[StageSkips]]) -> dict[str, DataRecipe]:
+def _recipes(
+    ctx: StageContext, spec: StageBase, source: DataSource, skips: dict[str, Optional[StageSkips]]
+) -> dict[str, DataRecipe]:
     """How the stage's workers build their datasets (each its own shard, epoch by epoch)."""
     data = spec.data
     common = dict(img_size=spec.img_size, seed=spec.seed)
     if isinstance(spec, PretrainStage):
         arguments = dict(split=data.train_split, mask_ratio=spec.mask_ratio, scale=spec.crop_scale, hflip=spec.hflip)
-        return {"train": DataRecipe("pretrain", source, {**arguments, **common, "skips": skips["train"]})}
+        recipes = {"train": DataRecipe("pretrain", source, {**arguments, **common, "skips": skips["train"]})}
+        if spec.monitor is not None:
+            monitor, labelled = spec.monitor, monitor_source(ctx, spec.monitor)
+            for name, split in (("monitor_train", monitor.data.train_split), ("monitor_val", monitor.data.val_split)):
+                recipes[name] = DataRecipe("classify", labelled, dict(
+                    split=split, train=False, img_size=spec.img_size, crop_pct=monitor.crop_pct, auto_augment=None))
+        return recipes
     augment: dict[str, Any] = {}
     if isinstance(spec, ClassifyStage):
         probe = spec.mode == "linear_probe"
@@ -284,7 +320,7 @@ def prepare_stage(ctx: StageContext, name: str, run_id: str) -> PreparedStage:
         warmup_steps=steps.warmup_steps,
         lr=scaled_lr(spec.base_lr, spec.batch_size),
         log_every=min(spec.log_every_steps, steps.total_steps),
-        eval_every=None if isinstance(spec, PretrainStage) else max(1, round(spec.eval_every_epochs * steps.steps_per_epoch)),
+        eval_every=eval_every(spec, steps),
         train_flops_per_image=flops["flops/train_per_image"],
         skips=ctx.skips(run_id),
         bf16=spec.fast and spec.scaling.use_gpu,
@@ -292,7 +328,7 @@ def prepare_stage(ctx: StageContext, name: str, run_id: str) -> PreparedStage:
         storage=str(ctx.storage),
         stop_file=str(ctx.stop_file or ""),
     )
-    data = _recipes(spec, source, {"train": ctx.skips(run_id), "val": ctx.skips(run_id, "val")})
+    data = _recipes(ctx, spec, source, {"train": ctx.skips(run_id), "val": ctx.skips(run_id, "val")})
     job = StageJob(name, spec, ctx.config.stage_model(spec), num_classes=num_classes, loop=loop, data=data, **job_fields)
     return PreparedStage(
         job=job,

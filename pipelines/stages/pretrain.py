@@ -1,4 +1,5 @@
-"""The pretraining stage's worker: pair-sampled Ray Data batches into MixMAE, SimMIM or MAE."""
+"""The pretraining stage's worker: pair-sampled Ray Data batches into MixMAE, SimMIM or MAE,
+and the k-NN monitor of its encoder along the way."""
 
 from __future__ import annotations
 
@@ -12,16 +13,21 @@ from mixmae_core.checkpoint import save_state_dict
 from mixmae_core.fast import StepOptions, apply_step_options
 from mixmae_core.methods import create_pretraining_model, pretraining_step
 from mixmae_core.optim import build_optimizer
+from mixmae_core.tasks.knn import knn_predict, pooled_features
 from mixmae_core.viz import save_reconstruction_png
 from pipelines.data.collate import PairCollate, normalize_on_device
 from pipelines.data.order import Shard
 from pipelines.stages.checkpoints import ENCODER_FILE
-from pipelines.stages.loop import MicroBatch, Task
+from pipelines.stages.loop import MicroBatch, Task, all_gather
+
+#: decoded monitor images a worker keeps between evaluations (they are the same every time)
+MONITOR_CACHE_BYTES = 512 * 2**20
 
 
 class PretrainTask(Task):
     images_per_unit = 2  # pairs
     preview: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    monitor_images: dict[str, list[dict]] = {}
 
     def _options(self) -> StepOptions:
         return StepOptions.fast(self.device) if self.spec.fast else StepOptions()
@@ -66,6 +72,48 @@ class PretrainTask(Task):
             self.preview = (images[:8].detach().clone(), mask[:4].clone())
         return pretraining_step(model, images, mask).loss, images.shape[0]
 
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """The monitor's k-NN accuracy: every worker computes the features of its slice of the
+        monitor's splits and every worker gets all of them, in image-id order, so the
+        accuracy does not depend on the number of workers."""
+        monitor = self.spec.monitor
+        if monitor is None:
+            return {}
+        encoder = _method(model).encoder
+        encoder.eval()
+        (memory, memory_labels), (queries, labels) = (self._features(encoder, name) for name in ("monitor_train", "monitor_val"))
+        encoder.train()
+        num_classes = self.job.data["monitor_train"].source.num_classes
+        scores = knn_predict(memory, memory_labels, queries, num_classes, monitor.k, monitor.temperature)
+        top = scores.topk(min(5, num_classes), dim=1).indices
+        return {"eval/knn_top1": (top[:, 0] == labels).float().mean().item(),
+                "eval/knn_top5": (top == labels[:, None]).any(1).float().mean().item(), "eval/knn_images": len(labels)}
+
+    def _features(self, encoder: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and labels of every image of monitor split ``name`` (all workers'), by image id."""
+        ids, labels, features = [], [], []
+        for batch in self._monitor_batches(name):
+            ids.append(batch["image_id"])
+            labels.append(batch["label"])
+            features.append(pooled_features(encoder, normalize_on_device(batch["image"].to(self.device))).cpu())
+        mine = (torch.cat(ids), torch.cat(labels), torch.cat(features)) if ids else None
+        parts = [part for part in all_gather(mine) if part is not None]
+        ids, labels, features = (torch.cat(column) for column in zip(*parts))
+        order = ids.argsort()
+        return features[order].to(self.device), labels[order].to(self.device)
+
+    def _monitor_batches(self, name: str) -> list[dict]:
+        if name in self.monitor_images:
+            return self.monitor_images[name]
+        rows = self.dataset(name, self.evaluation_shard()).iter_torch_batches(
+            batch_size=self.spec.micro_batch(), device="cpu", prefetch_batches=2
+        )
+        batches = [{k: batch[k] for k in ("image", "label", "image_id")} for batch in rows]
+        if sum(batch["image"].nbytes for batch in batches) <= MONITOR_CACHE_BYTES:
+            self.monitor_images = {**self.monitor_images, name: batches}
+        return batches
+
     def picture_steps(self, total_steps: int) -> set[int]:
         n = self.spec.reconstructions
         if n <= 0:
@@ -86,6 +134,12 @@ class PretrainTask(Task):
     def export(self, model: nn.Module, out: Path) -> None:
         meta = {"model": self.job.model, "method": self.spec.method, "img_size": self.spec.img_size, "source": "pretrain"}
         save_state_dict(out / ENCODER_FILE, model.encoder.state_dict(), meta)
+
+
+def _method(model: nn.Module) -> nn.Module:
+    """The pretraining method inside DDP's and torch.compile's wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
 
 
 TASK = PretrainTask

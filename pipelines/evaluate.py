@@ -1,0 +1,90 @@
+"""``mixmae eval``: score a finished checkpoint on a classification stage's validation split,
+nothing trained: ours (a classification stage's), or a published fine-tuned one brought in by
+``mixmae convert``, so its number can be checked against its paper's.
+
+The split is read and scored by a Ray Train worker group of the stage's scaling (each worker
+its slice of the split, once), as the stage's own evaluations are; the result is an MLflow run
+(tag ``mixmae.kind=eval``) with top-1 and top-5 and their 95% intervals (Wilson's, over the
+validation images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.train
+from mlflow.tracking import MlflowClient
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from mixmae_core.checkpoint import checkpoint_info, load_state_dict
+from pipelines.config import ClassifyStage, PipelineConfig, absolute
+from pipelines.pipeline import init_ray, synthetic_roots
+from pipelines.report_stats import wilson_interval
+from pipelines.stages import entry
+from pipelines.stages.classify import checkpoint_kind, head_classes
+from pipelines.stages.jobs import DataRecipe, LoopSpec, StageError, StageJob
+from pipelines.stages.prepare import StageContext, resolve_source, split_size
+from pipelines.tracking import KIND, RunLogger, ensure_experiment, resolve_tracking_uri, start_or_resume
+
+
+@dataclass
+class Scored:
+    run_id: str
+    tracking_uri: str
+    images: int
+    metrics: dict[str, float]
+
+
+def evaluate_checkpoint(config: PipelineConfig, stage_name: str, checkpoint: Path) -> Scored:
+    spec = config.stages.get(stage_name)
+    if not isinstance(spec, ClassifyStage):
+        choices = [name for name, stage in config.stages.items() if isinstance(stage, ClassifyStage)]
+        raise StageError(f"stage {stage_name!r} is not a classification stage of {config.name}; choose one of {choices}")
+    checkpoint = absolute(str(checkpoint))
+    state = load_state_dict(checkpoint)
+    kind = checkpoint_kind(state)
+    init_ray(config)
+    uri = resolve_tracking_uri(config.tracking.uri)
+    client = MlflowClient(uri)
+    experiment_id = ensure_experiment(client, config.tracking.experiment, Path.cwd() / "mlartifacts")
+    ctx = StageContext(config, uri, experiment_id, "", absolute(config.storage), synthetic_roots(config))
+    source = resolve_source(ctx, stage_name, spec.data)
+    images = split_size(source, spec.data.val_split, stage_name)
+    if kind == "encoder":
+        raise StageError(f"{checkpoint} holds an encoder without a classification head: nothing to score; fine-tune "
+                         "or linear-probe it first (a stage of `mixmae run`)")
+    if head_classes(state) != source.num_classes:
+        raise StageError(f"{checkpoint} classifies {head_classes(state)} classes; stage {stage_name}'s data has "
+                         f"{source.num_classes}: score it on the dataset it was trained for")
+    model = checkpoint_info(checkpoint).get("model") or config.stage_model(spec)
+    run = start_or_resume(client, experiment_id, f"eval-{stage_name}-{checkpoint.stem}", {KIND: "eval"}, resume=False)
+    logger = RunLogger(uri, run.info.run_id)
+    logger.params({"checkpoint": str(checkpoint), "stage": stage_name, "encoder": model, "checkpoint_kind": kind,
+                   "data": str(source.files[0]), "split": spec.data.val_split, "img_size": spec.img_size})
+    recipe = DataRecipe("classify", source, dict(split=spec.data.val_split, train=False, img_size=spec.img_size,
+                                                 crop_pct=spec.crop_pct, auto_augment=None))
+    loop = LoopSpec(uri, run.info.run_id, steps_per_epoch=1, total_steps=0, warmup_steps=0, lr=0.0)
+    job = StageJob(stage_name, spec, model, encoder_weights=str(checkpoint), num_classes=source.num_classes,
+                   class_names=tuple(source.classes), loop=loop, data={"val": recipe})
+    scaling = spec.scaling
+    try:
+        TorchTrainer(
+            entry.score_checkpoint, train_loop_config={"job": job},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})},
+            ),
+            torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+            run_config=ray.train.RunConfig(name=f"eval-{run.info.run_id}", storage_path=str(absolute(config.storage))),
+        ).fit()
+    except Exception:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    metrics = dict(client.get_run(run.info.run_id).data.metrics)
+    for key in ("val/top1", "val/top5"):
+        low, high = wilson_interval(metrics[key], images)
+        metrics.update({f"{key}_ci95_low": low, f"{key}_ci95_high": high})
+    logger.metrics({**metrics, "data/val_images": images}, 0)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return Scored(run.info.run_id, uri, images, metrics)
