@@ -103,7 +103,7 @@ def test_a_training_checkpoint_of_main_pretrain_converts_and_computes_the_same_l
     with torch.no_grad():
         expected = official(images, mask)
         order = [i for k in range(3) for i in (k, 5 - k)]  # the official pairs image i with B-1-i
-        assert torch.allclose(ours(images[order], mask.bool()).loss, expected, rtol=1e-5, atol=0)
+        assert torch.allclose(ours(images[order], mask.bool().expand(6, 4, 4)).loss, expected, rtol=1e-5, atol=0)
 
 
 def test_a_384_fine_tuned_checkpoint_keeps_its_interpolated_table(tmp_path):
