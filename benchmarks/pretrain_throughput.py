@@ -1,5 +1,5 @@
 """Pretraining step throughput, side by side in one run: MixMAE's reference and fast paths,
-or (``--methods``) MixMAE, SimMIM and MAE.
+or (``--methods``) MixMAE, SimMIM, MAE and BEiT.
 
 For each variant: images/s (median over timed steps after warm-up, CUDA events on GPU),
 peak memory, and achieved TFLOP/s, where FLOPs are torch's flop count of one reference
@@ -7,14 +7,15 @@ step (forward + backward of the full masked attention, so the same numerator for
 row). Before timing, a numerical check compares the fast path's loss and gradients with
 an fp32 reference-attention step on the same weights, on fresh random inputs and masks.
 
-With ``--methods mixmae,simmim,mae`` each method runs its own step on the encoder
-(MAE on the ViT of about the same size: ``--vit``), all on the reference path, and its
-FLOPs are its own step's as it runs (MAE's encoder on a quarter of the tokens, SimMIM's on
-every token, MixMAE's on mixed inputs).
+With ``--methods mixmae,simmim,mae,beit`` each method runs its own step on the encoder
+(MAE and BEiT on the ViT of about the same size: ``--vit``, ``--beit``), all on the
+reference path, and its FLOPs are its own step's as it runs (MAE's encoder on a quarter of
+the tokens, SimMIM's and BEiT's on every token, MixMAE's on mixed inputs, BEiT's tokenizer
+on every image).
 
     python benchmarks/pretrain_throughput.py                       # CPU: micro model
     python benchmarks/pretrain_throughput.py --model mixmae_swin_base_w14 --batch 128   # GPU
-    python benchmarks/pretrain_throughput.py --methods mixmae,simmim,mae               # methods
+    python benchmarks/pretrain_throughput.py --methods mixmae,simmim,mae,beit          # methods
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ import torch
 import mixmae_core
 from mixmae_core.fast import StepOptions, apply_step_options, autocast_for, make_train_step
 from mixmae_core.flops import train_step_flops
-from mixmae_core.masking import sample_mask
-from mixmae_core.methods import create_pretraining_model, pretraining_step
+from mixmae_core.methods import create_pretraining_model
 
-#: MAE's encoder next to each hierarchical one: a plain ViT of about the same FLOPs
+#: MAE's and BEiT's encoders next to each hierarchical one: a plain ViT of about the same FLOPs
 VIT_FOR = {"mixmae_swin_micro_w8": "mae_vit_micro_p8", "mixmae_swin_base_w14": "vit_base_patch16_224"}
+BEIT_FOR = {"mixmae_swin_micro_w8": "beit_micro_p8", "mixmae_swin_base_w14": "beit_base_patch16_224"}
 
 
 def variants(device: torch.device, names: list[str]) -> dict[str, StepOptions]:
@@ -59,16 +60,16 @@ def variants(device: torch.device, names: list[str]) -> dict[str, StepOptions]:
 
 
 def random_batch(batch: int, size: int, model, device, generator):
-    """Images and the pipeline's pair masks at the model's ratio (MAE draws its own)."""
+    """Images and their masks, drawn from the model's spec as the data pipeline draws them."""
     images = torch.randn(batch, 3, size, size, generator=generator).to(device)
-    grid = (size // 32, size // 32)
-    return images, sample_mask(batch // 2, grid, getattr(model, "mask_ratio", 0.5), generator=generator)
+    seeds = torch.randint(2**31, (batch // 2,), generator=generator).tolist()
+    return images, model.mask_spec.draw_rows(seeds)
 
 
 def gradients(model, options, images, mask, device):
     model.zero_grad(set_to_none=True)
     with autocast_for(device, options):
-        loss = pretraining_step(model, images, mask).loss
+        loss = model(images, mask).loss
     loss.backward()
     grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
     return loss.detach().float(), grads
@@ -168,8 +169,10 @@ def main() -> None:
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--profile", default=None, metavar="VARIANT", help="print the top kernels of one step")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--methods", default=None, help="compare pretraining methods instead, e.g. mixmae,simmim,mae")
+    parser.add_argument("--methods", default=None,
+                        help="compare pretraining methods instead, e.g. mixmae,simmim,mae,beit")
     parser.add_argument("--vit", default=None, help="MAE's encoder (default: the ViT matching --model)")
+    parser.add_argument("--beit", default=None, help="BEiT's encoder (default: the BEiT matching --model)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -231,13 +234,16 @@ def main() -> None:
 
 
 def compare_methods(args, device) -> None:
-    """One row per method on ``args.model`` (MAE on ``args.vit``), the reference path for all."""
+    """One row per method on ``args.model`` (MAE on ``args.vit``, BEiT on ``args.beit``), the
+    reference path for all."""
     options = StepOptions(bf16=device.type == "cuda")
     card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     result = {"date": datetime.date.today().isoformat(), "device": card, "torch": torch.__version__,
               "batch": args.batch, "img_size": args.img_size, "methods": {}}
     for method in args.methods.split(","):
-        encoder = args.vit or VIT_FOR.get(args.model, "vit_base_patch16_224") if method == "mae" else args.model
+        plain = {"mae": args.vit or VIT_FOR.get(args.model, "vit_base_patch16_224"),
+                 "beit": args.beit or BEIT_FOR.get(args.model, "beit_base_patch16_224")}
+        encoder = plain.get(method, args.model)
         torch.manual_seed(0)
         model = create_pretraining_model(method, encoder, img_size=args.img_size).to(device)
         flops = train_step_flops(model, torch.randn(2, 3, args.img_size, args.img_size, device=device))

@@ -7,8 +7,8 @@ No Ray or MLflow here: the pipelines package adds those.
 """
 
 from mixmae_core.encoders import MixMAESwin, available_encoders
-from mixmae_core.masking import sample_mask
-from mixmae_core.mixmae import MixMAE, MixMAEOutput, create_model
+from mixmae_core.masking import MaskSpec, PretrainOutput, sample_mask
+from mixmae_core.mixmae import MixMAE, create_model
 
-__all__ = ["MixMAE", "MixMAEOutput", "MixMAESwin", "available_encoders", "create_model", "sample_mask"]
+__all__ = ["MaskSpec", "MixMAE", "MixMAESwin", "PretrainOutput", "available_encoders", "create_model", "sample_mask"]
 __version__ = "0.1.0"

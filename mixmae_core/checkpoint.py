@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table_simple
+from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table, resize_rel_pos_bias_table_simple
+from timm.models.beit import Beit
 
 from mixmae_core.layers import interpolate_table, sincos_2d
 
@@ -76,11 +77,11 @@ def load_state_dict(path: PathLike) -> StateDict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL (\S+)", str(exc))
+        found = refused_global(exc)
         if not found:
             raise CheckpointError(f"{path}: expected {expected} saved by torch.save, found unreadable bytes") from None
         raise CheckpointError(
-            f"{path}: expected {expected}, found an object of type {found.group(1)}; not loaded (unsafe to unpickle)"
+            f"{path}: expected {expected}, found an object of type {found}; not loaded (unsafe to unpickle)"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path}: expected {expected} saved by torch.save, found unreadable bytes ({exc})") from None
@@ -91,6 +92,12 @@ def load_state_dict(path: PathLike) -> StateDict:
         kind = type(obj).__name__ if not isinstance(obj, dict) else f"a dict with keys {sorted(obj)[:6]}"
         raise CheckpointError(f"{path}: expected {expected}, found {kind}")
     return dict(obj)
+
+
+def refused_global(error: pickle.UnpicklingError) -> Optional[str]:
+    """The global (``module.name``) a ``weights_only`` load refused to unpickle, if that was why it failed."""
+    found = re.search(r"GLOBAL (\S+)", str(error))
+    return found.group(1) if found else None
 
 
 def checkpoint_info(path: PathLike) -> dict[str, str]:
@@ -175,19 +182,36 @@ def encoder_state_dict(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     return {k: v for k, v in state_dict.items() if not k.startswith("decoder.") and not k.endswith(_DROPPED_BUFFERS)}
 
 
+_SHARED_BIAS = "rel_pos_bias.relative_position_bias_table"
+
+
+def _bias_per_block(state_dict: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> StateDict:
+    """BEiT pretrains one relative-position table shared by its blocks; a model with a table
+    per block (timm's BEiT variants, as fine-tuned) starts each from a copy, as BEiT's
+    fine-tuning does."""
+    if _SHARED_BIAS not in state_dict or _SHARED_BIAS in own:
+        return dict(state_dict)
+    out = {k: v for k, v in state_dict.items() if k != _SHARED_BIAS}
+    out.update({k: state_dict[_SHARED_BIAS] for k in own if k.endswith("attn.relative_position_bias_table")})
+    return out
+
+
 def adapt_to_encoder(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> StateDict:
-    """Fit an encoder state dict to ``model``: resize relative-position tables for other
-    windows (bicubic, as the official fine-tuning), interpolate absolute position tables for another image size (bicubic, as the
+    """Fit an encoder state dict to ``model``: give every block a copy of a shared relative-
+    position table (BEiT), resize relative-position tables for other windows (bicubic, as the
+    official fine-tuning; BEiT's with its own resizing, which keeps the class token's
+    entries), interpolate absolute position tables for another image size (bicubic, as the
     official fine-tuning), and keep the model's own head when the checkpoint has none or
-    another size."""
+    another size. A final norm over every token (MAE's, BEiT's pretraining) is left out of a
+    model that mean-pools: its pooled features get their own norm (``fc_norm``), fresh, as the
+    official fine-tuning of either does."""
     own = model.state_dict()
     out: StateDict = {}
-    for key, value in state_dict.items():
+    for key, value in _bias_per_block(state_dict, own).items():
         if key.endswith("relative_position_bias_table") and key in own and own[key].shape != value.shape:
             attn = model.get_submodule(key.rsplit(".", 1)[0])
-            value = resize_rel_pos_bias_table_simple(
-                value, new_window_size=attn.window_size, new_bias_shape=tuple(own[key].shape)
-            )
+            resize = resize_rel_pos_bias_table if isinstance(model, Beit) else resize_rel_pos_bias_table_simple
+            value = resize(value, new_window_size=attn.window_size, new_bias_shape=tuple(own[key].shape))
         if key == "pos_embed" and key in own and own[key].shape != value.shape:  # a ViT at another size
             prefix = getattr(model, "num_prefix_tokens", 1)
             value = resample_abs_pos_embed(value, new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix)
@@ -195,9 +219,11 @@ def adapt_to_encoder(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -
             value = interpolate_table(value, tuple(own[key].shape[:2]))
         if key.startswith("head.") and (key not in own or own[key].shape != value.shape):
             continue
+        if key.startswith("norm.") and key not in own and "fc_norm.weight" in own:
+            continue
         out[key] = value
     for key in own:
-        if key.startswith("head.") and key not in out:
+        if key.startswith(("head.", "fc_norm.")) and key not in out:
             out[key] = own[key]
     return out
 

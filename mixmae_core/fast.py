@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 
 from mixmae_core.encoders.swin import SwinBlock
-from mixmae_core.methods import pretraining_step
 from mixmae_core.optim import build_optimizer
 
 
@@ -91,14 +90,15 @@ def make_train_step(
     lr: float = 1.5e-4,
     weight_decay: float = 0.05,
     optimizer: Optional[torch.optim.Optimizer] = None,
-) -> tuple[Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor], torch.optim.Optimizer]:
-    """A ``step(images, mask) -> loss`` closure (forward, backward, AdamW update)."""
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.optim.Optimizer]:
+    """A ``step(images, masks) -> loss`` closure (forward, backward, AdamW update); ``masks``
+    as the model's ``mask_spec`` draws them."""
     device = next(model.parameters()).device
     optimizer = optimizer or build_optimizer(model, lr, weight_decay, fused=options.fused_adamw)
 
-    def step(images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def step(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         with autocast_for(device, options):
-            loss = pretraining_step(model, images, mask).loss
+            loss = model(images, masks).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -6,8 +6,9 @@ Two conventions, both reported:
   head at the given input size, as fvcore and the paper's tables count them.
 * **training FLOPs per image**: true FLOPs (2 per multiply-add) of one forward + backward
   step of a method's pretraining model, per image, as it really runs: MixMAE's encoder on
-  every (mixed) token, SimMIM's on every token including [MASK], MAE's on the tokens it
-  keeps; convolutions run per group (PVTv2, Twins) counted twice.
+  every (mixed) token, SimMIM's and BEiT's on every token including [MASK], MAE's on the
+  tokens it keeps; convolutions run per group (PVTv2, Twins) counted twice; BEiT's frozen
+  tokenizer, which reads every image in every step, counted with its forward.
 
 Attention is counted with the ``reference`` implementation (and timm's attention unfused) so
 that every matmul is seen by the counter, which does not see fused attention on the CPU.
@@ -34,7 +35,7 @@ class FlopReport:
     gflops: float
     """Multiply-adds of one encoder + head forward, GMACs (the paper's 'GFLOPs')."""
     pretrain_params_m: float
-    """Parameters of the method's pretraining model (encoder, decoder, tokens), millions."""
+    """Parameters of the method's pretraining model (encoder, decoder, tokens; BEiT's frozen tokenizer), millions."""
     train_gflops_per_image: float
     """True FLOPs (2 per MAC) of one pretraining forward + backward, per image."""
 
@@ -78,10 +79,12 @@ def forward_macs(model: nn.Module, inputs: torch.Tensor) -> float:
 
 
 def train_step_flops(model: nn.Module, images: torch.Tensor) -> float:
-    """True FLOPs of forward + backward of a pretraining model (returns ``.loss``), per image."""
+    """True FLOPs of forward + backward of a pretraining model on ``images`` (rows in pairs),
+    with masks drawn from its ``mask_spec`` as the data pipeline draws them, per image."""
+    masks = model.mask_spec.draw_rows(range(images.shape[0] // 2))
     model = _with_reference_attention(model).train()
     with counting() as counter:
-        model(images).loss.backward()
+        model(images, masks).loss.backward()
     return counter.get_total_flops() / images.shape[0]
 
 

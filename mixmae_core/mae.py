@@ -3,7 +3,8 @@
 A forward pass (official code: facebookresearch/mae, models_mae.py):
 
 1. Patch-embed a plain ViT's 16-px patches and add the fixed 2-D sin-cos position table.
-2. Keep a random 25% of each image's patches (mask ratio 0.75); drop the rest.
+2. Keep a random 25% of each image's patches (mask ratio 0.75, drawn by the data pipeline:
+   ``mask_spec``); drop the rest.
 3. Encode only the kept patches and a class token: the encoder never sees a mask, which is
    why MAE is cheap, and why it needs a plain ViT: a hierarchical encoder's windows and
    merges need the full grid of tokens.
@@ -14,8 +15,7 @@ A forward pass (official code: facebookresearch/mae, models_mae.py):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import timm
 import torch
@@ -23,17 +23,9 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from mixmae_core.layers import init_weights, sincos_2d
-from mixmae_core.masking import norm_pix_target, patch_stats, patchify, unpatchify, validate_mask_ratio
-
-
-@dataclass
-class MAEOutput:
-    loss: torch.Tensor
-    """Scalar norm-pix MSE over the dropped patches."""
-    pred: torch.Tensor
-    """``(B, L, patch*patch*3)`` predicted (normalised) pixels of every patch."""
-    mask: torch.Tensor
-    """``(B, L)`` bool: True where a patch was dropped."""
+from mixmae_core.masking import (
+    MaskSpec, PretrainOutput, check_masks, norm_pix_target, patch_stats, patchify, unpatchify,
+)
 
 
 def with_class_row(table: torch.Tensor) -> torch.Tensor:
@@ -41,10 +33,34 @@ def with_class_row(table: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros(1, table.shape[-1]), table.flatten(0, 1)])[None]
 
 
-class MAE(nn.Module):
-    """A timm ``VisionTransformer`` (class token, no head) + MAE's decoder and loss."""
+def unsupported_vit_parts(encoder: nn.Module) -> list[str]:
+    """What a timm ViT has that MAE's forward (patch embed + table, class token, blocks, norm)
+    would skip or misplace: MAE would train such a ViT as another model than it is."""
+    if not isinstance(encoder, VisionTransformer):
+        return [f"it is a {type(encoder).__name__}, not a timm VisionTransformer"]
+    found = []
+    if encoder.cls_token is None:
+        found.append("no class token (class_token=False)")
+    if getattr(encoder, "num_reg_tokens", 0):
+        found.append(f"{encoder.num_reg_tokens} register tokens (reg_tokens)")
+    if getattr(encoder, "no_embed_class", False):
+        found.append("a position table without the class token (no_embed_class=True)")
+    if encoder.pos_embed is None:
+        found.append("no position table (pos_embed='none')")
+    if getattr(encoder, "dynamic_img_size", False):
+        found.append("dynamic input sizes (dynamic_img_size=True)")
+    if not isinstance(encoder.norm_pre, nn.Identity):
+        found.append("a norm before the blocks (pre_norm=True)")
+    return found
 
-    uses_pair_masks = False  # MAE drops 16-px patches of each image at random itself
+
+class MAE(nn.Module):
+    """A timm ``VisionTransformer`` (class token, no head) + MAE's decoder and loss.
+
+    ``forward(images, masks)``: ``masks`` ``(B, h, w)`` on the patch grid as ``mask_spec``
+    draws them, the same number of dropped patches in every row; ``pred`` in the output is
+    ``(B, L, patch*patch*3)``: predicted (normalised) pixels of every patch.
+    """
 
     def __init__(
         self,
@@ -56,13 +72,19 @@ class MAE(nn.Module):
         norm_pix_loss: bool = True,
     ):
         super().__init__()
-        if not isinstance(encoder, VisionTransformer) or encoder.cls_token is None:
-            raise ValueError(f"MAE needs a plain ViT with a class token; got {type(encoder).__name__}")
-        self.mask_ratio = validate_mask_ratio(mask_ratio)
+        unsupported = unsupported_vit_parts(encoder)
+        if unsupported:
+            name = getattr(encoder, "pretrained_cfg", {}).get("architecture", type(encoder).__name__)
+            raise ValueError(
+                f"MAE computes a plain timm ViT as vit_base_patch16_224 is built: a class token, one position "
+                f"table over the class token and the patches, the blocks, a final norm. {name} has "
+                f"{'; '.join(unsupported)}, which MAE's forward does not compute: pick a plain ViT, or another method"
+            )
         self.norm_pix_loss = norm_pix_loss
         self.encoder = encoder
         self.stride = encoder.patch_embed.patch_size[0]
         self.grid_size = tuple(encoder.patch_embed.grid_size)
+        self.mask_spec = MaskSpec(self.grid_size, mask_ratio, "random")
         dim = encoder.embed_dim
         # MAE's initialisation and fixed position table for the encoder
         encoder.apply(init_weights)
@@ -87,25 +109,23 @@ class MAE(nn.Module):
         """None beyond 1-D parameters and biases, as MAE's pretraining (class and mask tokens decay)."""
         return set()
 
-    def random_masking(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keep a random ``1 - mask_ratio`` of each row's tokens: (kept tokens, mask ``(B, L)``
-        True where dropped, the permutation that puts tokens back in order)."""
-        B, L, C = x.shape
-        keep = int(L * (1 - self.mask_ratio))
-        shuffle = torch.rand(B, L, device=x.device).argsort(dim=1)  # ascending noise: the first are kept
-        restore = shuffle.argsort(dim=1)
-        kept = torch.gather(x, 1, shuffle[:, :keep, None].expand(-1, -1, C))
-        mask = torch.ones(B, L, dtype=torch.bool, device=x.device)
-        mask[:, :keep] = False
-        return kept, torch.gather(mask, 1, restore), restore
-
-    def forward_encoder(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_encoder(self, images: torch.Tensor, dropped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode each row's kept patches (``dropped`` ``(B, L)`` bool, the same count per row)
+        and the class token: (normed tokens ``(B, 1 + kept, C)``, the permutation that puts
+        kept-then-dropped tokens back in raster order)."""
         encoder = self.encoder
         x = encoder.patch_embed(images) + encoder.pos_embed[:, 1:]  # (B, L, C)
-        x, mask, restore = self.random_masking(x)
-        cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        B, L, C = x.shape
+        keep = L - int(dropped[0].sum())
+        # kept positions first, each group in raster order: the blocks see a set of tokens, so
+        # this encodes what MAE's shuffled order does
+        order = dropped.to(torch.uint8).argsort(dim=1, stable=True)
+        restore = order.argsort(dim=1).to(x.device, non_blocking=True)
+        kept = order[:, :keep].to(x.device, non_blocking=True)
+        x = torch.gather(x, 1, kept[..., None].expand(-1, -1, C))
+        cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(B, -1, -1)
         x = encoder.blocks(torch.cat([cls, x], dim=1))
-        return encoder.norm(x), mask, restore
+        return encoder.norm(x), restore
 
     def forward_decoder(self, x: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(x)
@@ -117,44 +137,48 @@ class MAE(nn.Module):
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
-    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
         per_patch = (pred.float() - norm_pix_target(images, self.stride, self.norm_pix_loss)).pow(2).mean(dim=-1)
-        return (per_patch * mask).sum() / mask.sum()
+        return (per_patch * dropped).sum() / dropped.sum()
 
     @torch.no_grad()
-    def panels(self, images: torch.Tensor, output: MAEOutput) -> torch.Tensor:
+    def panels(self, images: torch.Tensor, output: PretrainOutput) -> torch.Tensor:
         """``(B, 3, C, H, W)``: original, the kept patches, the reconstruction pasted around them."""
         images, pred = images.float(), output.pred.float()
         patches = patchify(images, self.stride)
         if self.norm_pix_loss:
             mean, std = patch_stats(patches)
             pred = pred * std + mean
-        dropped = output.mask[..., None].to(images.device)
+        dropped = output.masks.flatten(1)[..., None]
         seen = unpatchify(torch.where(dropped, 0.0, patches), self.stride, self.grid_size)
         recon = unpatchify(torch.where(dropped, pred, patches), self.stride, self.grid_size)
         return torch.stack([images, seen, recon], dim=1)
 
-    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> MAEOutput:
-        """``mask`` is not taken: MAE draws its own (``random_masking``, torch's generator)."""
-        if mask is not None:
-            raise ValueError("MAE draws its own patch masks; do not pass the pipeline's pair masks")
-        latent, dropped, restore = self.forward_encoder(images)
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> PretrainOutput:
+        check_masks(masks, images, self.grid_size)
+        counts = masks.flatten(1).sum(1)
+        if not torch.equal(counts, counts[:1].expand_as(counts)):
+            drops = sorted(set(counts.tolist()))
+            raise ValueError(f"MAE encodes as many patches of every image: the masks drop {drops}")
+        latent, restore = self.forward_encoder(images, masks.flatten(1))
         pred = self.forward_decoder(latent, restore)
-        return MAEOutput(loss=self.forward_loss(images, pred, dropped), pred=pred, mask=dropped)
+        masks = masks.to(images.device, non_blocking=True)
+        return PretrainOutput(loss=self.forward_loss(images, pred, masks.flatten(1)), pred=pred, masks=masks)
 
 
 SMALL_DECODERS: dict[str, dict[str, int]] = {
     "mae_vit_micro_p8": dict(decoder_dim=128, decoder_depth=2, decoder_num_heads=4),
 }
 """Decoders of the test-sized ViTs; every other ViT gets the paper's 512 x 8."""
-METHOD_ARGS = ("decoder_dim", "decoder_depth", "decoder_num_heads", "mask_ratio", "norm_pix_loss")
+OPTIONS = ("decoder_dim", "decoder_depth", "decoder_num_heads", "mask_ratio", "norm_pix_loss")
+"""MAE's own keyword arguments; ``create_model`` passes the others to the ViT."""
 
 
 def create_model(encoder: str, **kwargs: Any) -> MAE:
     """MAE on a timm plain ViT (``vit_base_patch16_224``, the paper's; ``mae_vit_micro_p8`` for
-    tests); ``kwargs`` may name MAE's arguments (``METHOD_ARGS``) or the ViT's."""
+    tests); ``kwargs`` may name MAE's arguments (``OPTIONS``) or the ViT's."""
     method = {**dict(decoder_dim=512, decoder_depth=8, decoder_num_heads=16), **SMALL_DECODERS.get(encoder, {})}
-    method.update({k: kwargs.pop(k) for k in METHOD_ARGS if k in kwargs})
+    method.update({k: kwargs.pop(k) for k in OPTIONS if k in kwargs})
     if not timm.is_model(encoder):
         raise ValueError(f"unknown ViT {encoder!r}")
     return MAE(timm.create_model(encoder, num_classes=0, **kwargs), **method)

@@ -1,27 +1,34 @@
-"""Masks, pairs and patches: the geometry MixMAE and the baselines share.
+"""Masks, pairs and patches: the geometry every pretraining method shares, and what its step returns.
 
 Conventions used throughout the project:
 
-* Rows ``2k`` and ``2k+1`` of a batch are partners (pair ``k``).
-* A mask is boolean, one per pair, on the coarsest token grid (stride 32), shape
-  ``(P, h, w)``. ``True`` at a position means that the mixed input of row ``2k`` shows
-  row ``2k+1``'s token there; the mixed input of row ``2k+1`` is the complement, so every
-  token of both images is visible exactly once across the pair.
-* Expanded to rows (``pair_rows``) the same map is also the attention group of every
-  token of a mixed input: group 0 tokens come from the row's own image, group 1 from its
-  partner; attention never crosses groups.
+* Rows ``2k`` and ``2k+1`` of a batch are partners (pair ``k``): the data pipeline delivers
+  images in pairs for every method, and draws the masks of a pair from the pair's seed
+  (``MaskSpec.draw``), so a resumed run sees the same masks.
+* A method takes one boolean mask per row, ``(B, h, w)`` on its own grid (MixMAE and
+  SimMIM: stride-32 units; MAE and BEiT: the ViT's patches). ``True`` means the row's own
+  token there is hidden from it: MixMAE shows the partner's token instead (so both rows of
+  a pair carry the same map, and the two mixed inputs are complementary: every token of
+  both images is visible exactly once), SimMIM and BEiT a [MASK] token, MAE drops it.
+* MixMAE's map is also the attention group of every token of a mixed input: group 0
+  tokens come from the row's own image, group 1 from its partner; attention never crosses
+  groups.
 * A patch vector (``patchify``) is ordered (row, column, channel), as MAE's and the
   official MixMAE code's reconstruction targets.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 MaskMode = Literal["pair", "batch"]
+MaskLayout = Literal["shared", "random", "blocks"]
 
 
 def validate_mask_ratio(ratio: float) -> float:
@@ -30,66 +37,164 @@ def validate_mask_ratio(ratio: float) -> float:
     return float(ratio)
 
 
-def num_mixed(grid_size: tuple[int, int], ratio: float) -> int:
-    """Number of coarse units taken from the partner: ``floor(L * r)``."""
+def num_hidden(grid_size: tuple[int, int], ratio: float) -> int:
+    """Number of positions a random mask hides (MixMAE: takes from the partner): ``floor(L * r)``."""
     h, w = grid_size
     k = int(h * w * validate_mask_ratio(ratio))
     if not 0 < k < h * w:
-        raise ValueError(f"mask_ratio {ratio} mixes {k} of the {h}x{w} coarse units; it must mix at least one and not all")
+        raise ValueError(
+            f"mask_ratio {ratio} hides {k} of the {h}x{w} mask units; it must hide at least one and not all"
+        )
     return k
 
 
 def sample_mask(
-    num_pairs: int,
-    grid_size: tuple[int, int],
-    ratio: float = 0.5,
-    *,
-    mode: MaskMode = "pair",
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
+    count: int, grid_size: tuple[int, int], ratio: float = 0.5, *, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Draw mixing masks with exactly ``floor(h*w*ratio)`` partner units each.
-
-    ``mode="pair"`` draws one mask per pair; ``mode="batch"`` draws one and repeats it
-    for every pair, which is what the official implementation does.
-    """
-    if mode not in ("pair", "batch"):
-        raise ValueError(f"mask_mode must be 'pair' or 'batch', got {mode!r}")
-    if num_pairs < 1:
-        raise ValueError(f"need at least one pair, got {num_pairs}")
+    """``count`` independent ``(h, w)`` masks with exactly ``floor(h*w*ratio)`` positions set each,
+    on the CPU (also under a meta-device context: FLOP counts draw real masks)."""
+    if count < 1:
+        raise ValueError(f"need at least one mask, got {count}")
     h, w = grid_size
-    length = h * w
-    k = num_mixed(grid_size, ratio)
-    draws = 1 if mode == "batch" else num_pairs
-    noise = torch.rand(draws, length, generator=generator, device=device or "cpu")
-    ranks = noise.argsort(dim=1).argsort(dim=1)
-    mask = (ranks < k).view(draws, h, w)
-    if device is not None:
-        mask = mask.to(device)
-    return mask.expand(num_pairs, h, w).contiguous() if mode == "batch" else mask
+    k = num_hidden(grid_size, ratio)
+    ranks = torch.rand(count, h * w, generator=generator, device="cpu").argsort(dim=1).argsort(dim=1)
+    return (ranks < k).view(count, h, w)
 
 
-def check_even_batch(batch_size: int) -> None:
-    if batch_size % 2:
+#: BEiT's blockwise masking at its 14x14 grid: blocks of at least 16 patches, aspect ratio
+#: (height / width) between 0.3 and 1 / 0.3
+BEIT_GRID_AREA, BEIT_MIN_BLOCK, BEIT_MIN_ASPECT = 196, 16, 0.3
+
+
+def blockwise_sizes(grid_size: tuple[int, int], ratio: float) -> tuple[int, int]:
+    """(positions to cover, smallest block) of BEiT's masking on ``grid_size``; refused where
+    not even one block fits."""
+    h, w = grid_size
+    target = round(h * w * validate_mask_ratio(ratio))
+    min_block = max(1, round(BEIT_MIN_BLOCK * h * w / BEIT_GRID_AREA))
+    if not min_block <= target < h * w:
         raise ValueError(
-            f"MixMAE mixes rows 2k and 2k+1 of a batch, so the batch size must be even; got {batch_size}"
+            f"mask_ratio {ratio} masks {target} of the {h}x{w} patches in blocks of at least {min_block}; "
+            "it must mask at least one block and not all"
         )
+    return target, min_block
 
 
-def normalize_mask(mask: torch.Tensor, num_pairs: int, grid_size: tuple[int, int]) -> torch.Tensor:
-    """Accept a ``(h, w)`` or ``(P, h, w)`` mask (bool or 0/1) and return a bool ``(P, h, w)``."""
-    if mask.dim() == 2:
-        mask = mask.unsqueeze(0).expand(num_pairs, -1, -1)
-    expected = (num_pairs, *grid_size)
-    if tuple(mask.shape) != expected:
-        raise ValueError(
-            f"mask must have shape (h, w)={tuple(grid_size)} or (B//2, h, w)={expected}, got {tuple(mask.shape)}"
-        )
-    if mask.dtype != torch.bool:
-        if not torch.all((mask == 0) | (mask == 1)):
-            raise ValueError("mask values must be 0 or 1")
-        mask = mask.bool()
+def draw_blocks(
+    grid_size: tuple[int, int], target: int, min_block: int, rng: random.Random, min_aspect: float = BEIT_MIN_ASPECT
+) -> list[tuple[int, int, int, int]]:
+    """BEiT's masking generator: rectangles ``(top, left, h, w)`` added one after another until
+    ``target`` positions are covered, never more.
+
+    Each rectangle has an area drawn between ``min_block`` and what is left to cover, and an
+    aspect ratio drawn log-uniformly in ``[min_aspect, 1 / min_aspect]``; it is kept if it covers
+    at least one new position and no more than are left (it may overlap the ones before).
+    Failed tries in a row end the mask, so it may fall a little short of ``target``.
+
+    BEiT's own generator lets the last blocks shrink below the minimum (its area draw reaches
+    below it once fewer positions are left) and keeps rectangles whose rounded sides leave the
+    aspect bounds; here both count as failed tries, so every block keeps the minimum size and
+    the aspect bounds. The last blocks then have to overlap the ones before, which takes more
+    tries: 30 a block where BEiT gives 10, so the masks cover about as much as BEiT's.
+    """
+    H, W = grid_size
+    log_aspect = (math.log(min_aspect), -math.log(min_aspect))
+    covered = [[False] * W for _ in range(H)]
+    blocks, count = [], 0
+    while count < target:
+        left_to_cover = target - count
+        for _ in range(30):
+            area = rng.uniform(min_block, max(min_block, left_to_cover))
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if h * w < min_block or not min_aspect <= h / w <= 1 / min_aspect or h >= H or w >= W:
+                continue
+            top, left = rng.randint(0, H - h), rng.randint(0, W - w)
+            new = sum(not covered[i][j] for i in range(top, top + h) for j in range(left, left + w))
+            if 0 < new <= left_to_cover:
+                for i in range(top, top + h):
+                    covered[i][left : left + w] = [True] * w
+                blocks.append((top, left, h, w))
+                count += new
+                break
+        else:
+            break
+    return blocks
+
+
+def blockwise_mask(grid_size: tuple[int, int], ratio: float, rng: random.Random) -> torch.Tensor:
+    """One BEiT mask ``(h, w)``: blocks cover about ``round(L * ratio)`` positions (BEiT: 75
+    of 196 at 224 px), with the minimum block scaled to the grid's area."""
+    target, min_block = blockwise_sizes(grid_size, ratio)
+    mask = torch.zeros(grid_size, dtype=torch.bool, device="cpu")
+    for top, left, h, w in draw_blocks(grid_size, target, min_block, rng):
+        mask[top : top + h, left : left + w] = True
     return mask
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """How the data pipeline draws the masks of one pair unit (rows 2k and 2k+1) from its seed,
+    on the CPU, without the model: picklable, and the same masks for the same seed.
+
+    ``layout``: ``"shared"`` (MixMAE) one map of ``floor(L*r)`` units for both rows, drawn as
+    ``sample_mask(1, grid, ratio)`` from ``torch.Generator().manual_seed(seed)``; ``"random"``
+    (SimMIM, MAE) ``floor(L*r)`` positions per image, independently; ``"blocks"`` (BEiT)
+    blockwise masks per image (``blockwise_mask``).
+    """
+
+    grid: tuple[int, int]
+    ratio: float
+    layout: MaskLayout
+
+    def __post_init__(self) -> None:
+        """A ratio the grid cannot draw is refused here, when the model is built (at config load)."""
+        if self.layout not in ("shared", "random", "blocks"):
+            raise ValueError(f"mask layout must be 'shared', 'random' or 'blocks', got {self.layout!r}")
+        object.__setattr__(self, "grid", tuple(int(n) for n in self.grid))
+        (blockwise_sizes if self.layout == "blocks" else num_hidden)(self.grid, self.ratio)
+
+    def draw(self, seed: int) -> torch.Tensor:
+        """The pair's masks, bool ``(2, h, w)``: row 2k's, then row 2k+1's."""
+        if self.layout == "blocks":
+            rng = random.Random(seed)
+            return torch.stack([blockwise_mask(self.grid, self.ratio, rng) for _ in range(2)])
+        generator = torch.Generator().manual_seed(seed)
+        masks = sample_mask(1 if self.layout == "shared" else 2, self.grid, self.ratio, generator=generator)
+        return masks.expand(2, *self.grid).clone()
+
+    def draw_rows(self, seeds: Sequence[int]) -> torch.Tensor:
+        """A batch's masks ``(2 * len(seeds), h, w)``, one pair unit per seed."""
+        return torch.cat([self.draw(seed) for seed in seeds])
+
+
+def check_masks(masks: torch.Tensor, images: torch.Tensor, grid_size: tuple[int, int]) -> None:
+    """Refuse masks that are not one bool map per row on the method's grid, or an odd batch."""
+    B = images.shape[0]
+    if B % 2:
+        raise ValueError(
+            f"pretraining batches come in pairs (rows 2k and 2k+1), so the batch size must be even; got {B}"
+        )
+    if masks.dtype != torch.bool or tuple(masks.shape) != (B, *grid_size):
+        raise ValueError(
+            f"masks must be bool (B, h, w) = {(B, *grid_size)}, one per row as the method's MaskSpec draws them; "
+            f"got {masks.dtype} {tuple(masks.shape)}"
+        )
+
+
+@dataclass
+class PretrainOutput:
+    """What every method's ``model(images, masks)`` returns."""
+
+    loss: torch.Tensor
+    """Scalar training loss."""
+    pred: torch.Tensor
+    """The method's predictions (its docstring gives their shape)."""
+    masks: torch.Tensor
+    """``(B, h, w)`` bool: the masks the step used, on the images' device (MixMAE with
+    ``mask_mode: batch``: the first pair's for every row)."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Extra scalars to log (BEiT: ``masked_token_acc``), detached."""
 
 
 def pair_rows(pair_values: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 A forward pass, in the order the paper tells it (official code: Sense-X/MixMIM):
 
-1. Draw a mask on the encoder's stride-32 grid (7x7 at 224): ``floor(h*w*r)`` units per
-   pair, r = 0.5. Rows 2k and 2k+1 of a batch are partners.
+1. A mask on the encoder's stride-32 grid (7x7 at 224): ``floor(h*w*r)`` units per pair,
+   r = 0.5, drawn by the data pipeline (``mask_spec``: the same map for both rows of the
+   pair). Rows 2k and 2k+1 of a batch are partners.
 2. Mix: patch-embed every image on its own, then row 2k shows row 2k+1's tokens where the
    mask is set and row 2k+1 shows row 2k's there, so each pair gives two complementary mixed
    inputs and every patch of both images is visible exactly once.
@@ -34,8 +35,7 @@ test (an image's output does not change when its partner changes) is the proof.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import timm
 import torch
@@ -46,30 +46,18 @@ from timm.models.vision_transformer import Block
 from mixmae_core.layers import init_weights, sincos_2d
 from mixmae_core.masking import (
     MaskMode,
-    check_even_batch,
+    MaskSpec,
+    PretrainOutput,
+    check_masks,
     mix_images,
     mix_pairs,
     norm_pix_target,
-    normalize_mask,
-    pair_rows,
     patch_stats,
     patchify,
-    sample_mask,
     swap_pairs,
     unpatchify,
     upsample_mask,
-    validate_mask_ratio,
 )
-
-
-@dataclass
-class MixMAEOutput:
-    loss: torch.Tensor
-    """Scalar norm-pix MSE over every (image, coarse patch) target."""
-    pred: torch.Tensor
-    """``(B, L, stride*stride*3)``: per image, each position predicted by the copy in which it was hidden."""
-    mask: torch.Tensor
-    """``(B//2, h, w)`` bool: True where row 2k's mixed input shows row 2k+1's token."""
 
 
 class MixMAEDecoder(nn.Module):
@@ -124,13 +112,13 @@ class MixMAEDecoder(nn.Module):
 class MixMAE(nn.Module):
     """An encoder under the contract above + the unmixing decoder + the norm-pix loss.
 
-    ``forward(images, mask=None)`` takes float images ``(B, 3, H, W)`` with partners in
-    rows 2k/2k+1 and returns a ``MixMAEOutput``. Without ``mask`` one is drawn with
-    ``mask_ratio``: per pair, or one for the whole batch with ``mask_mode="batch"`` (the
-    official code's choice).
+    ``forward(images, masks)`` takes float images ``(B, 3, H, W)`` with partners in rows
+    2k/2k+1 and their masks ``(B, h, w)`` as ``mask_spec`` draws them (both rows of a pair
+    carry the pair's map), and returns a ``PretrainOutput`` whose ``pred`` is
+    ``(B, L, stride*stride*3)``: per image, each position predicted by the copy in which it
+    was hidden. With ``mask_mode="batch"`` every pair takes the first pair's map (the
+    official code's one mask per step).
     """
-
-    uses_pair_masks = True
 
     def __init__(
         self,
@@ -143,7 +131,6 @@ class MixMAE(nn.Module):
         norm_pix_loss: bool = True,
     ):
         super().__init__()
-        self.mask_ratio = validate_mask_ratio(mask_ratio)
         if mask_mode not in ("pair", "batch"):
             raise ValueError(f"mask_mode must be 'pair' or 'batch', got {mask_mode!r}")
         self.mask_mode = mask_mode
@@ -151,6 +138,7 @@ class MixMAE(nn.Module):
         self.encoder = encoder
         self.stride = encoder.stride
         self.grid_size = (encoder.img_size[0] // self.stride, encoder.img_size[1] // self.stride)
+        self.mask_spec = MaskSpec(self.grid_size, mask_ratio, "shared")
         self.decoder = MixMAEDecoder(
             encoder.num_features, self.grid_size, self.stride, dim=decoder_dim, depth=decoder_depth,
             num_heads=decoder_num_heads,
@@ -165,12 +153,6 @@ class MixMAE(nn.Module):
     def set_attn_impl(self, name: str) -> None:
         self.encoder.set_attn_impl(name)
 
-    def sample_mask(self, batch_size: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
-        check_even_batch(batch_size)
-        return sample_mask(
-            batch_size // 2, self.grid_size, self.mask_ratio, mode=self.mask_mode, generator=generator, device=device
-        )
-
     def forward_encoder(self, images: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """Mix partners by ``groups`` ``(B, h, w)`` and encode per image -> ``(B, h, w, C)``."""
         x = self.encoder.embed(images, groups)  # (B, H, W, C): each image's own tokens
@@ -184,7 +166,7 @@ class MixMAE(nn.Module):
         return (pred.float() - target).pow(2).mean()
 
     @torch.no_grad()
-    def panels(self, images: torch.Tensor, output: MixMAEOutput) -> torch.Tensor:
+    def panels(self, images: torch.Tensor, output: PretrainOutput) -> torch.Tensor:
         """``(B, 3, C, H, W)``: per image its original, its mixed input and its reconstruction
         (norm-pix predictions mapped back with each target patch's own mean and std)."""
         images, pred = images.float(), output.pred.float()
@@ -193,21 +175,21 @@ class MixMAE(nn.Module):
             mean, std = patch_stats(patchify(images, self.stride))
             pred = pred * std + mean
         recon = unpatchify(pred, self.stride, (H // self.stride, W // self.stride), C)
-        return torch.stack([images, mix_images(images, pair_rows(output.mask)), recon], dim=1)
+        return torch.stack([images, mix_images(images, output.masks), recon], dim=1)
 
-    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> MixMAEOutput:
-        B, _, H, W = images.shape
-        check_even_batch(B)
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> PretrainOutput:
+        _, _, H, W = images.shape
         grid = (H // self.stride, W // self.stride)
-        # masks are drawn (and may be given) on the CPU: the encoder counts them there for free
-        if mask is None:
-            mask = sample_mask(B // 2, grid, self.mask_ratio, mode=self.mask_mode)
-        else:
-            mask = normalize_mask(mask, B // 2, grid)
-        groups = pair_rows(mask)  # (B, h, w): True where a row shows its partner's token
-        z = self.forward_encoder(images, groups)
-        pred = self.decoder(z.flatten(1, 2), groups.to(images.device, non_blocking=True).flatten(1), grid)
-        return MixMAEOutput(loss=self.forward_loss(images, pred), pred=pred, mask=mask.to(images.device))
+        check_masks(masks, images, grid)
+        if self.mask_mode == "batch":
+            masks = masks[:1].expand_as(masks)
+        elif not torch.equal(masks[0::2], masks[1::2]):
+            raise ValueError("MixMAE's rows 2k and 2k+1 take one map (the pair's groups); their masks differ")
+        # masks stay on the CPU (as the pipeline delivers them): the encoder counts them there for free
+        z = self.forward_encoder(images, masks)
+        groups = masks.to(images.device, non_blocking=True)  # True where a row shows its partner's token
+        pred = self.decoder(z.flatten(1, 2), groups.flatten(1), grid)
+        return PretrainOutput(loss=self.forward_loss(images, pred), pred=pred, masks=groups)
 
 
 PAPER_DECODER = dict(decoder_dim=512, decoder_depth=8, decoder_num_heads=16)
@@ -216,17 +198,18 @@ SMALL_DECODERS: dict[str, dict[str, int]] = {
     for name in ("mixmae_swin_micro_w8", "mixmae_twins_svt_micro", "mixmae_pvt_v2_micro")
 }
 """Decoders of the test-sized encoders; every other encoder gets the paper's 512 x 8."""
-METHOD_ARGS = ("decoder_dim", "decoder_depth", "decoder_num_heads", "mask_ratio", "mask_mode", "norm_pix_loss")
+OPTIONS = ("decoder_dim", "decoder_depth", "decoder_num_heads", "mask_ratio", "mask_mode", "norm_pix_loss")
+"""MixMAE's own keyword arguments; ``create_model`` passes the others to the encoder."""
 
 
 def create_model(encoder: str, **kwargs: Any) -> MixMAE:
     """The pretraining model on a registered encoder (``mixmae_swin_base_w14``, ...).
 
-    ``kwargs`` may name MixMAE's arguments (``METHOD_ARGS``) or the encoder's (``img_size``,
+    ``kwargs`` may name MixMAE's arguments (``OPTIONS``) or the encoder's (``img_size``,
     ``attn_impl``, ...); the decoder defaults to the paper's.
     """
     method = {**PAPER_DECODER, **SMALL_DECODERS.get(encoder, {})}
-    method.update({k: kwargs.pop(k) for k in METHOD_ARGS if k in kwargs})
+    method.update({k: kwargs.pop(k) for k in OPTIONS if k in kwargs})
     if not timm.is_model(encoder):
         raise ValueError(f"unknown encoder {encoder!r}; choose one of {timm.list_models('mixmae_*')}")
     return MixMAE(timm.create_model(encoder, num_classes=0, **kwargs), **method)

@@ -12,7 +12,8 @@ Layer-wise lr decay, as the official code assigns it: the stem at layer 0, block
 layer i, a patch merge with the next level's first block, and the final norm and the
 classification head with the last block (MixMAE's ``get_layer_id_for_mixmim``: the encoders'
 ``group_matcher``), each at ``decay ** (N + 1 - layer)``. A plain ViT follows MAE's
-``get_layer_id_for_vit`` instead: its final norm and head at layer N + 1, scale 1.
+``get_layer_id_for_vit`` instead (BEiT's ``get_num_layer_for_vit`` gives its ViT the same
+ids): its final norm and head at layer N + 1, scale 1.
 
 The schedule: linear warmup from 0, then half-cosine to ``min_lr``, every optimizer step.
 """
@@ -23,6 +24,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 from timm.optim import create_optimizer_v2, param_groups_layer_decay
 from timm.scheduler import CosineLRScheduler
@@ -52,7 +54,7 @@ def build_optimizer(
         raise ValueError(f"optimizer must be adamw, lars or sgd, got {opt!r}")
     if layer_decay is None:
         return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, **kwargs)
-    vit = isinstance(model, VisionTransformer)
+    vit = isinstance(model, (VisionTransformer, Beit))
     groups = param_groups_layer_decay(
         _MAELayers(model) if vit else model, weight_decay, no_weight_decay_list=model.no_weight_decay(),
         layer_decay=layer_decay,

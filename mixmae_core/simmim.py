@@ -2,7 +2,7 @@
 
 A forward pass (official code: microsoft/SimMIM):
 
-1. Mask 32-px units of each image at random, ratio 0.6.
+1. Mask 32-px units of each image at random, ratio 0.6 (drawn by the data pipeline: ``mask_spec``).
 2. Embed; replace the masked units' stem tokens with one learnable [MASK] token.
 3. Encode every token, the [MASK] tokens included, all attending to each other: the compute
    MixMAE saves (it encodes no [MASK] token, and every token it encodes is a real one) and
@@ -17,43 +17,28 @@ are the mask itself, so a stem with overlapping kernels reads no masked pixel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import timm
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from mixmae_core.masking import check_even_batch, normalize_mask, pair_rows, sample_mask, upsample_mask, validate_mask_ratio
-
-
-@dataclass
-class SimMIMOutput:
-    loss: torch.Tensor
-    """Scalar L1 over the masked pixels."""
-    pred: torch.Tensor
-    """``(B, 3, H, W)`` predicted pixels (normalised), everywhere."""
-    mask: torch.Tensor
-    """``(B, h, w)`` bool: True where image b's unit was masked."""
+from mixmae_core.masking import MaskSpec, PretrainOutput, check_masks, upsample_mask
 
 
 class SimMIM(nn.Module):
     """An encoder under MixMAE's contract + [MASK] token + linear pixel decoder + masked L1.
 
-    ``forward(images, mask=None)``: ``mask`` as the data pipeline draws it, one ``(h, w)``
-    map per pair of rows (both images of a pair, unrelated images, share it), or None to
-    draw one per image with ``mask_ratio``.
+    ``forward(images, masks)``: ``masks`` ``(B, h, w)`` as ``mask_spec`` draws them, one
+    independent map of 32-px units per image; ``pred`` in the output is ``(B, 3, H, W)``
+    predicted pixels (normalised), everywhere.
     """
-
-    uses_pair_masks = True
 
     def __init__(self, encoder: nn.Module, mask_ratio: float = 0.6):
         super().__init__()
-        self.mask_ratio = validate_mask_ratio(mask_ratio)
         self.encoder = encoder
         self.stride = encoder.stride
         self.grid_size = (encoder.img_size[0] // self.stride, encoder.img_size[1] // self.stride)
+        self.mask_spec = MaskSpec(self.grid_size, mask_ratio, "random")
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, encoder.feature_info[0]["num_chs"]))
         self.decoder = nn.Sequential(
             nn.Conv2d(encoder.num_features, self.stride**2 * 3, kernel_size=1), nn.PixelShuffle(self.stride)
@@ -84,23 +69,23 @@ class SimMIM(nn.Module):
         return error.sum() / (pixels.sum() + 1e-5) / images.shape[1]
 
     @torch.no_grad()
-    def panels(self, images: torch.Tensor, output: SimMIMOutput) -> torch.Tensor:
+    def panels(self, images: torch.Tensor, output: PretrainOutput) -> torch.Tensor:
         """``(B, 3, C, H, W)``: original, what the encoder saw (masked units blank), reconstruction."""
-        pixels = upsample_mask(output.mask.to(images.device), tuple(images.shape[-2:]))[:, None]
+        pixels = upsample_mask(output.masks, tuple(images.shape[-2:]))[:, None]
         images = images.float()
         seen = torch.where(pixels, 0.0, images)
         return torch.stack([images, seen, torch.where(pixels, output.pred.float(), images)], dim=1)
 
-    def forward(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None) -> SimMIMOutput:
-        B, _, H, W = images.shape
-        grid = (H // self.stride, W // self.stride)
-        if mask is None:
-            masked = sample_mask(B, grid, self.mask_ratio)
-        else:
-            check_even_batch(B)
-            masked = pair_rows(normalize_mask(mask, B // 2, grid))
-        pred = self.decoder(self.forward_encoder(images, masked).permute(0, 3, 1, 2))
-        return SimMIMOutput(loss=self.forward_loss(images, pred, masked), pred=pred, mask=masked)
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> PretrainOutput:
+        _, _, H, W = images.shape
+        check_masks(masks, images, (H // self.stride, W // self.stride))
+        pred = self.decoder(self.forward_encoder(images, masks).permute(0, 3, 1, 2))
+        masks = masks.to(images.device, non_blocking=True)
+        return PretrainOutput(loss=self.forward_loss(images, pred, masks), pred=pred, masks=masks)
+
+
+OPTIONS = ("mask_ratio",)
+"""SimMIM's own keyword arguments; ``create_model`` passes the others to the encoder."""
 
 
 def create_model(encoder: str, mask_ratio: float = 0.6, **kwargs) -> SimMIM:

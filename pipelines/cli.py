@@ -31,18 +31,21 @@ def fail(error: Exception, code: int) -> None:
 
 @app.command()
 def flops(
-    model: str = typer.Argument(..., help="encoder, e.g. mixmae_swin_base_w14, mixmae_pvt_v2_b2, vit_base_patch16_224"),
+    model: str = typer.Argument(..., help="encoder, e.g. mixmae_swin_base_w14, mixmae_pvt_v2_b2, vit_base_patch16_224, "
+                                "beit_base_patch16_224"),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="input size (default: the variant's)"),
-    method: Optional[str] = typer.Option(None, "--method", help="mixmae, simmim or mae (default: mae for a ViT, else mixmae)"),
+    method: Optional[str] = typer.Option(None, "--method", help="mixmae, simmim, mae or beit (default: mae for a ViT, "
+                                         "beit for a BEiT, else mixmae)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Parameters and GFLOPs (multiply-adds, paper convention) of encoder + 1000-class head,
     next to timm's own model of the same name where there is one, and the training FLOPs per
-    image of the method's pretraining model."""
+    image of the method's pretraining model (BEiT's: with its tokenizer's forward, DALL-E's
+    encoder at paper scale)."""
     from mixmae_core.flops import classifier_cost, flop_report, timm_counterpart
-    from mixmae_core.methods import is_plain_vit
+    from mixmae_core.methods import default_method
 
-    method = method or ("mae" if is_plain_vit(model) else "mixmae")
+    method = method or default_method(model)
     try:
         report = flop_report(model, img_size, method=method)
     except ValueError as exc:
@@ -66,15 +69,33 @@ def flops(
 
 @app.command()
 def convert(
-    src: Path = typer.Argument(..., exists=True, dir_okay=False, help="official MixMIM checkpoint (.pth)"),
+    src: Path = typer.Argument(..., exists=True, dir_okay=False,
+                               help="official MixMIM checkpoint (.pth), or DALL-E's encoder.pkl"),
     dst: Path = typer.Argument(..., help="output .safetensors"),
 ) -> None:
     """Convert an official Sense-X/MixMIM checkpoint (a training checkpoint of main_pretrain.py or
-    main_finetune.py, or its model dict) to this project's layout (safetensors)."""
+    main_finetune.py, or its model dict) to this project's layout, or DALL-E's encoder.pkl
+    (openai/DALL-E, a pickled module: read without running its code) to a BEiT tokenizer
+    (`pretrain.method: beit` with its `tokenizer` option), as safetensors."""
     from mixmae_core.checkpoint import (
         CheckpointError, convert_official, is_official, load_state_dict, official_variant, save_state_dict,
     )
+    import torch
 
+    from mixmae_core.tokenizer import DalleEncoder, convert_dalle_encoder, is_dalle_pickle, save_tokenizer
+
+    if is_dalle_pickle(src):
+        try:
+            state = convert_dalle_encoder(src)
+        except CheckpointError as exc:
+            fail(exc, 2)
+        with torch.device("meta"):  # the converted weights are assigned, none drawn
+            tokenizer = DalleEncoder(**DalleEncoder.config_of(state))
+        tokenizer.load_state_dict(state, assign=True)
+        save_tokenizer(dst, tokenizer, source=str(src))
+        console.print(f"wrote {dst} (DALL-E's encoder as a BEiT tokenizer, {tokenizer.vocab_size} codes, "
+                      f"{len(state)} tensors)")
+        return
     try:
         state = load_state_dict(src)
         if not is_official(state):

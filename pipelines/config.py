@@ -79,10 +79,13 @@ class StageBase(Strict):
     @classmethod
     def _known_model(cls, v: Optional[str]) -> Optional[str]:
         from mixmae_core.encoders import available_encoders
-        from mixmae_core.methods import is_plain_vit
+        from mixmae_core.methods import encoder_kind
 
-        if v is not None and v not in available_encoders() and not is_plain_vit(v):
-            raise ValueError(f"unknown model {v!r}; choose one of {available_encoders()} or a timm ViT (for MAE)")
+        if v is not None and encoder_kind(v) is None:
+            raise ValueError(
+                f"unknown model {v!r}; choose one of {available_encoders()}, a timm ViT (for MAE) "
+                "or a timm BEiT (for BEiT)"
+            )
         return v
 
     @field_validator("img_size")
@@ -110,6 +113,10 @@ class StageBase(Strict):
 #: 800 epochs, lr 1e-4 per 512 images (5e-5 per 256), 10 warm-up epochs, AdamW (0.9, 0.999);
 #: its step decay at epoch 700 is the pipeline's cosine here. MAE: ViT-B/16, 800 epochs
 #: (its paper's ablation length; 1600 for its best), 40 warm-up epochs, AdamW (0.9, 0.95).
+#: BEiT: ViT-B/16, 800 epochs, lr 1.5e-3 at batch 2,048, 10 warm-up epochs, AdamW (0.9, 0.999),
+#: gradient clipping 3.0, 75 of the 14x14 patches masked in blocks; its drop path (0.1), layer
+#: scale (0.1, the variant's own) and shared relative position bias are the encoder's
+#: (``mixmae_core/beit.py: PRETRAIN_ENCODER``).
 METHOD_RECIPES: dict[str, dict[str, Any]] = {
     "mixmae": dict(model="mixmae_swin_base_w14", mask_ratio=0.5, epochs=600, base_lr=1.5e-4, warmup_epochs=40,
                    betas=(0.9, 0.95)),
@@ -117,6 +124,8 @@ METHOD_RECIPES: dict[str, dict[str, Any]] = {
                    betas=(0.9, 0.999)),
     "mae": dict(model="vit_base_patch16_224", mask_ratio=0.75, epochs=800, base_lr=1.5e-4, warmup_epochs=40,
                 betas=(0.9, 0.95)),
+    "beit": dict(model="beit_base_patch16_224", mask_ratio=75 / 196, epochs=800, base_lr=1.5e-3 * 256 / 2048,
+                 warmup_epochs=10, betas=(0.9, 0.999), clip_grad=3.0),
 }
 
 
@@ -142,12 +151,13 @@ class Monitor(Strict):
 
 
 class PretrainStage(StageBase):
-    """The pretraining stage. ``method`` picks MixMAE, SimMIM or MAE; the fields left out of a
-    config take that method's recipe (``METHOD_RECIPES``: encoder, mask ratio, epochs, lr,
-    warm-up, betas), the rest are the same for all three (batch 2048, weight decay 0.05)."""
+    """The pretraining stage. ``method`` picks MixMAE, SimMIM, MAE or BEiT; the fields left out
+    of a config take that method's recipe (``METHOD_RECIPES``: encoder, mask ratio, epochs, lr,
+    warm-up, betas; BEiT's gradient clipping), the rest are the same for all (batch 2048,
+    weight decay 0.05)."""
 
     task: Literal["pretrain"] = "pretrain"
-    method: Literal["mixmae", "simmim", "mae"] = "mixmae"
+    method: Literal["mixmae", "simmim", "mae", "beit"] = "mixmae"
     model: str
     mask_ratio: float = Field(description="share of the image the method hides (MixMAE: takes from the partner)")
     mask_mode: Literal["pair", "batch"] = Field(
@@ -190,21 +200,27 @@ class PretrainStage(StageBase):
             )
         return self
 
+    def method_options(self) -> dict[str, Any]:
+        """The fields that are the method's own options besides the mask ratio (MixMAE:
+        ``mask_mode``, ``norm_pix_loss``; MAE: ``norm_pix_loss``), for ``create_pretraining_model``."""
+        from mixmae_core.methods import METHODS
+
+        own = set(METHODS[self.method].options) - {"mask_ratio"}
+        return {k: getattr(self, k) for k in type(self).model_fields if k in own}
+
     @model_validator(mode="after")
     def _buildable(self):
         """Build the pretraining model on the meta device (no memory, no time): a method that
-        cannot drive the encoder, or an encoder that refuses the image size, windows or key
-        reductions, fails here with its own message, before any Ray process starts."""
+        cannot drive the encoder, an encoder that refuses the image size, windows or key
+        reductions, or a mask ratio the method's grid cannot draw, fails here with its own
+        message, before any Ray process starts."""
         import torch
 
-        from mixmae_core.masking import num_mixed
         from mixmae_core.methods import create_pretraining_model
 
-        if self.method != "mae":
-            num_mixed((self.img_size // 32, self.img_size // 32), self.mask_ratio)
         with torch.device("meta"):
             create_pretraining_model(self.method, self.model, img_size=self.img_size, mask_ratio=self.mask_ratio,
-                                     **self.model_overrides)
+                                     **self.method_options(), **self.model_overrides)
         return self
 
 
@@ -353,8 +369,8 @@ class PipelineConfig(Strict):
         if stage.task in ("detect", "segment") and model not in available_encoders():
             raise ValueError(
                 f"stage {name}: {'detection' if stage.task == 'detect' else 'segmentation'} needs an encoder with "
-                f"four levels (one of {available_encoders()}); {model} is a plain ViT (MAE's). Leave the stage out "
-                "of a pipeline that pretrains with mae, or give it a hierarchical encoder and init: random"
+                f"four levels (one of {available_encoders()}); {model} is a plain ViT. Leave the stage out of a "
+                f"pipeline that pretrains with {self.pretrain.method}, or give it a hierarchical encoder and init: random"
             )
         if stage.task == "classify":
             with torch.device("meta"):  # the encoder refuses sizes its windows do not tile

@@ -28,7 +28,7 @@ def partner_leaks(model: nn.Module, size: int = 64) -> bool:
     changed = images.clone()
     changed[1] = torch.randn(3, size, size)
     with torch.no_grad():
-        out, out_changed = model(images, mask), model(changed, mask)
+        out, out_changed = model(images, pair_rows(mask)), model(changed, pair_rows(mask))
         features = own_features(model.forward_encoder(images, pair_rows(mask)), mask)
         features_changed = own_features(model.forward_encoder(changed, pair_rows(mask)), mask)
     assert not torch.allclose(features[1], features_changed[1], atol=1e-3)  # the change itself was seen

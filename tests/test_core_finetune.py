@@ -103,7 +103,7 @@ def test_a_training_checkpoint_of_main_pretrain_converts_and_computes_the_same_l
     with torch.no_grad():
         expected = official(images, mask)
         order = [i for k in range(3) for i in (k, 5 - k)]  # the official pairs image i with B-1-i
-        got = ours(images[order], mask.bool()).loss
+        got = ours(images[order], mask.bool().expand(6, 4, 4)).loss
     assert torch.allclose(got, expected, rtol=1e-5, atol=0), (got.item(), expected.item())
 
 
@@ -159,12 +159,13 @@ def test_a_foreign_position_table_is_refused():
         convert_official(state)
 
 
-def test_layer_scales_of_a_vit_follow_mae():
+@pytest.mark.parametrize("name,final_norm", [("vit_base_patch16_224", "norm.weight"), ("beit_base_patch16_224", "fc_norm.weight")])
+def test_layer_scales_of_a_vit_follow_mae_and_beit(name, final_norm):
     with torch.device("meta"):
-        model = timm.create_model("vit_base_patch16_224", num_classes=10)
+        model = timm.create_model(name, num_classes=10)
     optimizer = build_optimizer(model, 1e-3, weight_decay=0.05, layer_decay=0.75)
     scales = {n: g["lr_scale"] for g in optimizer.param_groups for n, p in model.named_parameters()
               if any(p is q for q in g["params"])}
-    assert math.isclose(scales["head.weight"], 1.0) and math.isclose(scales["norm.weight"], 1.0)
+    assert math.isclose(scales["head.weight"], 1.0) and math.isclose(scales[final_norm], 1.0)
     assert math.isclose(scales["blocks.11.mlp.fc2.weight"], 0.75)
     assert math.isclose(scales["patch_embed.proj.weight"], 0.75**13)

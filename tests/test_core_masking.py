@@ -1,9 +1,12 @@
+import pickle
+
 import pytest
 import torch
 
 from mixmae_core.masking import (
+    MaskSpec,
+    check_masks,
     mix_pairs,
-    normalize_mask,
     pair_rows,
     sample_mask,
     swap_pairs,
@@ -21,18 +24,48 @@ def test_mask_has_floor_L_r_mixed_units(ratio):
     assert (mask.flatten(1).sum(1) == int(49 * ratio)).all()
 
 
-def test_pair_mode_draws_per_pair_and_batch_mode_shares_one():
-    g = torch.Generator().manual_seed(0)
-    per_pair = sample_mask(8, (7, 7), 0.5, generator=g)
-    assert len({tuple(m.flatten().tolist()) for m in per_pair}) > 1
-    shared = sample_mask(8, (7, 7), 0.5, mode="batch", generator=g)
-    assert (shared == shared[0]).all()
-
-
 def test_same_seed_same_mask():
     a = sample_mask(4, (6, 7), 0.5, generator=torch.Generator().manual_seed(3))
     b = sample_mask(4, (6, 7), 0.5, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+def test_mixmae_spec_draws_the_pair_masks_the_data_pipeline_always_drew():
+    """One map per pair unit, for both rows, exactly ``sample_mask(1, ...)`` from the unit's seed."""
+    spec = MaskSpec((7, 7), 0.5, "shared")
+    for seed in (0, 7, 12345):
+        drawn = spec.draw(seed)
+        expected = sample_mask(1, (7, 7), 0.5, generator=torch.Generator().manual_seed(seed))[0]
+        assert drawn.shape == (2, 7, 7) and torch.equal(drawn[0], expected) and torch.equal(drawn[1], expected)
+
+
+@pytest.mark.parametrize("layout,grid,ratio", [("shared", (7, 7), 0.5), ("random", (7, 7), 0.6), ("random", (14, 14), 0.75),
+                                               ("blocks", (14, 14), 75 / 196), ("blocks", (8, 8), 0.4)])
+def test_mask_specs_are_deterministic_per_seed_and_picklable(layout, grid, ratio):
+    spec = MaskSpec(grid, ratio, layout)
+    assert pickle.loads(pickle.dumps(spec)) == spec
+    assert torch.equal(spec.draw(3), spec.draw(3)) and not torch.equal(spec.draw(3), spec.draw(4))
+    rows = spec.draw_rows([3, 4])
+    assert rows.shape == (4, *grid) and rows.dtype == torch.bool and torch.equal(rows[2:], spec.draw(4))
+    if layout == "random":  # each image its own floor(L * r) positions
+        assert (rows.flatten(1).sum(1) == int(grid[0] * grid[1] * ratio)).all()
+        assert not torch.equal(rows[0], rows[1])
+
+
+def test_a_ratio_the_grid_cannot_draw_is_refused_when_the_spec_is_made():
+    with pytest.raises(ValueError, match="hides 0 of the 2x2 mask units"):
+        MaskSpec((2, 2), 0.1, "shared")
+    with pytest.raises(ValueError, match="must mask at least one block"):
+        MaskSpec((14, 14), 0.05, "blocks")
+
+
+def test_masks_must_be_one_bool_map_per_row_and_batches_even():
+    images = torch.zeros(4, 3, 64, 64)
+    check_masks(torch.zeros(4, 2, 2, dtype=torch.bool), images, (2, 2))
+    with pytest.raises(ValueError, match=r"bool \(B, h, w\) = \(4, 2, 2\)"):
+        check_masks(torch.zeros(2, 2, 2, dtype=torch.bool), images, (2, 2))
+    with pytest.raises(ValueError, match="must be even"):
+        check_masks(torch.zeros(3, 2, 2, dtype=torch.bool), images[:3], (2, 2))
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
@@ -41,22 +74,6 @@ def test_ratio_outside_open_interval_is_refused(ratio):
         validate_mask_ratio(ratio)
     with pytest.raises(ValueError):
         sample_mask(2, (7, 7), ratio)
-
-
-def test_unknown_mode_refused():
-    with pytest.raises(ValueError, match="mask_mode"):
-        sample_mask(2, (7, 7), 0.5, mode="image")
-
-
-def test_normalize_mask_broadcasts_and_validates():
-    m = torch.zeros(7, 7)
-    m[0, :3] = 1
-    out = normalize_mask(m, 3, (7, 7))
-    assert out.shape == (3, 7, 7) and out.dtype == torch.bool and out[:, 0, :3].all()
-    with pytest.raises(ValueError, match="shape"):
-        normalize_mask(torch.zeros(2, 6, 7), 2, (7, 7))
-    with pytest.raises(ValueError, match="0 or 1"):
-        normalize_mask(torch.full((7, 7), 0.5), 2, (7, 7))
 
 
 def test_swap_pairs_and_mix_follow_row_convention():

@@ -1,5 +1,5 @@
 """Every hierarchical encoder keeps MixMAE's isolation; SimMIM and MAE do what their papers say;
-FLOPs count each method as it runs."""
+every method is built, fed and stepped the same way; FLOPs count each method as it runs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from mixmae_core import mae, simmim
 from mixmae_core.encoders import convs
 from mixmae_core.flops import counting, flop_report
 from mixmae_core.masking import pair_rows, patchify, upsample_mask
-from mixmae_core.methods import check_method_encoder, create_pretraining_model
+from mixmae_core.methods import METHODS, check_method_encoder, create_pretraining_model, mask_spec
 from tests.helpers_core import partner_leaks, seeded_images
 
 HIERARCHICAL = ["mixmae_swin_micro_w8", "mixmae_twins_svt_micro", "mixmae_pvt_v2_micro"]
@@ -89,9 +89,9 @@ def test_simmim_loss_is_l1_on_masked_pixels_only():
     torch.manual_seed(0)
     model = simmim.create_model("mixmae_swin_micro_w8")
     images = seeded_images()
-    mask = torch.tensor([[[1, 0], [0, 0]], [[0, 1], [1, 0]]]).bool()
-    out = model(images, mask)
-    pixels = upsample_mask(pair_rows(mask), (64, 64))[:, None].expand_as(images)
+    masks = torch.tensor([[[1, 0], [0, 0]], [[0, 1], [1, 0]], [[0, 0], [1, 1]], [[1, 1], [1, 0]]]).bool()
+    out = model(images, masks)
+    pixels = upsample_mask(masks, (64, 64))[:, None].expand_as(images)
     assert torch.allclose(out.loss, (out.pred - images).abs()[pixels].mean(), rtol=1e-5)
     assert out.pred.shape == images.shape
 
@@ -100,14 +100,54 @@ def test_mae_encodes_a_quarter_of_the_patches_and_scores_only_the_dropped_ones()
     torch.manual_seed(0)
     model = mae.create_model("mae_vit_micro_p8")
     images = seeded_images()
-    latent, dropped, restore = model.forward_encoder(images)
-    assert latent.shape[1] == 1 + 64 // 4 and dropped.sum(1).tolist() == [48] * 4
-    out = model(images)
+    masks = model.mask_spec.draw_rows([0, 1])
+    assert masks.flatten(1).sum(1).tolist() == [48] * 4
+    latent, _ = model.forward_encoder(images, masks.flatten(1))
+    assert latent.shape[1] == 1 + 64 // 4
+    out = model(images, masks)
     target = patchify(images, 8)
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
     per_patch = (out.pred - target).pow(2).mean(-1)
-    assert torch.allclose(out.loss, per_patch[out.mask].mean(), rtol=1e-5)
+    assert torch.allclose(out.loss, per_patch[out.masks.flatten(1)].mean(), rtol=1e-5)
     assert not model.encoder.pos_embed.requires_grad  # MAE's fixed sin-cos table
+
+
+def test_mae_encodes_the_kept_patches_whatever_their_order():
+    """The kept tokens enter the blocks in raster order (MAE's code: in shuffled order); the
+    blocks see a set, so each kept patch's encoding is the same either way."""
+    torch.manual_seed(0)
+    model = mae.create_model("mae_vit_micro_p8").eval()
+    images, masks = seeded_images(2), model.mask_spec.draw_rows([5])
+    dropped = masks.flatten(1)
+    latent, _ = model.forward_encoder(images, dropped)
+    encoder = model.encoder
+    with torch.no_grad():
+        x = encoder.patch_embed(images) + encoder.pos_embed[:, 1:]
+        shuffled = [(~dropped[b]).nonzero().flatten()[torch.randperm(16)] for b in range(2)]
+        tokens = torch.stack([x[b, shuffled[b]] for b in range(2)])
+        cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(2, -1, -1)
+        reference = encoder.norm(encoder.blocks(torch.cat([cls, tokens], dim=1)))
+        for b in range(2):
+            raster = (~dropped[b]).nonzero().flatten().tolist()
+            order = [raster.index(i) for i in shuffled[b].tolist()]
+            assert torch.allclose(latent[b, 1:][order], reference[b, 1:], atol=1e-5)
+            assert torch.allclose(latent[b, 0], reference[b, 0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "variant,found",
+    [
+        (dict(reg_tokens=4), "4 register tokens"),
+        (dict(no_embed_class=True), "no_embed_class=True"),
+        (dict(pre_norm=True), "pre_norm=True"),
+        (dict(class_token=False, global_pool="avg"), "no class token"),
+    ],
+)
+def test_mae_refuses_a_vit_it_would_train_as_another_model(variant, found):
+    with torch.device("meta"), pytest.raises(ValueError) as refused:
+        create_pretraining_model("mae", "mae_vit_micro_p8", img_size=64, **variant)
+    message = str(refused.value)
+    assert found in message and "mae_vit_micro_p8" in message and "MAE computes a plain timm ViT" in message
 
 
 def test_vit_base_mae_has_the_papers_size():
@@ -119,10 +159,12 @@ def test_vit_base_mae_has_the_papers_size():
 @pytest.mark.parametrize(
     "method,encoder,match",
     [
-        ("mae", "mixmae_swin_micro_w8", "MAE drives a plain ViT"),
+        ("mae", "mixmae_swin_micro_w8", "MAE pretrains a plain ViT .*a hierarchical encoder: pretrain it with mixmae or simmim"),
         ("simmim", "mae_vit_micro_p8", "a plain ViT: pretrain it with mae"),
-        ("mixmae", "resnet50", "pretrains a hierarchical encoder"),
-        ("beit", "mixmae_swin_micro_w8", "unknown pretraining method"),
+        ("mixmae", "resnet50", "MixMAE pretrains a hierarchical encoder .*which no method here pretrains"),
+        ("beit", "mixmae_swin_micro_w8", "BEiT pretrains a timm BEiT .*a hierarchical encoder: pretrain it with mixmae or simmim"),
+        ("mae", "beit_micro_p8", "a BEiT: pretrain it with beit"),
+        ("bert", "mixmae_swin_micro_w8", "unknown pretraining method"),
     ],
 )
 def test_a_method_that_cannot_drive_an_encoder_says_why(method, encoder, match):
@@ -149,19 +191,30 @@ def test_train_flops_follow_what_each_method_encodes():
     assert keep_quarter < 0.6 * keep_most  # MAE's encoder runs on the kept tokens only
 
 
-@pytest.mark.parametrize("method,encoder", [("mixmae", "mixmae_pvt_v2_micro"), ("simmim", "mixmae_twins_svt_micro"), ("mae", "mae_vit_micro_p8")])
-def test_every_method_learns_a_fixed_batch(method, encoder):
+METHOD_ENCODERS = [("mixmae", "mixmae_pvt_v2_micro"), ("simmim", "mixmae_twins_svt_micro"), ("mae", "mae_vit_micro_p8"),
+                   ("beit", "beit_micro_p8")]
+
+
+def test_every_method_is_in_the_comparison():
+    assert [method for method, _ in METHOD_ENCODERS] == list(METHODS)
+
+
+@pytest.mark.parametrize("method,encoder", METHOD_ENCODERS)
+def test_every_method_learns_a_fixed_batch_through_the_one_factory_and_step(method, encoder):
     torch.manual_seed(0)
-    model = create_pretraining_model(method, encoder).train()
-    images = seeded_images()
-    mask = torch.tensor([[[1, 0], [0, 1]], [[0, 1], [1, 0]]]).bool()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    model = create_pretraining_model(method, encoder, img_size=64, mask_ratio=0.5).train()
+    spec = mask_spec(method, encoder, img_size=64, mask_ratio=0.5)
+    assert spec == model.mask_spec
+    images, masks = seeded_images(), spec.draw_rows([0, 1])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
     losses = []
     for _ in range(60):
-        torch.manual_seed(1)  # MAE: the same patches dropped every step
-        out = model(images, mask) if model.uses_pair_masks else model(images)
+        out = model(images, masks)
+        assert torch.equal(out.masks, masks) and all(v.dim() == 0 for v in out.metrics.values())
         losses.append(out.loss.item())
         opt.zero_grad()
         out.loss.backward()
         opt.step()
     assert losses[-1] < 0.6 * losses[0], (losses[0], losses[-1])
+
+

@@ -41,9 +41,9 @@ def test_isolation_test_fails_without_attention_masking():
 def test_loss_equals_independent_norm_pix_mse_and_outputs_have_contract_shapes():
     model = _micro()
     images = seeded_images(6)
-    out = model(images)
-    assert out.pred.shape == (6, 4, 32 * 32 * 3)
-    assert out.mask.shape == (3, 2, 2) and out.mask.dtype == torch.bool
+    out = model(images, model.mask_spec.draw_rows([0, 1, 2]))
+    assert out.pred.shape == (6, 4, 32 * 32 * 3) and out.metrics == {}
+    assert out.masks.shape == (6, 2, 2) and out.masks.dtype == torch.bool
     patches = images.reshape(6, 3, 2, 32, 2, 32).permute(0, 2, 4, 3, 5, 1).reshape(6, 4, -1)
     mean, var = patches.mean(-1, keepdim=True), patches.var(-1, unbiased=True, keepdim=True)
     target = (patches - mean) / (var + 1e-6).sqrt()
@@ -58,7 +58,7 @@ def test_each_prediction_comes_from_the_copy_where_its_patch_was_hidden():
     images = seeded_images()
     mask = torch.tensor([[[1, 0], [0, 1]], [[0, 0], [1, 0]]]).bool()
     with torch.no_grad():
-        base = model(images, mask).pred
+        base = model(images, pair_rows(mask)).pred
     for b in range(4):
         m = mask[b // 2].flatten()
         for p in range(4):
@@ -66,7 +66,7 @@ def test_each_prediction_comes_from_the_copy_where_its_patch_was_hidden():
             r, c = divmod(p, 2)
             changed[b, :, r * 32 : (r + 1) * 32, c * 32 : (c + 1) * 32] += torch.randn(3, 32, 32)
             with torch.no_grad():
-                pred = model(changed, mask).pred
+                pred = model(changed, pair_rows(mask)).pred
             same_group = (m == m[p]).nonzero().flatten()
             assert torch.allclose(pred[b, same_group], base[b, same_group], atol=1e-5), (b, p)
             other = (m != m[p]).nonzero().flatten()
@@ -91,22 +91,29 @@ def test_mixing_shows_every_pixel_of_a_pair_exactly_once_across_its_two_inputs()
     assert torch.equal(tokens.permute(0, 3, 1, 2), mixed)
 
 
-def test_fixed_mask_makes_the_step_deterministic_and_accepts_hw_mask():
+def test_fixed_masks_make_the_step_deterministic_and_a_pair_takes_one_map():
     model = _micro()
     images = seeded_images()
-    mask = torch.tensor([[1, 0], [0, 1]])
-    a, b = model(images, mask), model(images, mask.bool().expand(2, 2, 2))
+    masks = torch.tensor([[1, 0], [0, 1]]).bool().expand(4, 2, 2)
+    a, b = model(images, masks), model(images, masks.clone())
     assert torch.equal(a.loss, b.loss) and torch.equal(a.pred, b.pred)
+    apart = masks.clone()
+    apart[1] = ~apart[1]
+    with pytest.raises(ValueError, match="rows 2k and 2k\\+1 take one map"):
+        model(images, apart)
 
 
 def test_odd_batch_is_refused_with_reason():
     with pytest.raises(ValueError, match="must be even"):
-        _micro()(seeded_images(3))
+        _micro()(seeded_images(3), torch.zeros(3, 2, 2, dtype=torch.bool))
 
 
 def test_batch_mask_mode_shares_one_mask():
-    out = _micro(mask_mode="batch")(seeded_images(8))
-    assert (out.mask == out.mask[0]).all()
+    model = _micro(mask_mode="batch")
+    masks = model.mask_spec.draw_rows(range(4))
+    assert not (masks == masks[0]).all()
+    out = model(seeded_images(8), masks)
+    assert (out.masks == masks[0]).all()
 
 
 @pytest.mark.parametrize("with_padding", [False, True])
@@ -132,8 +139,8 @@ def test_reference_and_sdpa_attention_agree_with_gradients(with_padding, with_po
 
 def test_whole_model_agrees_across_attention_impls():
     ref, sdpa = _micro(attn_impl="reference"), _micro(attn_impl="sdpa")
-    images, mask = seeded_images(), torch.tensor([[1, 0], [1, 0]])
-    assert torch.allclose(ref(images, mask).loss, sdpa(images, mask).loss, rtol=1e-5)
+    images, masks = seeded_images(), torch.tensor([[1, 0], [1, 0]]).bool().expand(4, 2, 2)
+    assert torch.allclose(ref(images, masks).loss, sdpa(images, masks).loss, rtol=1e-5)
 
 
 def test_unknown_attention_impl_is_refused():
@@ -212,7 +219,7 @@ def test_group_split_layout_computes_the_same_step(impl):
     losses, grads = [], []
     for split in (False, True):
         model = _micro(img_size=128, attn_impl=impl, split_groups=split)
-        out = model(images, mask)
+        out = model(images, pair_rows(mask))
         out.loss.backward()
         losses.append(out.loss.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -240,11 +247,11 @@ def test_tiny_model_overfits_a_fixed_batch():
     torch.manual_seed(0)
     model = mixmae_core.create_model(MICRO).train()
     images = seeded_images(4)
-    mask = torch.tensor([[1, 0], [0, 1]])
+    masks = torch.tensor([[1, 0], [0, 1]]).bool().expand(4, 2, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     first = None
     for step in range(150):
-        loss = model(images, mask).loss
+        loss = model(images, masks).loss
         first = first if first is not None else loss.item()
         opt.zero_grad()
         loss.backward()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import mixmae_core
+from mixmae_core.masking import pair_rows, sample_mask
 from mixmae_core.optim import build_optimizer, build_scheduler
 from pipelines.data.synth import object_image
 
@@ -71,7 +72,9 @@ def test_a_pretrained_encoder_probes_better_than_a_random_one(seed):
         images = train[0][torch.randint(0, TRAIN_IMAGES, (BATCH,), generator=generator)]
         if step % 2:  # every other batch mirrored: each shape is its own mirror image, so labels hold
             images = images.flip(3)
-        loss = model(images).loss
+        # one mask per pair from torch's generator, which the seed above makes repeatable
+        masks = pair_rows(sample_mask(BATCH // 2, model.mask_spec.grid, model.mask_spec.ratio))
+        loss = model(images, masks).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
