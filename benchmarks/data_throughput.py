@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw
 from rich.console import Console
 from rich.table import Table
 
+from mixmae_core.masking import MaskSpec
 from pipelines.data.collate import PairCollate
 from pipelines.data.datasets import pretrain_dataset
 from pipelines.data.order import Shard, chunk_units
@@ -81,7 +82,7 @@ class PairChunks(torch.utils.data.Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict:
         epoch, c = item
         units = chunk_units(self.table, Shard(epoch=epoch), c, chunk=PAIRS_PER_CHUNK, group=2, shuffle=True, seed=0)
-        blocks = list(decode_pairs(units, img_size=self.img_size, mask_ratio=0.5))
+        blocks = list(decode_pairs(units, img_size=self.img_size, masks=MaskSpec((self.img_size // 32,) * 2, 0.5, "shared")))
         return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
 
 

@@ -100,20 +100,20 @@ def usage_perplexity(usage: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(p * p.clamp(min=1e-12).log()).sum())
 
 
-def check_codebook(usage: torch.Tensor, min_fraction: float = 1 / 32) -> None:
+def check_codebook(usage: torch.Tensor, min_fraction: float = 1 / 64) -> None:
     """Raise ``CodebookCollapsed`` if the code use ``usage`` (``code_usage`` counts, summed over
-    enough tokens to tell, e.g. an epoch's) is worth fewer than ``min_fraction`` of the codebook
-    (at least 2 codes): BEiT's targets would carry almost no information."""
+    enough tokens to tell, e.g. an epoch's) holds fewer distinct codes than ``min_fraction`` of
+    the codebook (at least 2): BEiT's targets would carry almost no information. Distinct codes,
+    not the perplexity: images whose background fills most tokens skew the use of a healthy book."""
     vocab = usage.numel()
-    effective = usage_perplexity(usage).item()
-    needed = max(2.0, min_fraction * vocab)
-    if effective < needed:
-        used = int((usage > 0).sum())
+    used = int((usage > 0).sum())
+    needed = max(2, math.ceil(min_fraction * vocab))
+    if used < needed:
         raise CodebookCollapsed(
-            f"the tokenizer's codebook collapsed: {used} of {vocab} codes used over {int(usage.sum())} tokens, "
-            f"worth {effective:.1f} codes used equally (perplexity; at least {needed:.0f} expected). Try a lower "
-            "learning rate, a slower temperature anneal (anneal_steps), kl_weight > 0 (pulls code use towards "
-            "uniform), or a smaller codebook (vocab_size)"
+            f"the tokenizer's codebook collapsed: {used} of {vocab} codes used over {int(usage.sum())} tokens "
+            f"(at least {needed} expected; perplexity {usage_perplexity(usage).item():.1f}). Try a lower learning "
+            "rate, a slower temperature anneal, a KL weight > 0 (pulls code use towards uniform), a smaller "
+            "codebook, or longer training"
         )
 
 

@@ -120,11 +120,11 @@ SetOpt = typer.Option([], "--set", help="override a config field: key.path=value
 VerboseOpt = typer.Option(False, "--verbose", help="show Ray's, MLflow's and the libraries' output here, not in the log file")
 
 
-def _load(config: Optional[Path], overrides: list[str]):
+def _load(config: Optional[Path], overrides: list[str], pretrain_only: bool = False):
     from pipelines.config import ConfigError, load_config
 
     try:
-        return load_config(config, overrides)
+        return load_config(config, overrides, pretrain_only)
     except ConfigError as exc:
         fail(exc, 2)
 
@@ -170,8 +170,9 @@ def run(
 
 @app.command()
 def pretrain(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt, verbose: bool = VerboseOpt) -> None:
-    """Run (or resume) only the pretraining stage of a config."""
-    _run(_load(config, overrides), ["pretrain"], None, verbose)
+    """Run (or resume) only the pretraining stage of a config (and BEiT's tokenizer stage before
+    it); the config's transfer stages are not checked."""
+    _run(_load(config, overrides, pretrain_only=True), ["pretrain"], None, verbose)
 
 
 @app.command()

@@ -150,6 +150,55 @@ class Monitor(Strict):
         return self
 
 
+class TokenizerStage(StageBase):
+    """BEiT's tokenizer trained by the pipeline before BEiT, as its own stage and MLflow run, on
+    the pretraining images (BEiT's "customized" tokenizer): a Gumbel-softmax discrete VAE
+    (``mixmae_core/tokenizer.py``) learning to reconstruct the view BEiT tokenizes (the crop at
+    ``grid x 2**num_layers`` px). Its fields left out take the pretraining stage's data, image
+    size, scaling and seed, and the encoder's tokenizer size (``mixmae_core/beit.py``)."""
+
+    task: Literal["tokenizer"] = "tokenizer"
+    vocab_size: int = Field(8192, ge=2, description="codes (8,192 at paper scale)")
+    hidden: int = Field(256, ge=1, description="channels of the convolutions")
+    codebook_dim: int = Field(512, ge=1)
+    num_layers: int = Field(3, ge=1, description="stride-2 convolutions: the view is the patch grid x 2**num_layers px")
+    kl_weight: float = Field(0.0, ge=0, description="weight of KL(code use || uniform) in the loss")
+    anneal_fraction: float = Field(
+        1.0, gt=0, le=1, description="share of the stage's steps over which the Gumbel temperature falls from 1 to 1/16"
+    )
+    min_code_fraction: float = Field(
+        1 / 64, gt=0, lt=1, description="once annealed, the stage stops if it uses fewer distinct codes than this "
+        "share of the book (at least 2)",
+    )
+    epochs: float = Field(50, gt=0)
+    batch_size: int = Field(64, gt=0)
+    base_lr: float = Field(4e-3, gt=0, description="lr = base_lr * batch_size / 256 (1e-3 at batch 64)")
+    warmup_epochs: float = Field(1.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: float = Field(0.5, ge=0, le=1)
+    eval_every_epochs: float = Field(5.0, gt=0, description="epochs between two measures of the codebook's use")
+
+    def view(self, model: str) -> int:
+        """The side of the view the tokenizer reads for BEiT encoder ``model``: its patch grid
+        times the dVAE's downsampling (BEiT: 14 x 8 = 112 px for a 224-px crop)."""
+        import timm
+        import torch
+
+        with torch.device("meta"):
+            patch = timm.create_model(model).patch_embed.patch_size[0]
+        return self.img_size // patch * 2**self.num_layers
+
+    def architecture(self) -> dict[str, Any]:
+        """The arguments of ``DiscreteVAE`` but its anneal (a number of steps, from the schedule)."""
+        return dict(vocab_size=self.vocab_size, hidden=self.hidden, codebook_dim=self.codebook_dim,
+                    num_layers=self.num_layers, kl_weight=self.kl_weight)
+
+
+#: What a tokenizer stage takes from the pretraining stage it trains for, where it says nothing.
+TOKENIZER_INHERITS = ("data", "img_size", "scaling", "seed", "fast", "log_every_steps", "crop_scale", "hflip")
+
+
 class PretrainStage(StageBase):
     """The pretraining stage. ``method`` picks MixMAE, SimMIM, MAE or BEiT; the fields left out
     of a config take that method's recipe (``METHOD_RECIPES``: encoder, mask ratio, epochs, lr,
@@ -176,12 +225,18 @@ class PretrainStage(StageBase):
     eval_every_epochs: Optional[float] = Field(
         None, gt=0, description="epochs between two evaluations of the monitor (None: at the end only)"
     )
+    tokenizer: Union[str, TokenizerStage, None] = Field(
+        None, description="BEiT's: a file (`mixmae convert` of DALL-E's encoder, or a trained one), or the settings "
+        "of one the pipeline trains first (the default)",
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _method_recipe(cls, data: Any) -> Any:
         if isinstance(data, dict):  # an unknown method gets MixMAE's, so only its own error shows
             data = {**METHOD_RECIPES.get(data.get("method", "mixmae"), METHOD_RECIPES["mixmae"]), **data}
+            if data.get("method") == "beit" and not isinstance(data.get("tokenizer"), str):
+                data["tokenizer"] = _tokenizer_settings(data)
         return data
 
     @field_validator("mask_ratio")
@@ -200,13 +255,33 @@ class PretrainStage(StageBase):
             )
         return self
 
+    @model_validator(mode="after")
+    def _tokenizer_is_beits(self):
+        if self.tokenizer is not None and self.method != "beit":
+            raise ValueError(f"tokenizer is BEiT's (its prediction targets); {self.method} takes none")
+        if isinstance(self.tokenizer, str) and not Path(self.tokenizer).expanduser().is_file():
+            raise ValueError(f"tokenizer file {self.tokenizer} does not exist (`mixmae convert` writes one from "
+                             "DALL-E's encoder.pkl)")
+        return self
+
     def method_options(self) -> dict[str, Any]:
-        """The fields that are the method's own options besides the mask ratio (MixMAE:
-        ``mask_mode``, ``norm_pix_loss``; MAE: ``norm_pix_loss``), for ``create_pretraining_model``."""
+        """The fields that are the method's own options besides the mask ratio and tokenizer
+        (MixMAE: ``mask_mode``, ``norm_pix_loss``; MAE: ``norm_pix_loss``), for ``create_pretraining_model``."""
         from mixmae_core.methods import METHODS
 
-        own = set(METHODS[self.method].options) - {"mask_ratio"}
+        own = set(METHODS[self.method].options) - {"mask_ratio", "tokenizer"}
         return {k: getattr(self, k) for k in type(self).model_fields if k in own}
+
+    def model_tokenizer(self, trained: Optional[str] = None) -> dict[str, Any]:
+        """BEiT's ``tokenizer`` argument: the file the tokenizer stage wrote (``trained``), the
+        configured file, or, for sizes and FLOPs before it is trained, the configured one untrained."""
+        if self.method != "beit":
+            return {}
+        if trained is not None or isinstance(self.tokenizer, str):
+            return {"tokenizer": str(Path(trained or self.tokenizer).expanduser().resolve())}
+        from mixmae_core.tokenizer import build_tokenizer
+
+        return {"tokenizer": build_tokenizer("dvae", **self.tokenizer.architecture())}
 
     @model_validator(mode="after")
     def _buildable(self):
@@ -220,8 +295,19 @@ class PretrainStage(StageBase):
 
         with torch.device("meta"):
             create_pretraining_model(self.method, self.model, img_size=self.img_size, mask_ratio=self.mask_ratio,
-                                     **self.method_options(), **self.model_overrides)
+                                     **self.method_options(), **self.model_tokenizer(), **self.model_overrides)
         return self
+
+
+def _tokenizer_settings(pretrain: dict[str, Any]) -> dict[str, Any]:
+    """A BEiT stage's tokenizer settings, completed from the pretraining stage and, for the
+    test-sized encoders, their small tokenizer's size."""
+    from mixmae_core.beit import SMALL_TOKENIZERS
+
+    own = dict(pretrain.get("tokenizer") or {})
+    small = {k: v for k, v in SMALL_TOKENIZERS.get(pretrain.get("model"), {}).items() if k != "kind"}
+    inherited = {k: pretrain[k] for k in TOKENIZER_INHERITS if k in pretrain}
+    return {**inherited, **small, **own}
 
 
 class TransferBase(StageBase):
@@ -335,8 +421,9 @@ class PipelineConfig(Strict):
     @model_validator(mode="after")
     def _names_and_data(self):
         for name in self.stages:
-            if name == "pretrain" or not name.replace("_", "").isalnum():
-                raise ValueError(f"stage name {name!r} must be alphanumeric (underscores allowed) and not 'pretrain'")
+            if name in ("pretrain", "tokenizer") or not name.replace("_", "").isalnum():
+                raise ValueError(f"stage name {name!r} must be alphanumeric (underscores allowed), not 'pretrain' "
+                                 "or 'tokenizer'")
         for name, data in self.data_specs():
             if data.root.startswith(SYNTHETIC_PREFIX) and self.synthetic is None:
                 raise ValueError(f"{name} reads {data.root} but the config has no 'synthetic' section")
@@ -405,7 +492,11 @@ class PipelineConfig(Strict):
         return PipelineConfig.model_validate(raw)
 
     def all_stages(self) -> dict[str, StageBase]:
-        return {"pretrain": self.pretrain, **self.stages}
+        """Every stage in the order they run: BEiT's tokenizer (when the pipeline trains it),
+        pretraining, the transfer stages."""
+        tokenizer = self.pretrain.tokenizer
+        first = {"tokenizer": tokenizer} if isinstance(tokenizer, TokenizerStage) else {}
+        return {**first, "pretrain": self.pretrain, **self.stages}
 
     def data_specs(self) -> list[tuple[str, DataSpec]]:
         """Every dataset the pipeline reads, named by where it is configured."""
@@ -464,7 +555,12 @@ def _format(error: ValidationError, source: str) -> str:
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 
-def load_config(path: Optional[os.PathLike | str] = None, overrides: Sequence[str] = ()) -> PipelineConfig:
+def load_config(
+    path: Optional[os.PathLike | str] = None, overrides: Sequence[str] = (), pretrain_only: bool = False
+) -> PipelineConfig:
+    """The config at ``path`` (default: the quickstart's) with ``--set`` ``overrides``;
+    ``pretrain_only``: without its transfer stages (``mixmae pretrain`` checks only what it runs,
+    so a config's pretraining can be tried on an encoder its transfer stages do not take)."""
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
@@ -476,6 +572,8 @@ def load_config(path: Optional[os.PathLike | str] = None, overrides: Sequence[st
         raise ConfigError(f"config {path} must be a mapping at the top level")
     for item in overrides:
         _set_dotted(raw, *parse_override(item))
+    if pretrain_only:
+        raw.update(stages={}, stage_groups=[])
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:

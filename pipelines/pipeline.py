@@ -157,6 +157,8 @@ def run_pipeline(
     ``callbacks`` adds Ray Train callbacks per stage."""
     known = list(config.all_stages())
     selected = list(stages) if stages else known
+    if "pretrain" in selected and "tokenizer" in known and "tokenizer" not in selected:
+        selected.insert(0, "tokenizer")  # BEiT's pretraining needs its tokenizer
     unknown = sorted(set(selected) - set(known))
     if unknown:
         raise StageError(f"unknown stage(s) {unknown}; this config has {known}")
@@ -198,6 +200,11 @@ def run_pipeline(
         console.start_progress()
     try:
         with stop_on_sigterm(ctx.stop_file, console):
+            if "pretrain" in selected and "tokenizer" in stage_specs:  # BEiT's targets come first
+                (tokenizer,) = run_worker_group(ctx, "tokenizer", ["tokenizer"])
+                outcome.stages.append(tokenizer)
+                ctx.tokenizer_checkpoint = tokenizer.encoder_checkpoint
+                ctx.tokenizer_flops = tokenizer.metrics.get("flops/train_total", 0.0)
             if "pretrain" in selected:
                 (result,) = run_worker_group(ctx, "pretrain", ["pretrain"])
                 outcome.stages.append(result)

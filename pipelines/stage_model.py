@@ -33,6 +33,19 @@ def job_config(job) -> dict[str, Any]:
             "num_classes": job.num_classes, "class_names": list(job.class_names)}
 
 
+def load(config: dict[str, Any], weights: str) -> torch.nn.Module:
+    """The stage's model with its ``weights``, in eval mode. A pretrained encoder loads as a
+    classifier of its name would (a BEiT's shared position bias given to every block)."""
+    from mixmae_core.checkpoint import load_encoder_weights
+
+    model = build(config)
+    if config["task"] == "pretrain":
+        load_encoder_weights(model, weights)
+    else:
+        model.load_state_dict(load_state_dict(weights))
+    return model.eval()
+
+
 def build(config: dict[str, Any]) -> torch.nn.Module:
     """The stage's model, randomly initialised, as the stage built it."""
     import timm
@@ -73,8 +86,7 @@ def outputs(task: str, model: torch.nn.Module, images: torch.Tensor):
 class StageModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.task = context.model_config["task"]
-        self.model = build(context.model_config).eval()
-        self.model.load_state_dict(load_state_dict(context.artifacts["weights"]))
+        self.model = load(context.model_config, context.artifacts["weights"])
 
     def predict(self, context, model_input, params=None):
         return outputs(self.task, self.model, torch.as_tensor(np.asarray(model_input, dtype=np.float32)))

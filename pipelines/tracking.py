@@ -324,7 +324,6 @@ def log_stage_model(tracking_uri: str, run_id: str, config: dict[str, Any], weig
     from mlflow.entities import LoggedModelStatus
     from mlflow.models import infer_signature
 
-    from mixmae_core.checkpoint import load_state_dict
     from pipelines import stage_model
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -336,8 +335,7 @@ def log_stage_model(tracking_uri: str, run_id: str, config: dict[str, Any], weig
     ready = [model for model in logged if model.status == LoggedModelStatus.READY]
     if ready:
         return ready[0].model_uri
-    model = stage_model.build(config).eval()
-    model.load_state_dict(load_state_dict(weights))  # what a loader will do, checked here
+    model = stage_model.load(config, str(weights))  # what a loader will do, checked here
     size = config["spec"]["img_size"]
     example = np.zeros((1, 3, size, size), np.float32)
     output = stage_model.outputs(config["task"], model, torch.from_numpy(example))

@@ -14,6 +14,7 @@ import pytest
 import ray
 import torch
 
+from mixmae_core.masking import MaskSpec
 from pipelines.data.collate import DetectionCollate, PairCollate
 from pipelines.data.datasets import (
     build_dataset,
@@ -31,6 +32,7 @@ from pipelines.data.synth import SCALES, SYNTH_LAYOUTS
 from tests.servers import actors
 
 TINY = SCALES["tiny"]
+MIXMAE_075 = MaskSpec((3, 3), 0.75, "shared")
 PRETRAIN_TRAIN = TINY.classes["pretrain"] * TINY.train_per_class
 
 
@@ -44,14 +46,14 @@ def manifests(synthetic_data, tmp_path_factory):
 
 
 def _pairs(batches) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
-    """``{(id_a, id_b): (images (2, 3, S, S), mask)}`` from PairCollate batches."""
+    """``{(id_a, id_b): (images (2, 3, S, S), masks (2, h, w))}`` from PairCollate batches."""
     out = {}
     for batch in batches:
-        assert batch["images"].dtype == torch.uint8 and batch["mask"].dtype == torch.bool
-        assert len(batch["images"]) == len(batch["image_ids"]) == 2 * len(batch["mask"])
-        for k, mask in enumerate(batch["mask"]):
+        assert batch["images"].dtype == torch.uint8 and batch["masks"].dtype == torch.bool
+        assert len(batch["images"]) == len(batch["image_ids"]) == len(batch["masks"]) == 2 * len(batch["position"])
+        for k in range(len(batch["position"])):
             key = tuple(batch["image_ids"][2 * k : 2 * k + 2].tolist())
-            out[key] = (batch["images"][2 * k : 2 * k + 2].numpy(), mask.numpy())
+            out[key] = (batch["images"][2 * k : 2 * k + 2].numpy(), batch["masks"][2 * k : 2 * k + 2].numpy())
     return out
 
 
@@ -65,7 +67,7 @@ def _train_ids(manifest) -> list[int]:
 
 
 def _epoch_dataset(manifest, epoch: int, **kwargs):
-    return build_dataset("pretrain", manifest, img_size=96, mask_ratio=0.75, seed=0, shard=Shard(epoch=epoch), **kwargs)
+    return build_dataset("pretrain", manifest, img_size=96, masks=MIXMAE_075, seed=0, shard=Shard(epoch=epoch), **kwargs)
 
 
 def test_pairs_cover_each_image_once_and_change_every_epoch(ray_local, manifests):
@@ -73,9 +75,9 @@ def test_pairs_cover_each_image_once_and_change_every_epoch(ray_local, manifests
     for pairs in epochs:
         ids = [i for key in pairs for i in key]
         assert sorted(ids) == _train_ids(manifests["pretrain"]) and len(ids) == PRETRAIN_TRAIN
-        for images, mask in pairs.values():
+        for images, masks in pairs.values():
             assert images.shape == (2, 3, 96, 96)
-            assert mask.shape == (3, 3) and mask.sum() == int(9 * 0.75)
+            assert masks.shape == (2, 3, 3) and masks[0].sum() == int(9 * 0.75) and (masks[0] == masks[1]).all()
     assert set(epochs[0]) != set(epochs[1])
     masks = {m.tobytes() for _, m in epochs[0].values()}
     assert len(masks) > 1, "one mask per pair, not one per batch"
@@ -85,7 +87,7 @@ def test_pairs_cover_each_image_once_and_change_every_epoch(ray_local, manifests
     assert list(_pairs(replay)) == list(epochs[1])
     for key, (images, mask) in _pairs(replay).items():
         assert np.array_equal(images, epochs[1][key][0]) and np.array_equal(mask, epochs[1][key][1])
-    other_seed = _epoch(pretrain_dataset(manifests["pretrain"], img_size=96, mask_ratio=0.75, seed=1, shard=Shard(epoch=1)))
+    other_seed = _epoch(pretrain_dataset(manifests["pretrain"], img_size=96, masks=MIXMAE_075, seed=1, shard=Shard(epoch=1)))
     assert other_seed.keys() != epochs[1].keys()
 
 
@@ -130,7 +132,7 @@ def test_decode_tasks_yield_blocks_bounded_in_bytes_at_every_image_size(manifest
     singles = chunk_units(table, Shard(), 0, chunk=80, group=1, shuffle=False, seed=0)
     expected = {224: ([48], [64, 16]), 448: ([16, 16, 16], [16] * 5)}
     for size, (pair_images, single_images) in expected.items():
-        blocks = list(decode_pairs(pairs, img_size=size, mask_ratio=0.5))
+        blocks = list(decode_pairs(pairs, img_size=size, masks=MaskSpec((size // 32,) * 2, 0.5, "shared")))
         assert [b["images"].shape[0] * 2 for b in blocks] == pair_images
         assert all(b["images"].nbytes <= STREAM_BLOCK_BYTES for b in blocks)
         blocks = list(decode_classification(singles, img_size=size, train=False, transform=()))

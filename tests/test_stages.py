@@ -34,19 +34,22 @@ def test_a_dataset_smaller_than_one_batch_is_refused_by_the_stage_and_by_the_bil
     assert result.exit_code == 1 and "7 training samples do not fill one global batch of 8" in result.output
 
 
-@pytest.mark.parametrize("mode", ["pair", "batch"])
-def test_mask_mode_batch_gives_every_pair_of_a_micro_batch_one_mask(mode):
-    from pipelines.stages.pretrain import PretrainTask
+def test_the_pretraining_data_draws_each_methods_masks(tmp_path):
+    """What the driver gives the data pipeline: the method's own mask spec (BEiT's blocks on its
+    patch grid, MAE's patches, MixMAE's shared stride-32 units), at the configured ratio."""
+    from pipelines.stages.prepare import StageContext, _recipes
+    from pipelines.data.manifest import DataSource
 
-    config = load_config(DEFAULT_CONFIG, [f"pretrain.mask_mode={mode}"])
-    task = PretrainTask(StageJob("pretrain", config.pretrain, config.pretrain.model))
-    drawn = torch.rand(4, 2, 2) < 0.5
-    drawn[1] = ~drawn[0]
-    masks = task.masks(drawn)
-    if mode == "pair":
-        assert torch.equal(masks, drawn)
-    else:
-        assert masks.shape == drawn.shape and all(torch.equal(m, drawn[0]) for m in masks)
+    config = load_config(DEFAULT_CONFIG)
+    source = DataSource(("m.parquet",), False, "imagefolder", ("a",), "label", ())
+    ctx = StageContext(config, "", "", "", tmp_path)
+    for method, model, layout, grid in [("mixmae", "mixmae_swin_micro_w8", "shared", (2, 2)),
+                                        ("mae", "mae_vit_micro_p8", "random", (8, 8)),
+                                        ("beit", "beit_micro_p8", "blocks", (8, 8))]:
+        spec = load_config(DEFAULT_CONFIG, [f"pretrain.method={method}", f"pretrain.model={model}", "pretrain.monitor=null"],
+                           pretrain_only=True).pretrain
+        masks = _recipes(ctx, spec, source, {"train": None})["train"].arguments["masks"]
+        assert (masks.layout, masks.grid, masks.ratio) == (layout, grid, spec.mask_ratio)
 
 
 def test_a_job_travels_as_a_typed_object():

@@ -34,7 +34,7 @@ def normalize_on_device(
 
 
 class PairCollate(NumpyBatchCollateFn):
-    """Pairs -> ``{"images": uint8 (2P, 3, S, S), "mask": bool (P, h, w), "image_ids": int64 (2P,),
+    """Pairs -> ``{"images": uint8 (2P, 3, S, S), "masks": bool (2P, h, w), "image_ids": int64 (2P,),
     "position": int64 (P,)}``.
 
     Rows ``2k`` and ``2k+1`` of ``images`` are pair ``k``, as ``mixmae_core`` expects, so
@@ -49,7 +49,7 @@ class PairCollate(NumpyBatchCollateFn):
         images = batch["images"]
         return {
             "images": convert_ndarray_to_torch_tensor(images.reshape(-1, *images.shape[2:])),
-            "mask": torch.from_numpy(np.array(batch["mask"], dtype=bool)),
+            "masks": torch.from_numpy(np.array(batch["masks"], dtype=bool).reshape(-1, *batch["masks"].shape[2:])),
             "image_ids": convert_ndarray_to_torch_tensor(batch["image_ids"].reshape(-1)),
             "position": torch.from_numpy(np.asarray(batch["position"], np.int64)),
         }

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
 import ray
@@ -30,6 +30,9 @@ from pipelines.data.samples import (
     stream_images,
 )
 from pipelines.data.transforms import CROP_RATIO, PRETRAIN_SCALE, RAND_AUGMENT, coco_targets
+
+if TYPE_CHECKING:
+    from mixmae_core.masking import MaskSpec
 
 
 def _pipeline(
@@ -76,7 +79,7 @@ def pretrain_dataset(
     *,
     split: str = "train",
     img_size: int = 224,
-    mask_ratio: float = 0.5,
+    masks: Optional["MaskSpec"] = None,
     seed: int = 0,
     shard: Shard = Shard(),
     cpus: Optional[float] = None,
@@ -86,17 +89,21 @@ def pretrain_dataset(
     draft: bool = True,
     skips: Optional[StageSkips] = None,
 ) -> "ray.data.Dataset":
-    """MixMAE pretraining pairs: one row per pair with ``images`` (uint8 ``(2, 3, S, S)``,
-    the two views, each RandomResizedCrop(scale, bicubic) + flip), ``mask`` (bool
-    ``(S/32, S/32)``, ``floor(L * mask_ratio)`` ones, ``sample_mask`` seeded per pair),
-    ``image_ids`` ``(2,)`` and ``epoch``. Images are paired at random across the
+    """Pretraining pairs: one row per pair with ``images`` (uint8 ``(2, 3, S, S)``, the two
+    views, each RandomResizedCrop(scale, bicubic) + flip), ``masks`` (bool ``(2, h, w)``, drawn
+    by the method's ``masks`` spec from the pair's seed; default MixMAE's at ratio 0.5),
+    ``image_ids`` ``(2,)``, ``epoch`` and ``position``. Images are paired at random across the
     whole split, afresh every epoch; with an odd count one image sits the epoch out.
     Iterate with ``collate_fn=pipelines.data.collate.PairCollate()``.
     """
+    if masks is None:
+        from mixmae_core.masking import MaskSpec
+
+        masks = MaskSpec((img_size // 32, img_size // 32), 0.5, "shared")
     return _pipeline(
         open_source(source), split, ["image_id", "path"], decode_pairs,
         shard=shard, cpus=cpus, group=2, shuffle=True, seed=seed, max_packed_units=64, img_size=img_size,
-        mask_ratio=mask_ratio, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip, draft=draft, skips=skips,
+        masks=masks, scale=tuple(scale), ratio=tuple(ratio), hflip=hflip, draft=draft, skips=skips,
     )
 
 

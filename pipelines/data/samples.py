@@ -10,7 +10,7 @@ unpickles a dataset imports this module, and only the decode tasks need it.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -28,8 +28,9 @@ from pipelines.data.transforms import (
     segmentation_sample,
 )
 
-#: Stride of the coarsest encoder level; MixMAE's mixing mask lives on that grid.
-MASK_STRIDE = 32
+if TYPE_CHECKING:
+    from mixmae_core.masking import MaskSpec
+
 #: Decoded bytes per block a decode task yields (64 images at 224 px). Storing a block
 #: costs its task about the same whatever its size, so blocks are not smaller.
 STREAM_BLOCK_BYTES = 64 * 3 * 224 * 224
@@ -39,12 +40,6 @@ def stream_images(img_size: int) -> int:
     """Images per block yielded by a decode task at ``img_size``: :data:`STREAM_BLOCK_BYTES`
     of uint8 RGB."""
     return max(1, STREAM_BLOCK_BYTES // (3 * img_size * img_size))
-
-
-def mask_grid(img_size: int) -> tuple[int, int]:
-    if img_size % MASK_STRIDE:
-        raise ValueError(f"img_size must be a multiple of {MASK_STRIDE} (the mask grid stride), got {img_size}")
-    return img_size // MASK_STRIDE, img_size // MASK_STRIDE
 
 
 def _image_src(batch: dict, i: int, suffix: str = "") -> Any:
@@ -62,28 +57,23 @@ def decode_pairs(
     batch: dict,
     *,
     img_size: int,
-    mask_ratio: float,
+    masks: "MaskSpec",
     scale: tuple[float, float] = PRETRAIN_SCALE,
     ratio: tuple[float, float] = CROP_RATIO,
     hflip: float = 0.5,
     draft: bool = True,
     skips: Optional[StageSkips] = None,
 ) -> Iterator[dict]:
-    """Pair units -> ``images`` uint8 ``(P, 2, 3, S, S)``, ``mask`` bool ``(P, h, w)``,
-    ``image_ids`` ``(P, 2)``, ``position`` ``(P,)`` (the unit's in its shard).
+    """Pair units -> ``images`` uint8 ``(P, 2, 3, S, S)``, ``masks`` bool ``(P, 2, h, w)`` (each
+    image's, as the method's ``masks`` spec draws them), ``image_ids`` ``(P, 2)``, ``position``
+    ``(P,)`` (the unit's in its shard).
 
-    Both views and the mask are drawn from the unit's ``seed``. A pair with a skipped
+    Both views and the masks are drawn from the unit's ``seed``. A pair with a skipped
     image is dropped; the skipped image counts under its reason, its partner under
     ``partner_skipped``. Yields a block every :func:`stream_images` images (none when
     every pair was dropped: Ray Data cannot store an empty tensor column).
     """
-    # Imported here, not with the module: every process that unpickles the dataset (Ray
-    # Train's dataset manager, split coordinators) imports this module, and torch and timm
-    # cost seconds each; only the processes that decode pairs need them.
-    import torch
-    from mixmae_core.masking import sample_mask
-
-    grid, per_block = mask_grid(img_size), stream_images(img_size)
+    per_block = stream_images(img_size)
     tally, rows = Tally(), _Rows()
     for i in range(len(batch["seed"])):
         seed = int(batch["seed"][i])
@@ -105,7 +95,7 @@ def decode_pairs(
             continue
         rows.append(
             images=[view for _, view in views],
-            mask=sample_mask(1, grid, mask_ratio, generator=torch.Generator().manual_seed(seed))[0].numpy(),
+            masks=masks.draw(seed).numpy(),
             image_ids=[int(batch["image_id" + s][i]) for s in PAIR], epoch=int(batch["epoch"][i]),
             position=int(batch["position"][i]),
         )
@@ -121,7 +111,7 @@ def _pair_block(out: dict[str, list]) -> dict[str, np.ndarray]:
     images = np.stack([view for pair in out["images"] for view in pair])  # one copy, not a stack per pair
     return {
         "images": images.reshape(pairs, 2, *images.shape[1:]),
-        "mask": np.stack(out["mask"]),
+        "masks": np.stack(out["masks"]),
         "image_ids": np.array(out["image_ids"], np.int64),
         "epoch": np.array(out["epoch"], np.int64),
         "position": np.array(out["position"], np.int64),

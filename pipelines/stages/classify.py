@@ -54,14 +54,14 @@ class ClassifyTask(TransferTask):
             self.criterion = nn.CrossEntropyLoss()
         return model
 
-    def loss(self, model: nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, int]:
+    def loss(self, model: nn.Module, batch: MicroBatch, step: int) -> tuple[torch.Tensor, int, dict]:
         images = self.images(batch.inputs)
         targets = batch.inputs["label"].to(self.device)
         if self.erase is not None:
             images = self.erase(images)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
-        return self.criterion(model(images), targets), images.shape[0]
+        return self.criterion(model(images), targets), images.shape[0], {}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

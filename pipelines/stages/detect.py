@@ -51,9 +51,9 @@ class DetectTask(TransferTask):
             [{k: v.to(self.device) for k, v in t.items()} for t in batch["targets"]],
         )
 
-    def loss(self, model: nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, int]:
+    def loss(self, model: nn.Module, batch: MicroBatch, step: int) -> tuple[torch.Tensor, int, dict]:
         images, targets = self.on_device(batch.inputs)
-        return sum(model(images, targets).values()), len(images)
+        return sum(model(images, targets).values()), len(images), {}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:

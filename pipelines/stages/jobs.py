@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from pipelines.config import ClassifyStage, DetectStage, PretrainStage, SegmentStage
+from pipelines.config import ClassifyStage, DetectStage, PretrainStage, SegmentStage, TokenizerStage
 from pipelines.data.manifest import DataSource
 from pipelines.data.quality import StageSkips
 
@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 
     from pipelines.data.order import Shard
 
-StageSpec = Union[PretrainStage, ClassifyStage, DetectStage, SegmentStage]
-HEADLINE = {"pretrain": "train/loss", "classify": "val/top1", "detect": "val/bbox_AP", "segment": "val/mIoU"}
+StageSpec = Union[TokenizerStage, PretrainStage, ClassifyStage, DetectStage, SegmentStage]
+HEADLINE = {"tokenizer": "train/recon_mse", "pretrain": "train/loss", "classify": "val/top1", "detect": "val/bbox_AP",
+            "segment": "val/mIoU"}
 """Each task's headline metric: the summary table's and the pipeline run's, and (evaluations) the one whose best is kept."""
 
 
@@ -53,6 +54,8 @@ class LoopSpec:
     eval_every: Optional[int] = None
     """Optimizer steps between evaluations (None: only at the end)."""
     train_flops_per_image: float = 0.0
+    flops_before: float = 0.0
+    """FLOPs spent before the stage that count in its own (BEiT's: training its tokenizer)."""
     skips: Optional[StageSkips] = None
     bf16: bool = False
     system_metrics_every_s: Optional[float] = 10.0
@@ -89,6 +92,8 @@ class StageJob:
     """The encoder variant (the stage's own, else the pretraining stage's)."""
     encoder_weights: Optional[str] = None
     """Checkpoint the encoder starts from (None: random initialisation)."""
+    tokenizer_weights: Optional[str] = None
+    """BEiT's frozen tokenizer (a file of ``mixmae_core.tokenizer.save_tokenizer``)."""
     num_classes: int = 0
     class_names: tuple[str, ...] = ()
     coco_gt: Any = None

@@ -91,6 +91,8 @@ class Task:
     """The evaluation metric whose best value is also logged (as ``<headline>_best``)."""
     images_per_unit = 1
     """Images in one unit of the stage's training data (pretraining reads pairs)."""
+    logs_model = True
+    """Whether the stage's final weights become an MLflow model (``pipelines/stage_model.py``)."""
 
     def __init__(self, job: StageJob):
         self.job = job
@@ -107,8 +109,9 @@ class Task:
         """This worker's micro-batches of dataset ``name`` (``train``, ``val``) in ``shard``."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, int]:
-        """Scalar loss of a micro-batch (moved to the device here) and its number of images."""
+    def loss(self, model: nn.Module, batch: MicroBatch, step: int) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        """Scalar loss of a micro-batch (moved to the device here) at optimizer step ``step``,
+        its number of images, and other scalars to log as ``train/<name>`` (averaged like the loss)."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -368,7 +371,7 @@ def _record_finished(run: Run, persisted: Path) -> None:
     logger.metrics({"time/wall_s": time.perf_counter() - run.started}, run.spec.total_steps)
     logger.artifacts(sorted(persisted.iterdir()), "checkpoint", lasting=True)
     encoder = persisted / ENCODER_FILE
-    if encoder.exists():
+    if encoder.exists() and run.task.logs_model:
         logger.model(stage_model.job_config(run.task.job), encoder)
     logger.tags({COMPLETE: "true", CHECKPOINT: str(persisted), ENCODER: str(encoder) if encoder.exists() else "",
                  "mixmae.meta": META_FILE})
@@ -510,9 +513,9 @@ def optimizer_step(run: Run, step: Step) -> None:
         last = i == len(step.batches) - 1
         with run.model.no_sync() if (run.world > 1 and not last) else nullcontext():
             with torch.autocast(run.device.type, dtype=torch.bfloat16) if run.spec.bf16 else nullcontext():
-                loss, n_images = run.task.loss(run.model, micro)
+                loss, n_images, extra = run.task.loss(run.model, micro, state.step)
             (loss / run.accum).backward()
-        run.window.add(loss, n_images)
+        run.window.add(loss, n_images, extra)
         run.bad_step = torch.where((run.bad_step < 0) & ~torch.isfinite(loss.detach()), state.step + 1, run.bad_step)
         state.images_seen += n_images * run.world
     run.scheduler.step_update(state.step)
@@ -604,13 +607,15 @@ class Window:
         self.start = time.perf_counter()
         self.wait = 0.0
         self.images = 0
-        self.loss_sum: Optional[torch.Tensor] = None
+        self.sums: dict[str, torch.Tensor] = {}
         self.micro = 0
         self.grad_norm: Optional[torch.Tensor] = None
 
-    def add(self, loss: torch.Tensor, images: int) -> None:
-        detached = loss.detach().float()
-        self.loss_sum = detached if self.loss_sum is None else self.loss_sum + detached
+    def add(self, loss: torch.Tensor, images: int, extra: dict[str, torch.Tensor]) -> None:
+        """A micro-batch's loss and other scalars, summed on their device (no sync per step)."""
+        for name, value in {LOSS_METRIC: loss, **{f"train/{k}": v for k, v in extra.items()}}.items():
+            value = value.detach().float().to(loss.device)
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.micro += 1
         self.images += images
 
@@ -624,9 +629,10 @@ def log_window(run: Run) -> dict[str, float]:
     quality (rank 0 judges the skip counts; every rank stops with it), logged by rank 0."""
     window, state, spec = run.window, run.state, run.spec
     elapsed = max(time.perf_counter() - window.start, 1e-9)
-    loss = _reduce(torch.stack([window.loss_sum, torch.tensor(float(window.micro), device=run.device)]))
+    names = sorted(window.sums)
+    sums = _reduce(torch.stack([*(window.sums[n] for n in names), torch.tensor(float(window.micro), device=run.device)]))
     metrics = {
-        LOSS_METRIC: (loss[0] / loss[1]).item(),
+        **{name: (value / sums[-1]).item() for name, value in zip(names, sums)},
         "train/lr": max(group["lr"] for group in run.optimizer.param_groups),
         "train/grad_norm": window.grad_norm.item(),
         "train/images_per_s": window.images * run.world / elapsed,
@@ -655,7 +661,8 @@ def log_window(run: Run) -> dict[str, float]:
 
 
 def _flops(run: Run) -> float:
-    return run.state.images_seen * run.spec.train_flops_per_image
+    """Training FLOPs so far, with what the stage counts from before it (BEiT: its tokenizer's)."""
+    return run.spec.flops_before + run.state.images_seen * run.spec.train_flops_per_image
 
 
 def check_finite(run: Run) -> None:

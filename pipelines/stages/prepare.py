@@ -22,6 +22,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mixmae_core.checkpoint import checkpoint_info
+from mixmae_core.methods import mask_spec
 from mixmae_core.optim import scaled_lr
 from pipelines.config import (
     SYNTHETIC_PREFIX,
@@ -33,6 +34,7 @@ from pipelines.config import (
     PretrainStage,
     SegmentStage,
     StageBase,
+    TokenizerStage,
     TransferBase,
 )
 from pipelines.data.datasets import coco_ground_truth
@@ -56,6 +58,10 @@ class StageContext:
     synthetic_roots: dict[str, Path] = field(default_factory=dict)
     encoder_checkpoint: Optional[str] = None
     """The pretraining stage's ``encoder.safetensors`` (transfer stages start from it)."""
+    tokenizer_checkpoint: Optional[str] = None
+    """The tokenizer stage's weights (BEiT's targets), when the pipeline trained them."""
+    tokenizer_flops: float = 0.0
+    """What training that tokenizer cost, counted in BEiT's pretraining FLOPs."""
     console: Optional["RunConsole"] = None
     """Where a person follows the run (events, progress); None: nobody watches (tests, sweep trials)."""
     callbacks: dict[str, list] = field(default_factory=dict)
@@ -113,7 +119,7 @@ class Schedule:
 def schedule(name: str, spec: StageBase, train_images: int) -> Schedule:
     """Optimizer steps of a stage on ``train_images`` images. Pretraining steps over pairs;
     a dataset smaller than one global batch is refused."""
-    units, per_step = (train_images // 2, spec.batch_size // 2) if spec.task == "pretrain" else (train_images, spec.batch_size)
+    units, per_step = (train_images // 2, spec.batch_size // 2) if isinstance(spec, PretrainStage) else (train_images, spec.batch_size)
     per_epoch = units // per_step
     if per_epoch < 1:
         raise StageError(
@@ -136,13 +142,16 @@ def stage_flops(config: PipelineConfig, name: str, spec: StageBase, num_classes:
 
     model = config.stage_model(spec)
     if isinstance(spec, PretrainStage):
-        report = flop_report(model, spec.img_size, method=spec.method, **spec.model_overrides)
+        options = dict(mask_ratio=spec.mask_ratio, **spec.method_options(), **spec.model_tokenizer(), **spec.model_overrides)
+        report = flop_report(model, spec.img_size, method=spec.method, **options)
         return {
             "flops/encoder_gmacs": report.gflops,
             "flops/params_m": report.params_m,
             "flops/pretrain_params_m": report.pretrain_params_m,
             "flops/train_per_image": report.train_gflops_per_image * 1e9,
         }
+    if isinstance(spec, TokenizerStage):
+        return _tokenizer_flops(config, spec)
     import importlib
 
     job = StageJob(name=name, spec=spec, model=model, num_classes=num_classes)
@@ -150,6 +159,20 @@ def stage_flops(config: PipelineConfig, name: str, spec: StageBase, num_classes:
     macs = forward_macs(task_model, torch.rand(1, 3, spec.img_size, spec.img_size))
     trains_all = not (isinstance(spec, ClassifyStage) and spec.mode == "linear_probe")
     return {"flops/task_gmacs": macs / 1e9, "flops/train_per_image": 2 * macs * (3.0 if trains_all else 1.0)}
+
+
+def _tokenizer_flops(config: PipelineConfig, spec: TokenizerStage) -> dict[str, float]:
+    """The tokenizer stage's: forward multiply-adds and training FLOPs per image of its dVAE
+    at the view BEiT tokenizes, counted on one image (its code-use metrics need real values)."""
+    from mixmae_core.flops import counting, forward_macs
+    from mixmae_core.tokenizer import build_tokenizer
+
+    size = spec.view(config.stage_model(spec))
+    dvae = build_tokenizer("dvae", **spec.architecture())
+    image = torch.randn(1, 3, size, size)
+    with counting() as counter:
+        dvae(image, step=0).loss.backward()
+    return {"flops/task_gmacs": forward_macs(dvae.encoder, image) / 1e9, "flops/train_per_image": counter.get_total_flops()}
 
 
 def eval_every(spec: StageBase, steps: Schedule) -> Optional[int]:
@@ -239,7 +262,7 @@ def trainer_name(ctx: StageContext, group: str) -> str:
 def encoder_method(ctx: StageContext, spec: StageBase, weights: Optional[str]) -> str:
     """How the stage's encoder was pretrained: its method, ``none`` (random), or what an
     ``init`` checkpoint says (``unknown`` when it does not say)."""
-    if isinstance(spec, PretrainStage) or spec.init == "pretrained":
+    if not isinstance(spec, TransferBase) or spec.init == "pretrained":
         return ctx.config.pretrain.method
     return "none" if weights is None else checkpoint_info(weights).get("method", "unknown")
 
@@ -268,7 +291,9 @@ def _recipes(
     data = spec.data
     common = dict(img_size=spec.img_size, seed=spec.seed)
     if isinstance(spec, PretrainStage):
-        arguments = dict(split=data.train_split, mask_ratio=spec.mask_ratio, scale=spec.crop_scale, hflip=spec.hflip)
+        masks = mask_spec(spec.method, spec.model, img_size=spec.img_size, mask_ratio=spec.mask_ratio,
+                          **spec.method_options(), **spec.model_tokenizer(), **spec.model_overrides)
+        arguments = dict(split=data.train_split, masks=masks, scale=spec.crop_scale, hflip=spec.hflip)
         recipes = {"train": DataRecipe("pretrain", source, {**arguments, **common, "skips": skips["train"]})}
         if spec.monitor is not None:
             monitor, labelled = spec.monitor, monitor_source(ctx, spec.monitor)
@@ -276,6 +301,9 @@ def _recipes(
                 recipes[name] = DataRecipe("classify", labelled, dict(
                     split=split, train=False, img_size=spec.img_size, crop_pct=monitor.crop_pct, auto_augment=None))
         return recipes
+    if isinstance(spec, TokenizerStage):
+        arguments = dict(split=data.train_split, train=True, auto_augment=None, scale=spec.crop_scale, hflip=spec.hflip)
+        return {"train": DataRecipe("classify", source, {**arguments, **common, "skips": skips["train"]})}
     augment: dict[str, Any] = {}
     if isinstance(spec, ClassifyStage):
         probe = spec.mode == "linear_probe"
@@ -299,10 +327,18 @@ def prepare_stage(ctx: StageContext, name: str, run_id: str) -> PreparedStage:
     tags = {"data": str(source.files[0])}
     job_fields: dict[str, Any] = {}
     weights = val_images = None
+    flops_before = 0.0
+    num_classes = 0
     if isinstance(spec, PretrainStage):
         tags.update(mask_ratio=str(spec.mask_ratio), mask_mode=spec.mask_mode)
-        num_classes = 0
-    else:
+        if spec.method == "beit":
+            tokenizer = spec.model_tokenizer(ctx.tokenizer_checkpoint)["tokenizer"]
+            if not isinstance(tokenizer, str):
+                raise StageError("stage pretrain (BEiT) needs its tokenizer, but this pipeline has no finished "
+                                 "tokenizer stage; run it first (`mixmae pretrain` does), or give a tokenizer file")
+            job_fields["tokenizer_weights"], flops_before = tokenizer, ctx.tokenizer_flops
+            tags["tokenizer"] = tokenizer
+    elif isinstance(spec, TransferBase):
         val_images = split_size(source, spec.data.val_split, name)
         weights = encoder_source(ctx, name, spec)
         num_classes = spec.num_classes if isinstance(spec, SegmentStage) else source.num_classes
@@ -322,6 +358,7 @@ def prepare_stage(ctx: StageContext, name: str, run_id: str) -> PreparedStage:
         log_every=min(spec.log_every_steps, steps.total_steps),
         eval_every=eval_every(spec, steps),
         train_flops_per_image=flops["flops/train_per_image"],
+        flops_before=flops_before,
         skips=ctx.skips(run_id),
         bf16=spec.fast and spec.scaling.use_gpu,
         system_metrics_every_s=ctx.config.tracking.system_metrics_every_s if ctx.config.tracking.system_metrics else None,

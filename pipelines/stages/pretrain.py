@@ -1,5 +1,6 @@
-"""The pretraining stage's worker: pair-sampled Ray Data batches into MixMAE, SimMIM or MAE,
-and the k-NN monitor of its encoder along the way."""
+"""The pretraining stage's worker: pair-sampled Ray Data batches, with each image's masks as
+the method draws them, into MixMAE, SimMIM, MAE or BEiT through the one interface every method
+has; and the k-NN monitor of its encoder along the way."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn as nn
 
 from mixmae_core.checkpoint import save_state_dict
 from mixmae_core.fast import StepOptions, apply_step_options
-from mixmae_core.methods import create_pretraining_model, pretraining_step
+from mixmae_core.methods import create_pretraining_model
 from mixmae_core.optim import build_optimizer
 from mixmae_core.tasks.knn import knn_predict, pooled_features
 from mixmae_core.viz import save_reconstruction_png
@@ -35,11 +36,9 @@ class PretrainTask(Task):
     def build(self, device: torch.device) -> nn.Module:
         self.device = device
         spec = self.spec
-        options = dict(mixmae=dict(mask_mode=spec.mask_mode, norm_pix_loss=spec.norm_pix_loss),
-                       mae=dict(norm_pix_loss=spec.norm_pix_loss)).get(spec.method, {})
         model = create_pretraining_model(
-            spec.method, self.job.model, img_size=spec.img_size, mask_ratio=spec.mask_ratio, **options,
-            **spec.model_overrides,
+            spec.method, self.job.model, img_size=spec.img_size, mask_ratio=spec.mask_ratio, **spec.method_options(),
+            **spec.model_tokenizer(self.job.tokenizer_weights), **spec.model_overrides,
         ).to(device)
         return apply_step_options(model, self._options())
 
@@ -48,7 +47,7 @@ class PretrainTask(Task):
         return build_optimizer(model, lr, self.spec.weight_decay, tuple(self.spec.betas), fused=fused)
 
     def batches(self, name: str, shard: Shard) -> Iterator[MicroBatch]:
-        # masks stay on the CPU (the encoder counts them there without a device sync)
+        # masks stay on the CPU (the methods count them there without a device sync)
         for batch in self.dataset(name, shard).iter_torch_batches(
             batch_size=self.spec.micro_batch() // 2,
             collate_fn=PairCollate(),
@@ -57,20 +56,15 @@ class PretrainTask(Task):
             prefetch_batches=4,
             pin_memory=self.device.type == "cuda",
         ):
-            yield MicroBatch((batch["images"], self.masks(batch["mask"])), batch["image_ids"], batch["position"])
+            yield MicroBatch((batch["images"], batch["masks"]), batch["image_ids"], batch["position"])
 
-    def masks(self, drawn: torch.Tensor) -> torch.Tensor:
-        """The micro-batch's masks: one per pair as the data pipeline drew them, or with
-        ``mask_mode: batch`` the first pair's for every pair (the official code draws one
-        mask per step and device)."""
-        return drawn[:1].expand_as(drawn).contiguous() if self.spec.mask_mode == "batch" else drawn
-
-    def loss(self, model: nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, int]:
-        pixels, mask = batch.inputs
+    def loss(self, model: nn.Module, batch: MicroBatch, step: int) -> tuple[torch.Tensor, int, dict]:
+        pixels, masks = batch.inputs
         images = normalize_on_device(pixels.to(self.device, non_blocking=True))
         if self.preview is None:
-            self.preview = (images[:8].detach().clone(), mask[:4].clone())
-        return pretraining_step(model, images, mask).loss, images.shape[0]
+            self.preview = (images[:8].detach().clone(), masks[:8].clone())
+        out = model(images, masks)
+        return out.loss, images.shape[0], out.metrics
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -123,11 +117,11 @@ class PretrainTask(Task):
     def pictures(self, model: nn.Module, step: int, final: bool, out: Path) -> list[Path]:
         if self.preview is None:
             return []
-        images, mask = self.preview
+        images, masks = self.preview
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            panels = model.panels(images, pretraining_step(model, images, mask))
+            panels = model.panels(images, model(images, masks))
         model.train(was_training)
         return [Path(save_reconstruction_png(out / f"reconstruction_step{step:07d}.png", panels))]
 

@@ -31,9 +31,9 @@ class SegmentTask(TransferTask):
         # the decoder's BatchNorm sees one worker's micro-batch; synchronise it across workers
         return nn.SyncBatchNorm.convert_sync_batchnorm(model) if world_size() > 1 else model
 
-    def loss(self, model: nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, int]:
+    def loss(self, model: nn.Module, batch: MicroBatch, step: int) -> tuple[torch.Tensor, int, dict]:
         images, labels = self.images(batch.inputs), batch.inputs["label"].to(self.device).long()
-        return F.cross_entropy(model(images), labels, ignore_index=IGNORE_INDEX), images.shape[0]
+        return F.cross_entropy(model(images), labels, ignore_index=IGNORE_INDEX), images.shape[0], {}
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
