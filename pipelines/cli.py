@@ -129,16 +129,27 @@ def _load(config: Optional[Path], overrides: list[str], pretrain_only: bool = Fa
         fail(exc, 2)
 
 
-def _run(cfg, stages: Optional[list[str]], resume: Optional[str], verbose: bool) -> None:
+def _console(location: str, name: str, verbose: bool):
+    """The run's console; its log file in the storage's logs folder, or, for a storage in a
+    bucket (no appending there), on this machine and copied to the bucket at the end."""
     import time
 
-    from pipelines.config import absolute
+    from pipelines import storage
     from pipelines.console import RunConsole
+
+    if verbose:
+        return RunConsole(None)
+    file = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    root = storage.absolute(location)
+    return RunConsole(storage.local_root(root) / "logs" / file,
+                      copy_to=storage.join(root, "logs", file) if storage.is_remote(root) else None)
+
+
+def _run(cfg, stages: Optional[list[str]], resume: Optional[str], verbose: bool) -> None:
     from pipelines.pipeline import run_pipeline, summary_table
     from pipelines.stages.jobs import Preempted, StageError
 
-    log = None if verbose else absolute(cfg.storage) / "logs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    run_console = RunConsole(log)
+    run_console = _console(cfg.storage, cfg.name, verbose)
     try:
         try:
             outcome = run_pipeline(cfg, stages=stages, resume=resume, console=run_console)
@@ -178,17 +189,18 @@ def pretrain(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt, 
 @app.command()
 def sync(config: Optional[Path] = ConfigArg, overrides: list[str] = SetOpt) -> None:
     """Deliver to MLflow what stages spooled while the tracking server was away (the next
-    `mixmae run` of the config does this too)."""
-    from pipelines.config import absolute
+    `mixmae run` of the config does this too). With storage in a bucket, the records wait on
+    the machine that spooled them: run it there."""
+    from pipelines import storage
     from pipelines.pipeline import deliver_spooled
 
     cfg = _load(config, overrides)
-    storage = absolute(cfg.storage)
-    left = deliver_spooled(storage, cfg.tracking.delivery_wait_s, say=console.print)
+    root = storage.absolute(cfg.storage)
+    left = deliver_spooled(root, cfg.tracking.delivery_wait_s, say=console.print)
     if left:
         fail(RuntimeError(f"the tracking server did not take the records in {', '.join(map(str, left))}; "
                           "nothing is lost, try again when it answers"), 1)
-    console.print(f"nothing left to deliver under {storage}")
+    console.print(f"nothing left to deliver under {storage.local_root(root)}")
 
 
 @app.command()
@@ -200,10 +212,8 @@ def sweep(
 ) -> None:
     """Ray Tune over pretraining settings, once per seed; each trial pretrains (its k-NN
     monitor scoring the encoder along the way), then linear-probes."""
-    import time
-
-    from pipelines.config import ConfigError, absolute
-    from pipelines.console import RunConsole
+    from pipelines.config import ConfigError
+    from pipelines.stages.jobs import StageError
     from pipelines.sweep import FLOPS_METRIC, KNN_METRIC, PROBE_METRIC, load_sweep, trial_error
     from pipelines.sweep_run import run_sweep
 
@@ -211,16 +221,18 @@ def sweep(
         spec, base = load_sweep(config, overrides)
     except ConfigError as exc:
         fail(exc, 2)
-    log = None if verbose else absolute(base.storage) / "logs" / f"sweep-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    run_console = RunConsole(log)
+    run_console = _console(base.storage, f"sweep-{spec.name}", verbose)
     run_console.start_progress()
     try:
-        sweep_run, grid = run_sweep(spec, base, resume=not fresh, console=run_console)
-    finally:
-        import ray
+        try:
+            sweep_run, grid = run_sweep(spec, base, resume=not fresh, console=run_console)
+        finally:
+            import ray
 
-        ray.shutdown()
-        run_console.close()
+            ray.shutdown()
+            run_console.close()
+    except StageError as exc:  # its storage cannot be used
+        fail(exc, 1)
     table = Table(title=f"sweep {spec.name} (MLflow run {sweep_run})")
     for column in (*spec.search, "seed", "pretrain FLOPs", KNN_METRIC, PROBE_METRIC, "MLflow run", "outcome"):
         table.add_column(column)
@@ -241,7 +253,7 @@ def sweep(
 
 @app.command(name="eval")
 def evaluate(
-    checkpoint: Path = typer.Argument(..., exists=True, dir_okay=False, help="a classifier or linear probe (.safetensors)"),
+    checkpoint: str = typer.Argument(..., help="a classifier or linear probe (.safetensors; a path or an s3:// URI)"),
     config: Optional[Path] = typer.Option(None, "--config", help="pipeline YAML whose stage names the data"),
     stage: str = typer.Option(..., "--stage", help="a classification stage: its validation split is scored"),
     overrides: list[str] = SetOpt,
@@ -249,6 +261,7 @@ def evaluate(
     """Score a checkpoint on a classification stage's validation split, nothing trained: ours,
     or an official fine-tuned one converted by `mixmae convert`. Top-1/top-5 with 95% intervals,
     recorded as an MLflow run."""
+    from pipelines import storage
     from pipelines.evaluate import evaluate_checkpoint
     from pipelines.stages.jobs import StageError
 
@@ -262,7 +275,7 @@ def evaluate(
 
         ray.shutdown()
     m = scored.metrics
-    table = Table(title=f"{checkpoint.name} on {stage} ({scored.images} validation images)")
+    table = Table(title=f"{storage.name(checkpoint)} on {stage} ({scored.images} validation images)")
     for column in ("metric", "value", "95% interval"):
         table.add_column(column)
     for key in ("val/top1", "val/top5"):

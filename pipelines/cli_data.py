@@ -33,7 +33,7 @@ def _fail(err: Exception) -> None:
 def prepare(
     layout: str = typer.Option(..., "--layout", help=LAYOUT_HELP),
     root: Path = typer.Option(..., "--root", help="dataset root as the layout expects it"),
-    out: Path = typer.Option(..., "--out", help="manifest to write (.parquet)"),
+    out: str = typer.Option(..., "--out", help="manifest to write (.parquet; a path or an s3:// URI)"),
     split: Optional[str] = typer.Option(None, "--split", help="one split (train/val/test); default: all found"),
     list_file: Optional[str] = typer.Option(None, "--list-file", help="places: the split's list file, relative to root"),
     image_dir: Optional[str] = typer.Option(None, "--image-dir", help="places: folder the list paths are relative to"),
@@ -41,12 +41,16 @@ def prepare(
 ) -> None:
     """List a dataset into a parquet manifest (absolute paths, labels/annotations, split, sizes)."""
     from pipelines.data.manifest import build_manifest, split_counts, write_manifest
+    from pipelines.storage import check_uri
 
     try:
         table = build_manifest(layout, root, split, **_layout_options(list_file, image_dir, annotation_file))
     except (LayoutError, FileNotFoundError, ValueError) as err:
         _fail(err)
-    path = write_manifest(table, out)
+    try:
+        path = write_manifest(table, check_uri(out))
+    except (ValueError, OSError) as err:
+        _fail(err)
     counts = split_counts(table)
     summary = Table(title=f"{layout} manifest: {path}")
     for col in ("split", "images", "labelled", "classes", "annotations", "with size", "missing files"):
@@ -62,22 +66,22 @@ def prepare(
 @data_app.command()
 def pack(
     manifest: Path = typer.Option(..., "--manifest", exists=True, dir_okay=False, help="manifest from `data prepare`"),
-    out: Path = typer.Option(..., "--out", help="folder for the part-NNNNN.parquet shards (old shards are replaced)"),
+    out: str = typer.Option(..., "--out", help="folder (or s3://bucket/prefix) for the part-NNNNN.parquet shards "
+                            "(old shards are replaced)"),
     rows_per_shard: int = typer.Option(1000, "--rows-per-shard", min=1, help="images per shard"),
 ) -> None:
     """Pack a manifest into parquet shards holding the encoded image bytes."""
-    import pyarrow.parquet as pq
-
-    from pipelines.data.manifest import pack_manifest
+    from pipelines import storage
+    from pipelines.data.manifest import pack_manifest, parquet_file, read_parquet
 
     try:
-        shards = pack_manifest(manifest, out, rows_per_shard)
-    except ValueError as err:
+        shards = pack_manifest(manifest, storage.check_uri(out), rows_per_shard)
+    except (ValueError, OSError) as err:
         _fail(err)
-    rows = sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
-    missing = sum(pq.read_table(s, columns=["image_bytes"]).column("image_bytes").null_count for s in shards)
-    size = sum(s.stat().st_size for s in shards)
-    console.print(f"packed {rows} images into {len(shards)} shards ({size / 2**20:.1f} MiB) in {Path(out).absolute()}")
+    rows = sum(parquet_file(s).metadata.num_rows for s in shards)
+    missing = sum(read_parquet(s, columns=["image_bytes"]).column("image_bytes").null_count for s in shards)
+    size = sum(storage.size(s) for s in shards)
+    console.print(f"packed {rows} images into {len(shards)} shards ({size / 2**20:.1f} MiB) in {storage.absolute(out)}")
     if missing:
         console.print(f"[yellow]{missing} images were missing; their rows have no bytes and will be skipped[/yellow]")
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "ray_configs" / "pipelines" / "quickstart.yaml"
@@ -25,6 +26,20 @@ SYNTHETIC_PREFIX = "synthetic:"
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field."""
+
+
+#: the error type of a refused storage URI, whose value an error message never shows (it may hold a key)
+URI_ERROR = "storage_uri"
+
+
+def checked_uri(value: str) -> str:
+    """``value`` if it is a local path or an object store URI without credentials or options."""
+    from pipelines.storage import check_uri
+
+    try:
+        return check_uri(value)
+    except ValueError as exc:
+        raise PydanticCustomError(URI_ERROR, str(exc)) from None
 
 
 class Strict(BaseModel):
@@ -39,6 +54,11 @@ class DataSpec(Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="layout reader options")
     max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0)
     num_images: Optional[int] = Field(None, gt=0, description="training images, for `mixmae plan` without the data")
+
+    @field_validator("root")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        return v if v.startswith(SYNTHETIC_PREFIX) else checked_uri(v)
 
 
 class Scaling(Strict):
@@ -403,7 +423,9 @@ class Synthetic(Strict):
 
 class PipelineConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    storage: str = Field("mixmae_runs", description="checkpoints (shared storage on clusters)")
+    storage: str = Field(
+        "mixmae_runs", description="checkpoints, manifests, logs: a folder every node reaches, or s3://bucket/prefix"
+    )
     tracking: Tracking = Field(default_factory=Tracking)
     ray: RaySettings = Field(default_factory=RaySettings)
     synthetic: Optional[Synthetic] = None
@@ -417,6 +439,11 @@ class PipelineConfig(Strict):
     )
     pretrain: PretrainStage
     stages: dict[str, TransferStage] = Field(default_factory=dict)
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_uri(cls, v: str) -> str:
+        return checked_uri(v)
 
     @model_validator(mode="after")
     def _names_and_data(self):
@@ -479,16 +506,18 @@ class PipelineConfig(Strict):
 
     def resolved(self) -> "PipelineConfig":
         """A copy with every relative path made absolute against the working directory (for
-        processes that run elsewhere: Tune trials, Ray job entrypoints)."""
+        processes that run elsewhere: Tune trials, Ray job entrypoints); URIs stay as they are."""
+        from pipelines import storage
+
         raw = self.model_dump(mode="json")
-        raw["storage"] = str(absolute(self.storage))
+        raw["storage"] = storage.absolute(self.storage)
         if self.synthetic is not None:
             raw["synthetic"]["root"] = str(absolute(self.synthetic.root))
         sections = [raw["pretrain"], *raw["stages"].values()] + ([raw["pretrain"]["monitor"]] if self.pretrain.monitor else [])
         for section in sections:
             root = section["data"]["root"]
             if not root.startswith(SYNTHETIC_PREFIX):
-                section["data"]["root"] = str(absolute(root))
+                section["data"]["root"] = storage.absolute(root)
         return PipelineConfig.model_validate(raw)
 
     def all_stages(self) -> dict[str, StageBase]:
@@ -550,7 +579,7 @@ def _format(error: ValidationError, source: str) -> str:
     for err in error.errors():
         loc = ".".join(str(p) for p in err["loc"] if p not in ("classify", "detect", "segment"))
         msg = err["msg"].removeprefix("Value error, ")
-        shown = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+        shown = "" if err["type"] in ("missing", URI_ERROR) else f" (got {err['input']!r})"
         lines.append(f"  {loc or '<top>'}: {msg}{shown if len(shown) < 120 else ''}")
     return f"invalid config {source}:\n" + "\n".join(lines)
 

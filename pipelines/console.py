@@ -24,10 +24,12 @@ PROGRESS_EVERY_S = 30.0
 
 class RunConsole:
     """The console of one command. ``log_path``: where everything else goes (None: nowhere
-    else, all stays on the terminal, as with ``--verbose``)."""
+    else, all stays on the terminal, as with ``--verbose``); ``copy_to``: where the log file is
+    copied when the command ends (a storage in a bucket, which cannot be appended to)."""
 
-    def __init__(self, log_path: Optional[Path] = None):
+    def __init__(self, log_path: Optional[Path] = None, copy_to: Optional[str] = None):
         self.log_path = log_path
+        self.copy_to = copy_to
         self._saved: Optional[tuple[int, int]] = None
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +48,8 @@ class RunConsole:
         self.progress: Optional[Progress] = None
         self._lock = threading.Lock()
         if log_path is not None:
-            self.event(f"Ray, MLflow and library output: {log_path}")
+            copied = f" (copied to {copy_to} at the end)" if copy_to else ""
+            self.event(f"Ray, MLflow and library output: {log_path}{copied}")
 
     def event(self, message: str, style: str = "") -> None:
         """One line, timestamped."""
@@ -81,3 +84,11 @@ class RunConsole:
             for fd in self._saved:
                 os.close(fd)
             self._saved = None
+        if self.copy_to is not None:
+            from pipelines import storage
+
+            try:
+                storage.upload(self.log_path, self.copy_to)
+            except OSError as exc:
+                self.event(f"the log file stays at {self.log_path}: {storage.describe(self.copy_to, exc)}", "yellow")
+            self.copy_to = None

@@ -18,8 +18,9 @@ from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from mixmae_core.checkpoint import checkpoint_info, load_state_dict
-from pipelines.config import ClassifyStage, PipelineConfig, absolute
-from pipelines.pipeline import init_ray, synthetic_roots
+from pipelines import storage
+from pipelines.config import ClassifyStage, PipelineConfig
+from pipelines.pipeline import init_ray, synthetic_roots, usable_storage
 from pipelines.report_stats import wilson_interval
 from pipelines.stages import entry
 from pipelines.stages.classify import checkpoint_kind, head_classes
@@ -36,19 +37,27 @@ class Scored:
     metrics: dict[str, float]
 
 
-def evaluate_checkpoint(config: PipelineConfig, stage_name: str, checkpoint: Path) -> Scored:
+def evaluate_checkpoint(config: PipelineConfig, stage_name: str, checkpoint: str) -> Scored:
+    """Score ``checkpoint`` (a path or an object store URI) on ``stage_name``'s validation split."""
     spec = config.stages.get(stage_name)
     if not isinstance(spec, ClassifyStage):
         choices = [name for name, stage in config.stages.items() if isinstance(stage, ClassifyStage)]
         raise StageError(f"stage {stage_name!r} is not a classification stage of {config.name}; choose one of {choices}")
-    checkpoint = absolute(str(checkpoint))
-    state = load_state_dict(checkpoint)
+    checkpoint, root = storage.absolute(checkpoint), usable_storage(config.storage)
+    try:
+        found = storage.is_file(checkpoint)
+    except OSError as exc:
+        raise StageError(storage.describe(checkpoint, exc)) from None
+    if not found:
+        raise StageError(f"checkpoint {checkpoint} does not exist")
+    local = storage.local_copy(checkpoint)
+    state = load_state_dict(local)
     kind = checkpoint_kind(state)
     init_ray(config)
     uri = resolve_tracking_uri(config.tracking.uri)
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(client, config.tracking.experiment, Path.cwd() / "mlartifacts")
-    ctx = StageContext(config, uri, experiment_id, "", absolute(config.storage), synthetic_roots(config))
+    ctx = StageContext(config, uri, experiment_id, "", root, synthetic_roots(config))
     source = resolve_source(ctx, stage_name, spec.data)
     images = split_size(source, spec.data.val_split, stage_name)
     if kind == "encoder":
@@ -57,15 +66,15 @@ def evaluate_checkpoint(config: PipelineConfig, stage_name: str, checkpoint: Pat
     if head_classes(state) != source.num_classes:
         raise StageError(f"{checkpoint} classifies {head_classes(state)} classes; stage {stage_name}'s data has "
                          f"{source.num_classes}: score it on the dataset it was trained for")
-    model = checkpoint_info(checkpoint).get("model") or config.stage_model(spec)
-    run = start_or_resume(client, experiment_id, f"eval-{stage_name}-{checkpoint.stem}", {KIND: "eval"}, resume=False)
+    model = checkpoint_info(local).get("model") or config.stage_model(spec)
+    run = start_or_resume(client, experiment_id, f"eval-{stage_name}-{local.stem}", {KIND: "eval"}, resume=False)
     logger = RunLogger(uri, run.info.run_id)
-    logger.params({"checkpoint": str(checkpoint), "stage": stage_name, "encoder": model, "checkpoint_kind": kind,
+    logger.params({"checkpoint": checkpoint, "stage": stage_name, "encoder": model, "checkpoint_kind": kind,
                    "data": str(source.files[0]), "split": spec.data.val_split, "img_size": spec.img_size})
     recipe = DataRecipe("classify", source, dict(split=spec.data.val_split, train=False, img_size=spec.img_size,
                                                  crop_pct=spec.crop_pct, auto_augment=None))
     loop = LoopSpec(uri, run.info.run_id, steps_per_epoch=1, total_steps=0, warmup_steps=0, lr=0.0)
-    job = StageJob(stage_name, spec, model, encoder_weights=str(checkpoint), num_classes=source.num_classes,
+    job = StageJob(stage_name, spec, model, encoder_weights=checkpoint, num_classes=source.num_classes,
                    class_names=tuple(source.classes), loop=loop, data={"val": recipe})
     scaling = spec.scaling
     try:
@@ -76,7 +85,7 @@ def evaluate_checkpoint(config: PipelineConfig, stage_name: str, checkpoint: Pat
                 resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})},
             ),
             torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-            run_config=ray.train.RunConfig(name=f"eval-{run.info.run_id}", storage_path=str(absolute(config.storage))),
+            run_config=ray.train.RunConfig(name=f"eval-{run.info.run_id}", **storage.train_storage(root)),
         ).fit()
     except Exception:
         client.set_terminated(run.info.run_id, "FAILED")

@@ -25,8 +25,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 from rich.table import Table
 
+from pipelines import storage
 from pipelines.config import PipelineConfig, absolute
 from pipelines.data.quality import start_skip_counter
+from pipelines.data.ray_internals import in_ray_job
 from pipelines.console import RunConsole
 from pipelines.stages.driver import StageOutcome, run_worker_group
 from pipelines.spool import pending_spools
@@ -49,7 +51,8 @@ class PipelineOutcome:
 
 
 def init_ray(config: PipelineConfig) -> None:
-    """Join the cluster the config or ``RAY_ADDRESS`` names, else start a private local one."""
+    """Join the cluster the config or ``RAY_ADDRESS`` names, else start a private local one;
+    either way, the run's Ray processes reach the object store this one names."""
     if ray.is_initialized():
         return
     # Read by Ray Data in every process; a local cluster's workers inherit it from here.
@@ -68,21 +71,26 @@ def init_ray(config: PipelineConfig) -> None:
     )
     if cluster and not _answers(cluster):
         raise unreachable  # ray.init would retry a dead address for minutes
+    # A local cluster started here inherits this process's environment, and a Ray job's processes
+    # get the job's: a cluster joined otherwise is told where the object store is (its nodes hold
+    # their own credentials).
+    env = storage.runtime_env() if cluster and not in_ray_job() else None
     try:
         ray.init(
             address=cluster or "local", configure_logging=True, logging_level="WARNING",
-            logging_config=ray.LoggingConfig(log_level="WARNING"), **kwargs,
+            logging_config=ray.LoggingConfig(log_level="WARNING"), runtime_env=env, **kwargs,
         )
     except ConnectionError:
         raise unreachable from None
 
 
 @contextmanager
-def stop_on_sigterm(stop_file: Path, console: Optional[RunConsole]) -> Iterator[None]:
+def stop_on_sigterm(stop_file: str, console: Optional[RunConsole]) -> Iterator[None]:
     """SIGTERM (a scheduler preempting the job, ``kill``) makes the running stages save a
-    checkpoint at their next step and stop; the run then ends with :class:`Preempted`. A
-    second SIGTERM ends the driver at once. Only a main thread can take signals (a sweep's
-    trials cannot; Tune stops those)."""
+    checkpoint at their next step and stop: the driver writes ``stop_file`` in the storage
+    (an object in a bucket), which every worker looks for. The run then ends with
+    :class:`Preempted`. A second SIGTERM ends the driver at once. Only a main thread can take
+    signals (a sweep's trials cannot; Tune stops those)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -91,12 +99,11 @@ def stop_on_sigterm(stop_file: Path, console: Optional[RunConsole]) -> Iterator[
         previous = signal.SIG_DFL
 
     def ask_to_stop(signum, frame) -> None:
-        if stop_file.exists():
+        if storage.exists(stop_file):
             signal.signal(signal.SIGTERM, previous)
             signal.raise_signal(signal.SIGTERM)
             return
-        stop_file.parent.mkdir(parents=True, exist_ok=True)
-        stop_file.touch()
+        storage.write_text(stop_file, "")
         message = ("SIGTERM: each running stage saves a checkpoint at its next step and stops "
                    "(a second SIGTERM stops at once)")
         console.event(message, "yellow") if console is not None else print(message, flush=True)
@@ -108,11 +115,11 @@ def stop_on_sigterm(stop_file: Path, console: Optional[RunConsole]) -> Iterator[
         signal.signal(signal.SIGTERM, previous)
 
 
-def deliver_spooled(storage: Path, wait_s: float, say=print) -> list[Path]:
-    """Deliver what earlier stages spooled under ``storage`` and could not send; the spool
-    folders still not delivered after ``wait_s`` seconds each."""
+def deliver_spooled(location: str, wait_s: float, say=print) -> list[Path]:
+    """Deliver what earlier stages spooled on this machine for storage ``location`` and could
+    not send; the spool folders still not delivered after ``wait_s`` seconds each."""
     left = []
-    for directory in pending_spools(storage):
+    for directory in pending_spools(storage.local_root(location)):
         spool = open_spool(directory, say)
         count = spool.pending()
         if spool.drain(wait_s):
@@ -120,6 +127,30 @@ def deliver_spooled(storage: Path, wait_s: float, say=print) -> list[Path]:
         else:
             left.append(directory)
     return left
+
+
+def usable_storage(location: str) -> str:
+    """``location`` made absolute, once an object store there has taken a write and given it
+    back (:func:`pipelines.storage.probe`)."""
+    root = storage.absolute(location)
+    try:
+        storage.probe(root)
+    except storage.StorageError as exc:
+        raise StageError(str(exc)) from None
+    return root
+
+
+def ready_storage(config: PipelineConfig, console: Optional[RunConsole] = None) -> str:
+    """The run's storage, made absolute and checked before any Ray process depends on it (a
+    bucket that cannot be used is one message), with what earlier runs spooled on this machine
+    delivered first."""
+    root = usable_storage(config.storage)
+    if pending_spools(storage.local_root(root)):
+        left = deliver_spooled(root, SPOOLED_AT_START_WAIT_S, say=console.event if console else print)
+        if left:
+            raise TrackingAway(f"records of an earlier run wait in {', '.join(map(str, left))} and the tracking "
+                               f"server does not take them; start it, then run again (or `mixmae sync`)")
+    return root
 
 
 def _answers(address: str, timeout_s: float = 5.0) -> bool:
@@ -162,17 +193,12 @@ def run_pipeline(
     unknown = sorted(set(selected) - set(known))
     if unknown:
         raise StageError(f"unknown stage(s) {unknown}; this config has {known}")
+    root = ready_storage(config, console)
     init_ray(config)
     # the stages' workers inherit this process's DataContext (a sweep's trial process too)
     ray.data.DataContext.get_current().enable_progress_bars = False
     uri = resolve_tracking_uri(config.tracking.uri)
     client = MlflowClient(uri)
-    storage = absolute(config.storage)
-    if pending_spools(storage):
-        left = deliver_spooled(storage, SPOOLED_AT_START_WAIT_S, say=console.event if console else print)
-        if left:
-            raise TrackingAway(f"records of an earlier run wait in {', '.join(map(str, left))} and the tracking "
-                               f"server does not take them; start it, then run again (or `mixmae sync`)")
     experiment_id = ensure_experiment(client, config.tracking.experiment, Path.cwd() / "mlartifacts")
     parent_id = _pipeline_run(config, client, experiment_id, resume, parent_run_id)
     logger = RunLogger(uri, parent_id)
@@ -184,15 +210,15 @@ def run_pipeline(
         tracking_uri=uri,
         experiment_id=experiment_id,
         parent_run_id=parent_id,
-        storage=storage,
+        storage=root,
         synthetic_roots=synthetic_roots(config),
         console=console,
         callbacks=callbacks or {},
         skip_counter_name=counter_name,
         keepalive=[start_skip_counter(counter_name)],  # the actor lives as long as this handle
     )
-    ctx.stop_file = storage / "control" / f"{parent_id}.stop"
-    ctx.stop_file.unlink(missing_ok=True)  # left by a run that was stopped: this one continues it
+    ctx.stop_file = storage.join(root, "control", f"{parent_id}.stop")
+    storage.delete(ctx.stop_file)  # left by a run that was stopped: this one continues it
     outcome = PipelineOutcome(parent_id, experiment_id, uri)
     stage_specs = config.all_stages()
     groups = config.worker_groups(selected)

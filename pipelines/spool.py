@@ -2,11 +2,13 @@
 down or slow never stalls or fails training.
 
 Rank 0 of a stage appends each record (metrics of a step, tags, an artifact, the stage's
-model) to ``<storage>/tracking_spool/<run id>/records.jsonl`` and returns at once; a sender
+model) to ``<root>/tracking_spool/<run id>/records.jsonl`` and returns at once; a sender
 thread delivers the records in order, with back-off while the server is away, and keeps the
-offset of the last one delivered in ``sent``. Records survive the worker: a restarted
+offset of the last one delivered in ``sent``. ``root`` is the pipeline's storage when that is
+a folder every node reaches, else a folder of the node's own (an object store cannot
+append; :func:`pipelines.storage.local_root`). Records survive the worker: a restarted
 attempt, the driver after the stage, ``mixmae sync`` or the next ``mixmae run`` deliver what
-is left. Two senders of one folder (a worker's and the driver's) deliver one at a time,
+is left, each where it can read the folder. Two senders of one folder (a worker's and the driver's) deliver one at a time,
 holding the folder's lock, so neither sends what the other has sent. Should a record still
 go twice (a sender killed between sending and noting it), it is harmless: a metric carries
 its timestamp from the moment it was logged, so MLflow drops the repeat; tags and artifacts
@@ -36,8 +38,8 @@ SPOOL_DIR = "tracking_spool"
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 15.0
 
 
-def spool_root(storage: Path) -> Path:
-    return Path(storage) / SPOOL_DIR
+def spool_root(root: Path) -> Path:
+    return Path(root) / SPOOL_DIR
 
 
 class Spool:
@@ -229,9 +231,9 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first_line}"[:300]
 
 
-def pending_spools(storage: Path) -> list[Path]:
-    """Spool folders under ``storage`` with records not yet delivered."""
-    root = spool_root(storage)
-    if not root.is_dir():
+def pending_spools(root: Path) -> list[Path]:
+    """Spool folders under ``root`` with records not yet delivered."""
+    folder = spool_root(root)
+    if not folder.is_dir():
         return []
-    return sorted(d for d in root.iterdir() if (d / RUN_FILE).exists() and Spool(d, send=print).has_pending())
+    return sorted(d for d in folder.iterdir() if (d / RUN_FILE).exists() and Spool(d, send=print).has_pending())

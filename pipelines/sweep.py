@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pipelines.config import (
-    METHOD_RECIPES, ConfigError, PipelineConfig, Strict, _format, _set_dotted, load_config, parse_override,
+    METHOD_RECIPES, ConfigError, PipelineConfig, Strict, _format, _set_dotted, checked_uri, load_config, parse_override,
 )
 
 
@@ -99,7 +99,12 @@ class SweepConfig(Strict):
     scheduler: Optional[Asha] = None
     max_concurrent_trials: int = Field(1, ge=1)
     trial_cpus: float = Field(0.1, ge=0, description="CPU of each trial's driver (its Train workers add their own)")
-    storage: str = "mixmae_runs/sweeps"
+    storage: str = Field("mixmae_runs/sweeps", description="Tune's state: a folder, or s3://bucket/prefix")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_uri(cls, v: str) -> str:
+        return checked_uri(v)
 
     @model_validator(mode="after")
     def _known_fields(self):

@@ -14,9 +14,10 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune import Callback
 
-from pipelines.config import PipelineConfig, absolute
+from pipelines import storage
+from pipelines.config import PipelineConfig
 from pipelines.console import PROGRESS_EVERY_S, RunConsole
-from pipelines.pipeline import init_ray, run_pipeline
+from pipelines.pipeline import init_ray, run_pipeline, usable_storage
 from pipelines.sweep import (
     FLOPS_METRIC, KNN_METRIC, PROBE_METRIC, Cases, Choice, Grid, Space, SweepConfig, setting_name, trial_config,
     trial_error, trial_label, trial_name,
@@ -73,8 +74,8 @@ def run_sweep(sweep: SweepConfig, base: PipelineConfig, resume: bool = True, con
     RunLogger(uri, sweep_run.info.run_id).params(
         {"seeds": json.dumps(sweep.seeds), **{f"search.{k}": json.dumps(v.model_dump()) for k, v in sweep.search.items()}}
     )
+    root = usable_storage(sweep.storage)
     init_ray(base)
-    storage = absolute(sweep.storage)
     # trials run in their own directories: every path and the store must be absolute
     base = base.resolved()
     base = base.model_copy(update={"tracking": base.tracking.model_copy(update={"uri": uri})})
@@ -86,13 +87,14 @@ def run_sweep(sweep: SweepConfig, base: PipelineConfig, resume: bool = True, con
         "sweep_run_id": sweep_run.info.run_id,
     }
     trainable = tune.with_resources(_trial, {"CPU": sweep.trial_cpus})
-    path = storage / sweep.name
+    state = storage.train_storage(storage.join(root, sweep.name))
     # a trial's checkpoint reports carry its training metrics, its evaluations the monitor's
     # accuracy: the scheduler decides on the reports that hold its metric, and passes the rest
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     SweepEvents.console = console
-    if resume and tune.Tuner.can_restore(str(path)):
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, restart_errored=True)
+    if resume and tune.Tuner.can_restore(state["storage_path"], state.get("storage_filesystem")):
+        tuner = tune.Tuner.restore(state["storage_path"], trainable=trainable, resume_unfinished=True, restart_errored=True,
+                                   storage_filesystem=state.get("storage_filesystem"))
     else:
         scheduler = None
         if sweep.scheduler is not None:
@@ -108,7 +110,7 @@ def run_sweep(sweep: SweepConfig, base: PipelineConfig, resume: bool = True, con
                 num_samples=sweep.num_samples, max_concurrent_trials=sweep.max_concurrent_trials, scheduler=scheduler,
                 trial_name_creator=_tune_trial_name, trial_dirname_creator=_tune_trial_name,
             ),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(storage), verbose=0, callbacks=[SweepEvents()]),
+            run_config=tune.RunConfig(name=sweep.name, **storage.train_storage(root), verbose=0, callbacks=[SweepEvents()]),
         )
     grid = tuner.fit()
     _mark_stopped(client, experiment_id, sweep_run.info.run_id, [r for r in grid if not r.error and PROBE_METRIC not in r.metrics])

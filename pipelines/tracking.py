@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from pipelines import storage
 from pipelines.spool import RUN_FILE, Spool, spool_root
 
 KIND = "mixmae.kind"
@@ -190,10 +191,12 @@ def send_record(client: MlflowClient, run_id: str, record: dict[str, Any]) -> No
             client.log_batch(run_id, metrics=batch[i : i + 500])
     elif kind == "tags":
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
-    elif kind == "artifact":
-        client.log_artifact(run_id, record["path"], record["artifact_path"])
+    elif kind == "artifact":  # a checkpoint's file may be in a bucket: MLflow logs a local file
+        with storage.fetched(record["path"]) as path:
+            client.log_artifact(run_id, str(path), record["artifact_path"])
     elif kind == "model":
-        uri = log_stage_model(client.tracking_uri, run_id, record["config"], Path(record["weights"]))
+        with storage.fetched(record["weights"]) as weights:
+            uri = log_stage_model(client.tracking_uri, run_id, record["config"], weights)
         client.set_tag(run_id, MODEL_URI, uri)
     elif kind == "inputs":
         client.log_inputs(run_id, datasets=[dataset_input(**d) for d in record["datasets"]])
@@ -201,12 +204,13 @@ def send_record(client: MlflowClient, run_id: str, record: dict[str, Any]) -> No
         raise ValueError(f"unknown tracking record kind {kind!r}")
 
 
-def run_spool(storage: Path, tracking_uri: str, run_id: str, part: str = "",
+def run_spool(root: Path, tracking_uri: str, run_id: str, part: str = "",
               say: Callable[[str], None] = print) -> Spool:
-    """The spool of run ``run_id`` under ``storage`` (``part`` names another writer of the same
-    run, e.g. the system metrics of a second node): it remembers its server and run, so
-    ``mixmae sync`` can deliver it with nothing else known."""
-    directory = spool_root(storage) / (f"{run_id}.{part}" if part else run_id)
+    """The spool of run ``run_id`` under ``root`` (the storage's folder on this node, see
+    :func:`pipelines.storage.local_root`; ``part`` names another writer of the same run, e.g. the
+    system metrics of a second node): it remembers its server and run, so ``mixmae sync`` can
+    deliver it with nothing else known."""
+    directory = spool_root(root) / (f"{run_id}.{part}" if part else run_id)
     address = directory / RUN_FILE
     if not address.exists():
         directory.mkdir(parents=True, exist_ok=True)
@@ -214,10 +218,9 @@ def run_spool(storage: Path, tracking_uri: str, run_id: str, part: str = "",
     return open_spool(directory, say)
 
 
-def run_spools(storage: Path, run_id: str) -> list[Path]:
-    """Every spool folder of run ``run_id`` (its main one and those of other writers)."""
-    root = spool_root(storage)
-    return sorted(d for d in root.glob(f"{run_id}*") if d.name == run_id or d.name.startswith(f"{run_id}."))
+def run_spools(root: Path, run_id: str) -> list[Path]:
+    """Every spool folder of run ``run_id`` under ``root`` (its main one and those of other writers)."""
+    return sorted(d for d in spool_root(root).glob(f"{run_id}*") if d.name == run_id or d.name.startswith(f"{run_id}."))
 
 
 def open_spool(directory: Path, say: Callable[[str], None] = print) -> Spool:
@@ -252,6 +255,14 @@ def spooled_steps(spool: Spool, metric: str) -> list[int]:
 def spooled_step(spool: Spool, metric: str) -> int:
     """The last step at which ``metric`` went into ``spool`` (-1: none)."""
     return max(spooled_steps(spool, metric), default=-1)
+
+
+def delivered_step(tracking_uri: str, run_id: str, metric: str) -> int:
+    """The last step of ``metric`` the tracking server has (-1: none, or the server is away)."""
+    try:
+        return max((m.step for m in MlflowClient(tracking_uri).get_metric_history(run_id, metric)), default=-1)
+    except Exception:  # away: the spool's own record is all there is
+        return -1
 
 
 class SystemSampler:

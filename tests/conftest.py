@@ -46,14 +46,20 @@ def _fast_tests_start_no_ray(request):
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray cluster shared by the session's integration tests, with the quickstart's
-    4 logical CPUs (on 2 cores): its stages and their Ray Data tasks run side by side."""
+    4 logical CPUs (on 2 cores): its stages and their Ray Data tasks run side by side. Its
+    processes hold the credentials of the tests' S3 server, as a cluster's nodes hold their own;
+    a run that uses the server tells them where it is."""
     import ray
 
     from pipelines.config import DEFAULT_CONFIG, load_config
     from pipelines.pipeline import init_ray
+    from tests.servers import MotoServer
 
     if not ray.is_initialized():
-        init_ray(load_config(DEFAULT_CONFIG))
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in MotoServer.CREDENTIALS.items():
+                patch.setenv(name, value)
+            init_ray(load_config(DEFAULT_CONFIG))
     yield ray
     ray.shutdown()
 
@@ -142,6 +148,19 @@ def mlflow_server(tmp_path):
     from tests.servers import MlflowServer
 
     server = MlflowServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """moto's S3 server on loopback for the session (``.env``, ``.bucket(name)``, ``.keys(bucket)``);
+    each test makes its own buckets. The variables are given to what a test starts, never set here."""
+    from tests.servers import MotoServer
+
+    server = MotoServer(tmp_path_factory.mktemp("moto")).start()
     try:
         yield server
     finally:

@@ -3,6 +3,7 @@ file, polling with a deadline, and stopping exactly what a test started."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -126,4 +127,52 @@ class MlflowServer:
     def stop(self) -> None:
         if self.process is not None:
             stop(self.process, str(self.root / "server.db"))
+            self.process = None
+
+
+class MotoServer:
+    """moto's S3 server on 127.0.0.1, its buckets in memory. ``env`` holds the standard
+    variables its clients read: :data:`CREDENTIALS` (moto takes any key; the secret is
+    distinctive, so a test can look for it where it must not be) and ``place``, where the store
+    is. ``enforce_auth``: every request needs a key moto knows, so these are refused, as a
+    store refuses credentials it does not know."""
+
+    SECRET = "mixmae-test-secret-8c1f2e"
+    CREDENTIALS = {"AWS_ACCESS_KEY_ID": "mixmae-test-key", "AWS_SECRET_ACCESS_KEY": SECRET}
+
+    def __init__(self, root: Path, enforce_auth: bool = False):
+        (self.port,) = free_ports(1)
+        self.root = root
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.enforce_auth = enforce_auth
+        self.place = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+                      "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
+        self.env = {**self.CREDENTIALS, **self.place}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "MotoServer":
+        log = self.root / f"moto_server_{self.port}.log"
+        auth = {"INITIAL_NO_AUTH_ACTION_COUNT": "0"} if self.enforce_auth else {}
+        self.process = launch([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)], log,
+                              env={**os.environ, **auth})
+        wait_for(lambda: http_answers(f"{self.endpoint}/moto-api/"), "moto server", 60, self.process, log)
+        return self
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=self.CREDENTIALS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=self.SECRET)
+
+    def bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process, f"moto_server -H 127.0.0.1 -p {self.port}")
             self.process = None

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -140,24 +141,27 @@ def test_a_stage_outlives_the_tracking_server_and_sigterm_with_no_step_lost_or_r
 
 NODE_LOST = """
 import json, os, signal, sys, threading, time
-from pathlib import Path
 import psutil
 import ray
 from ray.cluster_utils import Cluster
+from pipelines import storage
 from pipelines.config import load_config
 from pipelines.pipeline import run_pipeline
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-others = [cluster.add_node(num_cpus=2) for _ in range(2)]
+# each node its own temporary folder (where a node keeps its tracking spool): no folder is shared
+others = [cluster.add_node(num_cpus=2, env_vars={"TMPDIR": tmp}) for tmp in json.loads(sys.argv[2])]
 cluster.wait_for_nodes()
-config = load_config(sys.argv[1], [f"ray.address={cluster.address}", *sys.argv[2:]])
+config = load_config(sys.argv[1], [f"ray.address={cluster.address}", *sys.argv[3:]])
+runs = storage.absolute(config.storage)
 
 def registered_checkpoints():
     # Ray Train resumes from a checkpoint once its controller has registered it (not when it is written)
-    for snapshot in Path("mixmae_runs").glob("*/checkpoint_manager_snapshot.json"):
+    for trainer in storage.folders(runs):
         try:
-            return json.loads(snapshot.read_text())["checkpoint_results"]
-        except (ValueError, KeyError):
+            snapshot = storage.read_text(storage.join(runs, trainer, "checkpoint_manager_snapshot.json"))
+            return json.loads(snapshot)["checkpoint_results"]
+        except (OSError, ValueError, KeyError):
             pass
     return []
 
@@ -198,15 +202,21 @@ cluster.shutdown()
 """
 
 
-def test_a_node_lost_mid_stage_costs_only_the_steps_since_the_checkpoint(tmp_path, synthetic_data):
-    """Three nodes (raylets on this machine, each with its own CPUs), the two workers on two of
-    them (STRICT_SPREAD), checkpoints in the storage all reach; a node with a worker (not the
-    head) is removed after the first checkpoint, and the stage resumes from it on the nodes left."""
+def test_a_node_lost_mid_stage_costs_only_the_steps_since_the_checkpoint(tmp_path, synthetic_data, s3):
+    """Three nodes (raylets on this machine, each with its own CPUs and temporary folder), the
+    two workers on two of them (STRICT_SPREAD), the storage in a bucket (the only place the
+    nodes share); a node with a worker (not the head) is removed after the first checkpoint,
+    and the stage resumes from it on the nodes left."""
     steps = 30
+    bucket = s3.bucket(f"lost-{uuid.uuid4().hex[:8]}")
+    nodes = [tmp_path / "node1", tmp_path / "node2"]
+    for node in nodes:
+        node.mkdir()
     with tempfile.TemporaryDirectory(prefix="rn", dir="/tmp") as tmp:  # the cluster's address file stays private
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TMPDIR": tmp}
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | s3.env | {"TMPDIR": tmp}
         result = subprocess.run(
             [sys.executable, "-c", NODE_LOST, str(REPO_ROOT / "ray_configs/pipelines/smoke.yaml"),
+             json.dumps([str(node) for node in nodes]), f"storage=s3://{bucket}/runs",
              f"synthetic.root={Path(synthetic_data['pretrain']).parent}",
              "pretrain.epochs=100", f"pretrain.max_steps={steps}", "pretrain.checkpoint_every_steps=6",
              "pretrain.scaling.num_workers=2", "pretrain.scaling.placement_strategy=STRICT_SPREAD",
@@ -220,3 +230,7 @@ def test_a_node_lost_mid_stage_costs_only_the_steps_since_the_checkpoint(tmp_pat
     run = client.get_run(outcome["run_id"])
     assert run.data.tags["mixmae.resumed_from"].startswith("step ")
     assert [m.step for m in client.get_metric_history(outcome["run_id"], "train/loss")] == list(range(2, steps + 1, 2))
+    assert run.data.tags["mixmae.checkpoint"].startswith(f"s3://{bucket}/runs/")
+    assert any(key.endswith("/encoder.safetensors") for key in s3.keys(bucket, "runs/"))
+    assert not (tmp_path / "mixmae_runs").exists()
+    assert all(list(node.glob("mixmae/*/tracking_spool/*/records.jsonl")) for node in nodes)  # each node spooled its own

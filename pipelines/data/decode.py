@@ -19,6 +19,8 @@ from typing import Callable, Literal, Optional, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipelines import storage
+
 #: A path, or encoded bytes (packed shards); None stands for a file that was missing when packed.
 Source = Union[str, os.PathLike, bytes, None]
 Status = Literal["ok", "converted", "skipped"]
@@ -56,15 +58,14 @@ class DecodeResult:
 
 
 def read_bytes(src: Source) -> bytes | str:
-    """The file's bytes, or a skip reason (``missing`` / ``empty``)."""
+    """The file's bytes (a path, or an object store URL), or a skip reason (``missing`` / ``empty``)."""
     if src is None:
         return "missing"
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
     else:
         try:
-            with open(src, "rb") as f:
-                data = f.read()
+            data = storage.read_bytes(os.fspath(src))
         except FileNotFoundError:
             return "missing"
         except IsADirectoryError:

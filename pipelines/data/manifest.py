@@ -1,9 +1,11 @@
 """Manifests (one parquet file of image references) and packed shards (parquet files that
 also hold the encoded bytes). Both carry the same columns and metadata, so every dataset
-builder reads either through :func:`open_source`."""
+builder reads either through :func:`open_source`. Either may be in a folder or an object store
+(:mod:`pipelines.storage`), and so may the images a manifest names."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines import storage
 from pipelines.data.layouts import ADE_NUM_CLASSES, Listing, read_layout
 
 MANIFEST_SCHEMA = pa.schema(
@@ -32,6 +35,9 @@ PACKED_SCHEMA = MANIFEST_SCHEMA.append(pa.field("image_bytes", pa.binary())).app
 )
 _META_KEY = b"mixmae.data"
 _SHARD_GLOB = "part-*.parquet"
+#: Rows per row group of a file that holds image bytes: the pipeline reads a row group at a
+#: time (and deals them to the workers), so small groups keep those blocks small.
+PACKED_ROW_GROUP = 64
 
 
 def build_manifest(layout: str, root: str | Path, split: Optional[str] = None, **options: Any) -> pa.Table:
@@ -62,11 +68,36 @@ def _metadata(listing: Listing) -> bytes:
     ).encode()
 
 
-def write_manifest(table: pa.Table, out: str | Path) -> Path:
-    out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out)
-    return out
+def write_manifest(table: pa.Table, out: str | Path) -> str:
+    """Write ``table`` to ``out`` (a path or an object store URI); its location."""
+    location = storage.absolute(str(out))
+    fs, path = storage.resolve(location)
+    if fs.type_name == "local":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    row_group = PACKED_ROW_GROUP if "image_bytes" in table.column_names else None
+    pq.write_table(table, path, filesystem=fs, row_group_size=row_group)
+    return location
+
+
+def read_parquet(location: str, **kwargs: Any) -> pa.Table:
+    """``pq.read_table`` of a file in a folder or an object store."""
+    fs, path = storage.resolve(location)
+    return pq.read_table(path, filesystem=fs, **kwargs)
+
+
+def read_schema(location: str) -> pa.Schema:
+    fs, path = storage.resolve(location)
+    return pq.read_schema(path, filesystem=fs)
+
+
+def parquet_file(location: str) -> pq.ParquetFile:
+    fs, path = storage.resolve(location)
+    return pq.ParquetFile(path, filesystem=fs)
+
+
+def shard_files(location: str) -> list[str]:
+    """The packed shards (``part-*.parquet``) in folder ``location``, sorted (none if it is no folder)."""
+    return [f for f in storage.files(location) if fnmatch.fnmatch(storage.name(f), _SHARD_GLOB)]
 
 
 @dataclass(frozen=True)
@@ -88,7 +119,7 @@ class DataSource:
     def table(self, split: Optional[str] = None, columns: Optional[Sequence[str]] = None) -> pa.Table:
         """The rows of ``split`` (all when None) read in the driver with pyarrow."""
         tables = [
-            pq.read_table(f, columns=list(columns) if columns else None, filters=_split_filter(split))
+            read_parquet(f, columns=list(columns) if columns else None, filters=_split_filter(split))
             for f in self.files
         ]
         return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
@@ -102,21 +133,20 @@ def open_source(source: "str | Path | DataSource") -> DataSource:
     """Open a manifest (``.parquet`` file) or a folder of packed shards (``part-*.parquet``)."""
     if isinstance(source, DataSource):
         return source
-    path = Path(source).expanduser().absolute()
-    if path.is_dir():
-        files = sorted(path.glob(_SHARD_GLOB))
-        if not files:
-            raise FileNotFoundError(f"no packed shards ({_SHARD_GLOB}) in {path}")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise FileNotFoundError(f"no manifest or packed shards at {path}")
-    schema = pq.read_schema(files[0])
+    location = storage.absolute(str(source))
+    files = shard_files(location)
+    if not files:
+        if not storage.exists(location):
+            raise FileNotFoundError(f"no manifest or packed shards at {location}")
+        if not storage.is_file(location):
+            raise FileNotFoundError(f"no packed shards ({_SHARD_GLOB}) in {location}")
+        files = [location]
+    schema = read_schema(files[0])
     meta = json.loads((schema.metadata or {}).get(_META_KEY, b"{}"))
     if "layout" not in meta:
         raise ValueError(f"{files[0]} is not a mixmae manifest (run `mixmae data prepare`)")
     return DataSource(
-        tuple(str(f) for f in files),
+        tuple(files),
         "image_bytes" in schema.names,
         meta["layout"],
         tuple(meta["classes"]),
@@ -150,27 +180,27 @@ def _read_all(paths: Iterable[Optional[str]], pool: ThreadPoolExecutor) -> list[
 
     def one(path: Optional[str]) -> Optional[bytes]:
         try:
-            return Path(path).read_bytes() if path is not None else None
+            return storage.read_bytes(path) if path is not None else None
         except (FileNotFoundError, IsADirectoryError):
             return None
 
     return list(pool.map(one, paths))
 
 
-def pack_manifest(manifest: str | Path, out: str | Path, rows_per_shard: int = 1000, threads: int = 16) -> list[Path]:
-    """Write ``out/part-NNNNN.parquet`` shards holding the manifest rows plus the encoded
-    image bytes (and label-map bytes for ade20k). Missing files get null bytes, which the
-    pipeline skips and counts as ``missing``. Shards from an earlier pack of ``out`` are replaced.
+def pack_manifest(manifest: str | Path, out: str | Path, rows_per_shard: int = 1000, threads: int = 16) -> list[str]:
+    """Write ``out/part-NNNNN.parquet`` shards (``out`` a folder or an object store URI) holding
+    the manifest rows plus the encoded image bytes (and label-map bytes for ade20k). Missing
+    files get null bytes, which the pipeline skips and counts as ``missing``. Shards from an
+    earlier pack of ``out`` are replaced. Returns the shards' locations.
     """
     source = open_source(manifest)
     if source.packed:
         raise ValueError(f"{manifest} is already packed")
     table = source.table()
-    out = Path(out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob(_SHARD_GLOB):
-        old.unlink()
-    schema = PACKED_SCHEMA.with_metadata(pq.read_schema(source.files[0]).metadata)
+    out = storage.absolute(str(out))
+    for old in shard_files(out):
+        storage.delete(old)
+    schema = PACKED_SCHEMA.with_metadata(read_schema(source.files[0]).metadata)
     label_maps = source.annotation_kind == "label_map"
     shards = []
     with ThreadPoolExecutor(threads) as pool:
@@ -181,8 +211,5 @@ def pack_manifest(manifest: str | Path, out: str | Path, rows_per_shard: int = 1
             label_bytes = _read_all(annotations, pool) if label_maps else [None] * rows.num_rows
             shard = rows.append_column("image_bytes", pa.array(images, pa.binary()))
             shard = shard.append_column("annotation_bytes", pa.array(label_bytes, pa.binary()))
-            path = out / f"part-{n:05d}.parquet"
-            # The pipeline reads a row group at a time; small groups keep those blocks small.
-            pq.write_table(shard.cast(schema), path, row_group_size=64)
-            shards.append(path)
+            shards.append(write_manifest(shard.cast(schema), storage.join(out, f"part-{n:05d}.parquet")))
     return shards

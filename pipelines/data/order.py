@@ -34,11 +34,10 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 from ray.data.context import ShuffleStrategy
 
-from pipelines.data.manifest import DataSource
+from pipelines.data.manifest import DataSource, parquet_file, read_parquet
 
 #: Column suffixes of the two images of a pair (rows 2k and 2k+1 of a collated batch).
 PAIR = ("_a", "_b")
@@ -161,9 +160,9 @@ class _PackedIndex:
 def _packed_index(files: tuple[str, ...], split: str) -> _PackedIndex:
     ids, groups, row_groups, encoded = [], [], [], 0
     for path in files:
-        metadata = pq.read_metadata(path)
+        metadata = parquet_file(path).metadata
         sizes = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-        columns = pq.read_table(path, columns=["image_id", "split"])
+        columns = read_parquet(path, columns=["image_id", "split"])
         in_split = pc.equal(columns.column("split"), split).to_numpy(zero_copy_only=False)
         first = len(row_groups)
         ids.append(columns.column("image_id").to_numpy()[in_split])
@@ -194,7 +193,7 @@ def _part_rngs(shard: Shard, seed: int) -> tuple[np.random.Generator, np.random.
 def _read_shards(batch: dict, *, columns: list[str], split: str) -> Iterator[pa.Table]:
     """The ``split`` rows of the row groups named in ``batch``, one row group at a time."""
     for path, index in zip(batch["file"], batch["row_group"]):
-        rows = pq.ParquetFile(str(path)).read_row_group(int(index), columns=columns + ["split"])
+        rows = parquet_file(str(path)).read_row_group(int(index), columns=columns + ["split"])
         rows = rows.filter(pc.field("split") == split).drop_columns(["split"])
         if rows.num_rows:
             yield rows

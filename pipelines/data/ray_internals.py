@@ -11,14 +11,20 @@ pairing, resume); the README's data figures say what to expect.
   (:func:`configure_execution`): the share of the object store an executor plans with, which
   each of a stage's workers divides (every worker executes its own dataset).
 
+* ``RAY_JOB_CONFIG_JSON_ENV_VAR`` (:func:`in_ray_job`): the variable Ray's job manager sets
+  for a job's entrypoint. A runtime env given to ``ray.init`` there is merged with the job's,
+  and refused when both name one variable; the job's already reaches every process of it.
+
 The public ``DataContext`` fields set in :func:`configure_execution` live here too, because
 they were tuned together with the private one and are measured by the same benchmark.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 from ray.data import DataContext, ExecutionOptions, ExecutionResources
 from ray.data._internal.execution.resource_manager import ResourceManager
 
@@ -66,3 +72,8 @@ def configure_execution(ctx: DataContext, block_bytes: Optional[int], cpus: floa
     )
     ctx.downstream_capacity_backpressure_ratio = DOWNSTREAM_QUEUE_RATIO
     ctx.op_resource_reservation_enabled = False
+
+
+def in_ray_job() -> bool:
+    """Whether this process is a Ray job's entrypoint (``ray job submit``, a KubeRay RayJob)."""
+    return RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ

@@ -22,6 +22,7 @@ import ray.train
 import yaml
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from pipelines import storage
 from pipelines.config import PipelineConfig, PretrainStage, StageBase
 from pipelines.stages import entry
 from pipelines.console import PROGRESS_EVERY_S
@@ -70,9 +71,9 @@ def _watch(ctx: StageContext, stage: PreparedStage, stop: threading.Event) -> No
     console = ctx.console
     name, run_id, total = stage.job.name, stage.job.loop.run_id, stage.job.loop.total_steps
     bar = console.progress.add_task(name, total=total, info="starting workers") if console.progress else None
-    checkpoints = ctx.storage / trainer_name(ctx, ctx.config.group_name(name))
-    saved = {meta.parent.name for meta in checkpoints.glob(f"checkpoint_*/{META_FILE}")}
-    spool = run_spool(ctx.storage, ctx.tracking_uri, run_id)
+    checkpoints = storage.join(ctx.storage, trainer_name(ctx, ctx.config.group_name(name)))
+    saved = set(_new_checkpoints(checkpoints, set()))
+    spool = run_spool(ctx.local, ctx.tracking_uri, run_id)
     offset = spool.end()  # what an earlier attempt spooled is not news
     latest: dict[str, tuple[float, int]] = {}
     skipped, last_line, waiting_since, said_away = 0, time.monotonic(), None, False
@@ -83,15 +84,15 @@ def _watch(ctx: StageContext, stage: PreparedStage, stop: threading.Event) -> No
             elif record["kind"] == "tags":
                 if SKIPPED_CHECKPOINTS in record["tags"]:
                     console.event(f"{name}: passed over checkpoints that do not load (copies kept in "
-                                  f"{ctx.storage / CORRUPT_DIR}): {record['tags'][SKIPPED_CHECKPOINTS]}", "yellow")
+                                  f"{storage.join(ctx.storage, CORRUPT_DIR)}): {record['tags'][SKIPPED_CHECKPOINTS]}",
+                                  "yellow")
                 if "mixmae.resumed_from" in record["tags"]:
                     console.event(f"{name}: resumed from its checkpoint at {record['tags']['mixmae.resumed_from']}")
-        for meta in sorted(checkpoints.glob(f"checkpoint_*/{META_FILE}")):
-            if meta.parent.name not in saved:
-                saved.add(meta.parent.name)
-                info = json.loads(meta.read_text())
-                if info.get("stage") == name and not info.get("final"):
-                    console.event(f"{name}: checkpoint saved at step {info['step']} ({meta.parent})")
+        for folder in _new_checkpoints(checkpoints, saved):
+            saved.add(folder)
+            info = json.loads(storage.read_text(storage.join(checkpoints, folder, META_FILE)))
+            if info.get("stage") == name and not info.get("final"):
+                console.event(f"{name}: checkpoint saved at step {info['step']} ({storage.join(checkpoints, folder)})")
         bad = {k.removeprefix("data/skipped_"): int(v) for k, (v, _) in latest.items()
                if k.startswith("data/skipped_") and not k.endswith(PARTNER_SKIPPED) and v}
         if sum(bad.values()) > skipped:
@@ -117,6 +118,16 @@ def _watch(ctx: StageContext, stage: PreparedStage, stop: threading.Event) -> No
                 console.event(f"{name}: step {step}/{total}, {info}")
     if bar is not None:
         console.progress.update(bar, completed=total, info="done")
+
+
+def _new_checkpoints(trainer: str, known: set[str]) -> list[str]:
+    """The trainer's checkpoint folders not in ``known`` that hold their meta file (none while
+    the storage does not answer: the console waits for the next look)."""
+    try:
+        return [folder for folder in storage.folders(trainer) if folder.startswith("checkpoint_")
+                and folder not in known and storage.exists(storage.join(trainer, folder, META_FILE))]
+    except OSError:
+        return []
 
 
 def _record_start(ctx: StageContext, prepared: PreparedStage) -> None:
@@ -147,7 +158,7 @@ def _record_inputs(ctx: StageContext, prepared: PreparedStage) -> None:
         datasets.append({"name": item.name, "source": item.source, "digest": item.digest, "context": item.context,
                          "profile": profile})
     run_id = prepared.job.loop.run_id
-    RunLogger(ctx.tracking_uri, run_id, spool=run_spool(ctx.storage, ctx.tracking_uri, run_id)).inputs(datasets)
+    RunLogger(ctx.tracking_uri, run_id, spool=run_spool(ctx.local, ctx.tracking_uri, run_id)).inputs(datasets)
 
 
 def deliver_stage_records(ctx: StageContext, stages: list[PreparedStage]) -> None:
@@ -155,7 +166,7 @@ def deliver_stage_records(ctx: StageContext, stages: list[PreparedStage]) -> Non
     ``tracking.delivery_wait_s`` for the server; if it does not answer, the stage has still
     trained and saved its checkpoints, and the error says how to deliver later."""
     wait = ctx.config.tracking.delivery_wait_s
-    left = [d for s in stages for d in run_spools(ctx.storage, s.job.loop.run_id)
+    left = [d for s in stages for d in run_spools(ctx.local, s.job.loop.run_id)
             if not open_spool(d, lambda m: say(ctx, m, "yellow")).drain(wait / len(stages))]
     if left:
         raise TrackingAway(
@@ -203,7 +214,7 @@ def run_worker_group(ctx: StageContext, group: str, names: list[str]) -> list[St
             say(ctx, f"{name}: started, {job.loop.total_steps} steps on {job.spec.scaling.num_workers} worker(s), "
                      f"{job.model} pretrained with {pending[-1].tags['method']} (MLflow run {job.loop.run_id})")
     if pending:
-        if ctx.stop_file is not None and ctx.stop_file.exists():
+        if ctx.stop_file and storage.exists(ctx.stop_file):
             raise Preempted(f"stopped (SIGTERM) before {', '.join(s.job.name for s in pending)} started; "
                             "run the same command again to continue")
         _fit(ctx, group, pending)
@@ -251,7 +262,7 @@ def _fit(ctx: StageContext, group: str, stages: list[PreparedStage]) -> None:
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=trainer_name(ctx, group),
-            storage_path=str(ctx.storage),
+            **storage.train_storage(ctx.storage),
             # Every stage's final checkpoint (final=1) outranks the periodic ones; Ray also
             # always keeps the latest, which a restart resumes from.
             checkpoint_config=ray.train.CheckpointConfig(

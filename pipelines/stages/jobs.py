@@ -61,9 +61,13 @@ class LoopSpec:
     system_metrics_every_s: Optional[float] = 10.0
     """Seconds between two samples of each node's system metrics (None: none)."""
     storage: str = ""
-    """The pipeline's storage: checkpoints, and the spool of what goes to MLflow."""
+    """The pipeline's storage (a folder or a bucket): checkpoints; when a folder, the spool of what goes to MLflow."""
     stop_file: str = ""
-    """While this file exists the workers save a checkpoint at the next step and stop (SIGTERM to the driver)."""
+    """While this file (or object) exists the workers save a checkpoint at the next step and stop (SIGTERM to the driver)."""
+    driver_node: str = ""
+    """The Ray node of the driver: with storage in a bucket, only spools on its disk are left to it to deliver."""
+    delivery_wait_s: float = 120.0
+    """How long a worker whose spool the driver cannot read waits for the tracking server before it ends."""
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,13 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -49,6 +50,7 @@ from mixmae_core.checkpoint import save_state_dict
 from mixmae_core.optim import build_scheduler
 from pipelines.data.order import Shard
 from pipelines.data.quality import DataQualityError, check_skip_threshold
+from pipelines import storage
 from pipelines.data.transforms import seed_global_rngs
 from pipelines.stages.jobs import LoopSpec, StageJob
 from pipelines.spool import Spool
@@ -56,7 +58,7 @@ from pipelines.stages.checkpoints import (
     CORRUPT_DIR, ENCODER_FILE, META_FILE, MODEL_FILE, STATE_FILE, Loaded, newest_loadable,
 )
 from pipelines.tracking import (
-    CHECKPOINT, COMPLETE, ENCODER, FAILED_REASON, RunLogger, run_spool, spooled_step, system_metrics,
+    CHECKPOINT, COMPLETE, ENCODER, FAILED_REASON, RunLogger, delivered_step, run_spool, spooled_step, system_metrics,
 )
 
 LOSS_METRIC = "train/loss"
@@ -66,6 +68,8 @@ PREEMPTED = "mixmae.preempted"
 #: how long a worker's sender may go on delivering after training; the driver delivers the rest
 #: (and a sender that already finds the server away hands over at once: the driver waits anyway)
 WORKER_DELIVERY_WAIT_S = 10.0
+#: seconds between two looks at a stop request kept in an object store
+STOP_POLL_S = 2.0
 #: fingerprints are 48-bit, so MLflow's float64 metrics hold them exactly
 _FINGERPRINT_BYTES = 6
 worker_log = logging.getLogger(__name__)
@@ -95,7 +99,7 @@ class Task:
     """Whether the stage's final weights become an MLflow model (``pipelines/stage_model.py``)."""
 
     def __init__(self, job: StageJob):
-        self.job = job
+        self.job = _local_weights(job)
         self.spec = job.spec
         self.device = torch.device("cpu")
 
@@ -137,6 +141,14 @@ class Task:
         return Shard(rank=world_rank(), world=world_size())
 
 
+def _local_weights(job: StageJob) -> StageJob:
+    """``job`` with the weights it starts from on this node's disk: the model code reads files,
+    and an earlier stage's encoder may be in a bucket."""
+    local = {key: str(storage.local_copy(value)) for key in ("encoder_weights", "tokenizer_weights")
+             if (value := getattr(job, key)) and storage.is_remote(value)}
+    return replace(job, **local) if local else job
+
+
 def data_cpus(scaling) -> float:
     """The CPUs one worker's decode tasks may plan with: the cluster's, less the stage's
     workers' own, shared among the workers (each executes its own dataset); at least one,
@@ -152,6 +164,27 @@ class StopTraining(Exception):
 
 class StopAsked(Exception):
     """The driver was asked to stop (SIGTERM): every rank saved a checkpoint at this step."""
+
+
+class StopRequest:
+    """Whether the driver asked the stages to stop: the file it writes on SIGTERM exists. A local
+    file is looked at before every step; an object at most every :data:`STOP_POLL_S` seconds
+    (a request per step would add a round trip to every step)."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self.every = STOP_POLL_S if storage.is_remote(location) else 0.0
+        self.checked = -math.inf
+        self.seen = False
+
+    def asked(self) -> bool:
+        if self.location and not self.seen and time.monotonic() - self.checked >= self.every:
+            self.checked = time.monotonic()
+            try:
+                self.seen = storage.exists(self.location)
+            except OSError:  # the store did not answer this time: the next poll asks again
+                pass
+        return self.seen
 
 
 # ----------------------------------------------------------------------------- ranks
@@ -235,7 +268,9 @@ class Resume:
         #: checkpoints passed over, as ``"<name>: <why>"``; rank 0 keeps copies of them
         self.skipped: list[str] = []
         keep_corrupt = ray.train.get_context().get_world_rank() == 0
-        self.found = newest_loadable(Path(latest.path), self.skipped, keep_corrupt) if latest else None
+        self.found = None
+        if latest:
+            self.found = newest_loadable(storage.location_of(latest.filesystem, latest.path), self.skipped, keep_corrupt)
 
     def first_to_run(self, stages: list[str]) -> int:
         """Index of the first of the group's ``stages`` to run: the one the checkpoint belongs
@@ -298,6 +333,7 @@ class Run:
     window: "Window" = field(default_factory=lambda: Window())
     bad_step: Optional[torch.Tensor] = None
     """The first step whose loss was not finite (-1: none), kept on the device (no sync per step)."""
+    stop: StopRequest = field(default_factory=lambda: StopRequest(""))
     out_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="stage-")))
     started: float = field(default_factory=time.perf_counter)
     device_seconds0: float = 0.0
@@ -335,7 +371,8 @@ def save_checkpoint(run: Run, metrics: dict[str, float], final: bool = False) ->
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({**metrics, "step": run.state.step, "final": int(final)}, checkpoint=checkpoint)
         if final and run.logger is not None:
-            _record_finished(run, Path(ray.train.get_checkpoint().path))
+            persisted = ray.train.get_checkpoint()
+            _record_finished(run, storage.location_of(persisted.filesystem, persisted.path))
     run.last_good, run.saved_step = f"step {run.state.step}", run.state.step
 
 
@@ -361,20 +398,20 @@ def restore(run: Run, found: Loaded) -> None:
     run.last_good, run.saved_step = f"step {run.state.step}", run.state.step
 
 
-def _record_finished(run: Run, persisted: Path) -> None:
+def _record_finished(run: Run, persisted: str) -> None:
     """Mark the stage finished on its MLflow run: the driver, and every later run of the
-    pipeline, read the outcome from these tags. The files are the persisted checkpoint's,
-    which stay until delivered."""
+    pipeline, read the outcome from these tags. The files are the persisted checkpoint's
+    (in a folder or a bucket), which stay until delivered."""
     from pipelines import stage_model  # defines the pyfunc model when imported
 
     logger = run.logger
     logger.metrics({"time/wall_s": time.perf_counter() - run.started}, run.spec.total_steps)
-    logger.artifacts(sorted(persisted.iterdir()), "checkpoint", lasting=True)
-    encoder = persisted / ENCODER_FILE
-    if encoder.exists() and run.task.logs_model:
+    logger.artifacts(storage.files(persisted), "checkpoint", lasting=True)
+    encoder = storage.join(persisted, ENCODER_FILE)
+    exported = storage.exists(encoder)
+    if exported and run.task.logs_model:
         logger.model(stage_model.job_config(run.task.job), encoder)
-    logger.tags({COMPLETE: "true", CHECKPOINT: str(persisted), ENCODER: str(encoder) if encoder.exists() else "",
-                 "mixmae.meta": META_FILE})
+    logger.tags({COMPLETE: "true", CHECKPOINT: persisted, ENCODER: encoder if exported else "", "mixmae.meta": META_FILE})
 
 
 # ----------------------------------------------------------------------------- the worker's entry
@@ -383,9 +420,12 @@ def _record_finished(run: Run, persisted: Path) -> None:
 def train(task: Task, resume: Resume) -> None:
     """Run (or resume from ``resume``) a stage's training in this Ray Train worker.
 
-    Rank 0 logs to MLflow through a spool in the pipeline's storage (and so does the first
-    worker of every other node, with its node's system metrics): training never waits on
-    the tracking server, and what the server missed is delivered when it answers again. A
+    Rank 0 logs to MLflow through a spool (and so does the first worker of every other node,
+    with its node's system metrics): training never waits on the tracking server, and what
+    the server missed is delivered when it answers again. The spool is in the pipeline's
+    storage when that is a folder, else in the node's own (:func:`pipelines.storage.local_root`):
+    a worker on the driver's node leaves what it could not deliver to the driver, one on
+    another node waits for the server up to ``tracking.delivery_wait_s`` before it ends. A
     :class:`StopTraining` condition ends the worker normally after tagging the MLflow run
     with the reason; the driver turns that tag into the stage's error.
     """
@@ -399,15 +439,20 @@ def train(task: Task, resume: Resume) -> None:
     several_nodes = context.get_local_world_size() < context.get_world_size()
     node = f"node{context.get_node_rank()}" if several_nodes else None
     spools: list[Spool] = []
+    local = storage.local_root(spec.storage)
 
     def spool(part: str = "") -> Spool:
-        spools.append(run_spool(Path(spec.storage), spec.tracking_uri, spec.run_id, part, say=worker_log.warning).start())
+        spools.append(run_spool(local, spec.tracking_uri, spec.run_id, part, say=worker_log.warning).start())
         return spools[-1]
 
     logger = None
     if rank == 0:
         main = spool()
-        logger = RunLogger(spec.tracking_uri, spec.run_id, spooled_step(main, LOSS_METRIC), spool=main)
+        logged = spooled_step(main, LOSS_METRIC)
+        if storage.is_remote(spec.storage):  # an earlier attempt may have spooled on another node
+            logged = max(logged, delivered_step(spec.tracking_uri, spec.run_id, LOSS_METRIC))
+        logger = RunLogger(spec.tracking_uri, spec.run_id, logged, spool=main)
+    hands_over = not storage.is_remote(spec.storage) or ray.get_runtime_context().get_node_id() == spec.driver_node
     watching = spec.system_metrics_every_s is not None and context.get_local_rank() == 0  # one sampler a node
     try:
         with _node_metrics(spec, node, spools[0] if rank == 0 else spool(node or f"rank{rank}")) if watching else nullcontext():
@@ -419,8 +464,11 @@ def train(task: Task, resume: Resume) -> None:
         if logger is not None:
             logger.tags({PREEMPTED: str(exc)})
     finally:
-        for each in spools:  # what is not delivered in time stays on disk for the driver
-            each.close(0.0 if each.unreachable_since is not None else WORKER_DELIVERY_WAIT_S)
+        for each in spools:  # what is not delivered in time stays on disk, for the driver if it can read it
+            if hands_over:
+                each.close(0.0 if each.unreachable_since is not None else WORKER_DELIVERY_WAIT_S)
+            else:
+                each.close(spec.delivery_wait_s)
 
 
 def _node_metrics(spec: LoopSpec, node: Optional[str], spool: Spool):
@@ -457,7 +505,7 @@ def start(task: Task, logger: Optional[RunLogger], resume: Resume) -> Run:
     scheduler = build_scheduler(optimizer, spec.total_steps, spec.warmup_steps, config.min_lr)
     trained = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     run = Run(task, spec, logger, trained, optimizer, scheduler, TrainState(), rank, world, device,
-              bad_step=torch.full((), -1, dtype=torch.long, device=device))
+              bad_step=torch.full((), -1, dtype=torch.long, device=device), stop=StopRequest(spec.stop_file))
     found, skipped = resume.take(run.stage)
     if found is not None:
         restore(run, found)
@@ -493,7 +541,7 @@ def epoch_steps(run: Run) -> Iterator[Step]:
         batches = list(islice(stream, run.accum))
         run.window.wait += time.perf_counter() - waited
         ids = b"".join(b.image_ids.numpy().astype(np.int64).tobytes() for b in batches)
-        asked = bool(run.spec.stop_file) and os.path.exists(run.spec.stop_file)
+        asked = run.stop.asked()
         agreed = _gather_ints([int(len(batches) < run.accum), int(asked), _chain(0, ids)])
         if agreed[:, 1].any():
             if run.saved_step != run.state.step:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 from mlflow.tracking import MlflowClient
@@ -38,7 +39,10 @@ from pipelines.config import (
     TransferBase,
 )
 from pipelines.data.datasets import coco_ground_truth
-from pipelines.data.manifest import DataSource, build_manifest, open_source, write_manifest
+from pipelines import storage
+from pipelines.data.manifest import (
+    DataSource, build_manifest, open_source, pack_manifest, read_schema, shard_files, write_manifest,
+)
 from pipelines.data.quality import StageSkips
 from pipelines.stages.jobs import DataRecipe, LoopSpec, StageError, StageJob
 
@@ -54,7 +58,8 @@ class StageContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    storage: Path
+    storage: str
+    """The pipeline's storage: an absolute folder or an object store URI (:mod:`pipelines.storage`)."""
     synthetic_roots: dict[str, Path] = field(default_factory=dict)
     encoder_checkpoint: Optional[str] = None
     """The pretraining stage's ``encoder.safetensors`` (transfer stages start from it)."""
@@ -68,7 +73,7 @@ class StageContext:
     """Extra ``ray.train.UserCallback``s per stage name (a Tune trial reports through one)."""
     skip_counter_name: Optional[str] = None
     """Name of the pipeline's :class:`~pipelines.data.quality.SkipCounter` actor."""
-    stop_file: Optional[Path] = None
+    stop_file: Optional[str] = None
     """Written on SIGTERM: the stages save a checkpoint and stop (see ``LoopSpec.stop_file``)."""
     keepalive: list = field(default_factory=list)
     """Driver-side handles that must outlive the stages (the named skip counter actor)."""
@@ -82,6 +87,11 @@ class StageContext:
 
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
+
+    @property
+    def local(self) -> Path:
+        """This machine's folder of the storage (the tracking spool: see :func:`pipelines.storage.local_root`)."""
+        return storage.local_root(self.storage)
 
 
 @dataclass(frozen=True)
@@ -185,37 +195,64 @@ def eval_every(spec: StageBase, steps: Schedule) -> Optional[int]:
 # ----------------------------------------------------------------------------- data
 
 
-def data_path(ctx: StageContext, stage_name: str, data: DataSpec) -> Path:
-    """Where a stage's data lives: its root, with ``synthetic:NAME`` resolved."""
+def data_path(ctx: StageContext, stage_name: str, data: DataSpec) -> str:
+    """Where a stage's data lives: its root (a folder, a manifest, packed shards, or the URI of
+    either of the last two), with ``synthetic:NAME`` resolved."""
     root = data.root
-    if root.startswith(SYNTHETIC_PREFIX):
-        key = root[len(SYNTHETIC_PREFIX) :]
-        if key not in ctx.synthetic_roots:
-            raise StageError(f"stage {stage_name}: no synthetic dataset {key!r}; have {sorted(ctx.synthetic_roots)}")
-        root = str(ctx.synthetic_roots[key])
-    return Path(root).expanduser().resolve()
+    if not root.startswith(SYNTHETIC_PREFIX):
+        return storage.absolute(root)
+    key = root[len(SYNTHETIC_PREFIX) :]
+    if key not in ctx.synthetic_roots:
+        raise StageError(f"stage {stage_name}: no synthetic dataset {key!r}; have {sorted(ctx.synthetic_roots)}")
+    if storage.is_remote(ctx.storage):  # nodes may share no folder: the stand-ins travel through the bucket
+        return _synthetic_in_storage(ctx, key, data)
+    return str(Path(ctx.synthetic_roots[key]).resolve())
+
+
+_packing = threading.Lock()
+
+
+def _synthetic_in_storage(ctx: StageContext, key: str, data: DataSpec) -> str:
+    """Synthetic stand-in ``key`` as packed shards (images included) in the storage, written
+    on first use by the driver, so every node reads it."""
+    synthetic = ctx.config.synthetic
+    packed = storage.join(ctx.storage, "synthetic", f"{synthetic.scale}-seed{synthetic.seed}", key)
+    with _packing, tempfile.TemporaryDirectory() as tmp:
+        if not shard_files(packed):
+            listed = build_manifest(data.layout, ctx.synthetic_roots[key], None, **data.options)
+            pack_manifest(write_manifest(listed, Path(tmp) / f"{key}.parquet"), packed)
+    return packed
 
 
 def resolve_source(ctx: StageContext, stage_name: str, data: DataSpec) -> DataSource:
     """A manifest for the stage's data: the given manifest / packed shards, or one listed now."""
-    path = data_path(ctx, stage_name, data)
-    if path.suffix == ".parquet" or (path.is_dir() and any(path.glob("part-*.parquet"))):
-        source = open_source(path)
-    else:
-        if not path.exists():
-            raise StageError(f"stage {stage_name}: data root {path} does not exist")
-        manifest = build_manifest(data.layout, path, None, **data.options)
-        source = open_source(write_manifest(manifest, ctx.storage / "manifests" / f"{stage_name}.parquet"))
+    location = data_path(ctx, stage_name, data)
+    try:
+        if location.endswith(".parquet") or shard_files(location):
+            source = open_source(location)
+        else:
+            if storage.is_remote(location):
+                raise StageError(f"stage {stage_name}: {location} is neither a manifest (.parquet) nor packed shards "
+                                 "(part-*.parquet); `mixmae data prepare` and `mixmae data pack` write those")
+            if not Path(location).exists():
+                raise StageError(f"stage {stage_name}: data root {location} does not exist")
+            manifest = build_manifest(data.layout, location, None, **data.options)
+            source = open_source(write_manifest(manifest, storage.join(ctx.storage, "manifests", f"{stage_name}.parquet")))
+    except OSError as exc:  # a bucket that does not answer, refuses access or has no such object
+        if not storage.is_remote(location) and not storage.is_remote(ctx.storage):
+            raise
+        raise StageError(f"stage {stage_name}: {storage.describe(location, exc)}") from None
     if source.layout != data.layout:
-        raise StageError(f"stage {stage_name}: {path} holds a {source.layout} dataset, the config says {data.layout}")
+        raise StageError(f"stage {stage_name}: {location} holds a {source.layout} dataset, the config says {data.layout}")
     return source
 
 
 def stage_inputs(ctx: StageContext, name: str, spec: StageBase, source: DataSource) -> list[StageInput]:
     """The splits ``spec`` reads, each named after its dataset and with a digest of its
     images (ids and paths): a changed dataset gets another digest in MLflow."""
-    path = data_path(ctx, name, spec.data)
-    dataset = path.name if not spec.data.root.startswith(SYNTHETIC_PREFIX) else spec.data.root[len(SYNTHETIC_PREFIX):]
+    location = data_path(ctx, name, spec.data)
+    synthetic = spec.data.root.startswith(SYNTHETIC_PREFIX)
+    dataset = spec.data.root[len(SYNTHETIC_PREFIX):] if synthetic else storage.name(location)
     splits = [(spec.data.train_split, "training")]
     if not isinstance(spec, PretrainStage):
         splits.append((spec.data.val_split, "evaluation"))
@@ -225,7 +262,7 @@ def stage_inputs(ctx: StageContext, name: str, spec: StageBase, source: DataSour
         digest = hashlib.sha1()
         for column in ("image_id", "path"):
             digest.update("\n".join(map(str, table.column(column).to_pylist())).encode())
-        inputs.append(StageInput(split, context, f"{dataset}-{split}", str(path), table.num_rows, digest.hexdigest()[:12]))
+        inputs.append(StageInput(split, context, f"{dataset}-{split}", location, table.num_rows, digest.hexdigest()[:12]))
     return inputs
 
 
@@ -243,8 +280,8 @@ def monitor_source(ctx: StageContext, monitor: Monitor) -> DataSource:
         rows = source.table(split)
         keep = np.sort(np.random.default_rng(0).permutation(rows.num_rows)[: monitor.max_images])
         parts.append(rows.take(keep))
-    subset = pa.concat_tables(parts).replace_schema_metadata(pq.read_schema(source.files[0]).metadata)
-    return open_source(write_manifest(subset, ctx.storage / "manifests" / "pretrain_monitor_subset.parquet"))
+    subset = pa.concat_tables(parts).replace_schema_metadata(read_schema(source.files[0]).metadata)
+    return open_source(write_manifest(subset, storage.join(ctx.storage, "manifests", "pretrain_monitor_subset.parquet")))
 
 
 def split_size(source: DataSource, split: str, stage_name: str) -> int:
@@ -264,7 +301,7 @@ def encoder_method(ctx: StageContext, spec: StageBase, weights: Optional[str]) -
     ``init`` checkpoint says (``unknown`` when it does not say)."""
     if not isinstance(spec, TransferBase) or spec.init == "pretrained":
         return ctx.config.pretrain.method
-    return "none" if weights is None else checkpoint_info(weights).get("method", "unknown")
+    return "none" if weights is None else checkpoint_info(storage.local_copy(weights)).get("method", "unknown")
 
 
 def encoder_source(ctx: StageContext, name: str, spec: TransferBase) -> Optional[str]:
@@ -278,10 +315,10 @@ def encoder_source(ctx: StageContext, name: str, spec: TransferBase) -> Optional
                 "pretraining stage; run it first, or set init: random or init: <checkpoint path>"
             )
         return ctx.encoder_checkpoint
-    path = Path(spec.init).expanduser().resolve()
-    if not path.exists():
-        raise StageError(f"stage {name}: init checkpoint {path} does not exist")
-    return str(path)
+    location = storage.absolute(spec.init)
+    if not storage.exists(location):
+        raise StageError(f"stage {name}: init checkpoint {location} does not exist")
+    return location
 
 
 def _recipes(
@@ -332,7 +369,7 @@ def prepare_stage(ctx: StageContext, name: str, run_id: str) -> PreparedStage:
     if isinstance(spec, PretrainStage):
         tags.update(mask_ratio=str(spec.mask_ratio), mask_mode=spec.mask_mode)
         if spec.method == "beit":
-            tokenizer = spec.model_tokenizer(ctx.tokenizer_checkpoint)["tokenizer"]
+            tokenizer = ctx.tokenizer_checkpoint or spec.model_tokenizer()["tokenizer"]
             if not isinstance(tokenizer, str):
                 raise StageError("stage pretrain (BEiT) needs its tokenizer, but this pipeline has no finished "
                                  "tokenizer stage; run it first (`mixmae pretrain` does), or give a tokenizer file")
@@ -362,8 +399,10 @@ def prepare_stage(ctx: StageContext, name: str, run_id: str) -> PreparedStage:
         skips=ctx.skips(run_id),
         bf16=spec.fast and spec.scaling.use_gpu,
         system_metrics_every_s=ctx.config.tracking.system_metrics_every_s if ctx.config.tracking.system_metrics else None,
-        storage=str(ctx.storage),
-        stop_file=str(ctx.stop_file or ""),
+        storage=ctx.storage,
+        stop_file=ctx.stop_file or "",
+        driver_node=ray.get_runtime_context().get_node_id(),
+        delivery_wait_s=ctx.config.tracking.delivery_wait_s,
     )
     data = _recipes(ctx, spec, source, {"train": ctx.skips(run_id), "val": ctx.skips(run_id, "val")})
     job = StageJob(name, spec, ctx.config.stage_model(spec), num_classes=num_classes, loop=loop, data=data, **job_fields)

@@ -1,0 +1,75 @@
+"""The storage helpers on local paths (a local storage behaves as it always did), what a
+config accepts as object storage, and where a sweep's trials keep their checkpoints. (An S3
+server's buckets are used in test_object_storage.py.)"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipelines import storage
+from pipelines.config import REPO_ROOT, ConfigError, load_config
+from pipelines.sweep import load_sweep, trial_config
+
+
+def test_a_local_storage_is_its_own_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = storage.absolute("runs")
+    assert root == str(tmp_path / "runs") and not storage.is_remote(root)
+    assert storage.local_root("runs") == tmp_path / "runs"  # the spool and logs stay in the storage
+    assert storage.train_storage("runs") == {"storage_path": str(tmp_path / "runs")}
+    storage.probe(root)  # nothing to probe on a local folder
+    meta = storage.join(root, "trainer", "checkpoint_1", "meta.json")
+    storage.write_text(meta, "{}")
+    storage.write_text(storage.join(root, "trainer", "checkpoint_0", "meta.json"), "{}")
+    assert storage.folders(storage.join(root, "trainer")) == ["checkpoint_0", "checkpoint_1"]
+    assert storage.files(storage.join(root, "trainer", "checkpoint_1")) == [meta]
+    assert storage.folders(storage.join(root, "nothing")) == [] and storage.files(meta) == []
+    storage.copy_tree(storage.parent(meta), storage.join(root, "aside", "checkpoint_1"))
+    assert storage.read_text(storage.join(root, "aside", "checkpoint_1", "meta.json")) == "{}"
+    with storage.fetched(meta) as path:
+        assert path == Path(meta)  # read where it is, not copied
+    storage.delete(meta)
+    storage.delete(meta)  # already gone: fine
+    assert not storage.exists(meta)
+
+
+def test_a_bucket_is_named_by_its_uri_and_only_the_environment_says_how_to_reach_it(monkeypatch):
+    for name in storage.PLACE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert storage.runtime_env() is None
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    location = storage.absolute("s3://bucket/runs/")
+    assert location == "s3://bucket/runs" and storage.join(location, "a", "b") == "s3://bucket/runs/a/b"
+    assert storage.name(location) == "runs" and storage.parent(location) == "s3://bucket"
+    assert storage.location_of(*storage.resolve(storage.join(location, "x"))) == "s3://bucket/runs/x"
+    options = storage.train_storage(location)
+    assert options["storage_path"] == "bucket/runs"
+    assert "s3cr3t" not in repr(options["storage_filesystem"].__reduce__())  # keys are read on each node
+    # where the store is travels to a cluster the run joins; a key never does (Ray logs runtime envs)
+    assert storage.runtime_env() == {"env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}}
+    local = storage.local_root(location)
+    assert local.is_relative_to(Path(os.environ.get("TMPDIR", "/tmp"))) and local != storage.local_root("s3://bucket/other")
+
+
+@pytest.mark.parametrize("uri", ["s3://KEY:s3cr3t@bucket/runs", "s3://bucket/runs?secret_key=s3cr3t",
+                                 "ftp://u:s3cr3t@host/runs"])
+def test_a_config_refuses_credentials_and_options_in_a_uri_without_repeating_them(uri):
+    for setting in (f"storage={uri}", f"pretrain.data.root={uri}"):
+        with pytest.raises(ConfigError, match="environment|not served") as error:
+            load_config(None, [setting], pretrain_only=True)
+        assert "s3cr3t" not in str(error.value)
+
+
+def test_a_sweeps_trials_keep_their_checkpoints_in_the_bucket(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec, base = load_sweep(REPO_ROOT / "ray_configs/sweeps/mask_ratio_epochs.yaml",
+                            ["storage=s3://bucket/sweeps", "overrides=[storage=s3://bucket/runs]"])
+    assert spec.storage == "s3://bucket/sweeps" and base.storage == "s3://bucket/runs"
+    resolved = base.resolved()  # as the trials get it
+    assert resolved.storage == "s3://bucket/runs" and resolved.synthetic.root == str(tmp_path / ".mixmae/synthetic")
+    trial = trial_config(resolved, spec, {key: space.grid[0] for key, space in spec.search.items()}, seed=0)
+    assert trial.storage == "s3://bucket/runs"
