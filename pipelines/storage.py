@@ -42,6 +42,7 @@ _TYPE_SCHEMES = {"s3": "s3", "gcs": "gs"}
 #: creates, so each node holds its own (a local cluster started here inherits this process's).
 PLACE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "MLFLOW_S3_ENDPOINT_URL")
 PROBE_PREFIX = ".mixmae-probe-"
+LOCAL_DIR_ENV = "MIXMAE_LOCAL_DIR"
 
 
 class StorageError(RuntimeError):
@@ -237,7 +238,7 @@ def local_copy(location: str) -> Path:
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"{location} does not exist")
     key = hashlib.sha1(f"{location}:{info.size}:{info.mtime_ns}".encode()).hexdigest()[:16]
-    target = Path(tempfile.gettempdir()) / "mixmae" / "cache" / key / name(location)
+    target = node_folder() / "cache" / key / name(location)
     if not target.exists():
         staging = download(location, target.parent.with_name(f"{key}.{uuid.uuid4().hex}")).parent
         try:
@@ -247,14 +248,19 @@ def local_copy(location: str) -> Path:
     return target
 
 
+def node_folder() -> Path:
+    """This node's own folder: ``MIXMAE_LOCAL_DIR`` (a volume that outlives the node's
+    processes, say), else ``mixmae`` in its temporary directory."""
+    return Path(os.environ.get(LOCAL_DIR_ENV) or Path(tempfile.gettempdir()) / "mixmae")
+
+
 def local_root(location: str) -> Path:
     """This node's folder for what cannot live on object storage (the tracking spool, the
-    driver's log file): the storage itself when it is local, else a folder under the node's
-    temporary directory named after the storage."""
+    driver's log file): the storage itself when it is local, else a folder of
+    :func:`node_folder` named after the storage."""
     if not is_remote(location):
         return Path(absolute(location))
-    digest = hashlib.sha1(absolute(location).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "mixmae" / digest
+    return node_folder() / hashlib.sha1(absolute(location).encode()).hexdigest()[:16]
 
 
 def runtime_env() -> Optional[dict]:

@@ -149,8 +149,8 @@ from pipelines.config import load_config
 from pipelines.pipeline import run_pipeline
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-# each node its own temporary folder (where a node keeps its tracking spool): no folder is shared
-others = [cluster.add_node(num_cpus=2, env_vars={"TMPDIR": tmp}) for tmp in json.loads(sys.argv[2])]
+# each node its own folder (where it keeps its tracking spool): no folder is shared
+others = [cluster.add_node(num_cpus=2, env_vars={"MIXMAE_LOCAL_DIR": own}) for own in json.loads(sys.argv[2])]
 cluster.wait_for_nodes()
 config = load_config(sys.argv[1], [f"ray.address={cluster.address}", *sys.argv[3:]])
 runs = storage.absolute(config.storage)
@@ -203,7 +203,7 @@ cluster.shutdown()
 
 
 def test_a_node_lost_mid_stage_costs_only_the_steps_since_the_checkpoint(tmp_path, synthetic_data, s3):
-    """Three nodes (raylets on this machine, each with its own CPUs and temporary folder), the
+    """Three nodes (raylets on this machine, each with its own CPUs and local folder), the
     two workers on two of them (STRICT_SPREAD), the storage in a bucket (the only place the
     nodes share); a node with a worker (not the head) is removed after the first checkpoint,
     and the stage resumes from it on the nodes left."""
@@ -233,4 +233,4 @@ def test_a_node_lost_mid_stage_costs_only_the_steps_since_the_checkpoint(tmp_pat
     assert run.data.tags["mixmae.checkpoint"].startswith(f"s3://{bucket}/runs/")
     assert any(key.endswith("/encoder.safetensors") for key in s3.keys(bucket, "runs/"))
     assert not (tmp_path / "mixmae_runs").exists()
-    assert all(list(node.glob("mixmae/*/tracking_spool/*/records.jsonl")) for node in nodes)  # each node spooled its own
+    assert all(list(node.glob("*/tracking_spool/*/records.jsonl")) for node in nodes)  # each node spooled its own

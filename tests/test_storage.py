@@ -4,7 +4,6 @@ server's buckets are used in test_object_storage.py.)"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -51,8 +50,9 @@ def test_a_bucket_is_named_by_its_uri_and_only_the_environment_says_how_to_reach
     assert "s3cr3t" not in repr(options["storage_filesystem"].__reduce__())  # keys are read on each node
     # where the store is travels to a cluster the run joins; a key never does (Ray logs runtime envs)
     assert storage.runtime_env() == {"env_vars": {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}}
+    monkeypatch.setenv("MIXMAE_LOCAL_DIR", "/node/own")
     local = storage.local_root(location)
-    assert local.is_relative_to(Path(os.environ.get("TMPDIR", "/tmp"))) and local != storage.local_root("s3://bucket/other")
+    assert local.parent == Path("/node/own") and local != storage.local_root("s3://bucket/other")
 
 
 @pytest.mark.parametrize("uri", ["s3://KEY:s3cr3t@bucket/runs", "s3://bucket/runs?secret_key=s3cr3t",
