@@ -71,6 +71,10 @@ class StageBase(Strict):
     clip_grad: Optional[float] = Field(None, gt=0)
     seed: int = 0
     fast: bool = Field(False, description="bf16 autocast, fused AdamW and torch.compile on GPU")
+    grad_checkpointing: bool = Field(
+        False, description="recompute each encoder block's activations in backward instead of keeping them "
+        "(less memory, about a third more encoder compute; `mixmae plan --gpu-mem` says when a stage needs it)",
+    )
     log_every_steps: int = Field(10, ge=1)
     checkpoint_every_steps: int = Field(500, ge=1)
     scaling: Scaling = Field(default_factory=Scaling)
@@ -162,6 +166,15 @@ class PretrainStage(StageBase):
             raise ValueError(
                 f"each worker's micro-batch ({self.micro_batch()} = batch_size / (num_workers x accum_steps)) "
                 "must be even: pretraining data comes in pairs (MixMAE mixes rows 2k and 2k+1)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _checkpointable(self):
+        if self.grad_checkpointing and self.method == "mae":
+            raise ValueError(
+                "grad_checkpointing: MAE's pretraining model runs its ViT's blocks itself (mae.py), past the "
+                "encoder's checkpointing switch; set it for mixmae or simmim pretraining, or for the transfer stages"
             )
         return self
 

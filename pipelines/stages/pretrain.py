@@ -15,6 +15,7 @@ from mixmae_core.methods import create_pretraining_model, pretraining_step
 from mixmae_core.optim import build_optimizer
 from mixmae_core.viz import save_reconstruction_png
 from pipelines.data.collate import PairCollate, normalize_on_device
+from pipelines.memory import apply_grad_checkpointing
 from pipelines.stages.jobs import stage_dataset
 from pipelines.stages.checkpoints import ENCODER_FILE
 from pipelines.stages.loop import Task
@@ -35,6 +36,7 @@ class PretrainTask(Task):
             spec.method, self.job.model, img_size=spec.img_size, mask_ratio=spec.mask_ratio, **options,
             **spec.model_overrides,
         ).to(device)
+        apply_grad_checkpointing(model, spec.grad_checkpointing)
         return apply_step_options(model, self._options())
 
     def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
