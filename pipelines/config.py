@@ -71,6 +71,10 @@ class StageBase(Strict):
     clip_grad: Optional[float] = Field(None, gt=0)
     seed: int = 0
     fast: bool = Field(False, description="bf16 autocast, fused AdamW and torch.compile on GPU")
+    grad_checkpointing: bool = Field(
+        False, description="recompute each encoder block's activations in backward instead of keeping them "
+        "(less memory, about a third more encoder compute; `mixmae plan --gpu-mem` says when a stage needs it)",
+    )
     log_every_steps: int = Field(10, ge=1)
     checkpoint_every_steps: int = Field(500, ge=1)
     scaling: Scaling = Field(default_factory=Scaling)
@@ -282,6 +286,15 @@ class PretrainStage(StageBase):
         from mixmae_core.tokenizer import build_tokenizer
 
         return {"tokenizer": build_tokenizer("dvae", **self.tokenizer.architecture())}
+
+    def _checkpointable(self):
+        if self.grad_checkpointing and self.method in ("mae", "beit"):
+            raise ValueError(
+                f"grad_checkpointing: {self.method.upper() if self.method == 'mae' else 'BEiT'}'s pretraining model runs "
+                f"its ViT's blocks itself ({self.method}.py), past the encoder's checkpointing switch; set it for mixmae "
+                "or simmim pretraining, or for the transfer stages"
+            )
+        return self
 
     @model_validator(mode="after")
     def _buildable(self):

@@ -18,6 +18,7 @@ from mixmae_core.tasks.knn import knn_predict, pooled_features
 from mixmae_core.viz import save_reconstruction_png
 from pipelines.data.collate import PairCollate, normalize_on_device
 from pipelines.data.order import Shard
+from pipelines.memory import apply_grad_checkpointing
 from pipelines.stages.checkpoints import ENCODER_FILE
 from pipelines.stages.loop import MicroBatch, Task, all_gather
 
@@ -40,6 +41,7 @@ class PretrainTask(Task):
             spec.method, self.job.model, img_size=spec.img_size, mask_ratio=spec.mask_ratio, **spec.method_options(),
             **spec.model_tokenizer(self.job.tokenizer_weights), **spec.model_overrides,
         ).to(device)
+        apply_grad_checkpointing(model, spec.grad_checkpointing)
         return apply_step_options(model, self._options())
 
     def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:

@@ -13,6 +13,7 @@ from mixmae_core.checkpoint import save_state_dict
 from mixmae_core.optim import build_optimizer
 from pipelines.data.collate import normalize_on_device
 from pipelines.data.order import Shard
+from pipelines.memory import apply_grad_checkpointing
 from pipelines.stages.checkpoints import ENCODER_FILE
 from pipelines.stages.loop import MicroBatch, Task
 
@@ -27,7 +28,7 @@ class TransferTask(Task):
 
     def build(self, device: torch.device) -> nn.Module:
         self.device = device
-        model = self.build_model().to(device)
+        model = apply_grad_checkpointing(self.build_model().to(device), self.spec.grad_checkpointing)
         if self.spec.fast and device.type == "cuda":
             model.compile(dynamic=False)
         return model
