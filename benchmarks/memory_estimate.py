@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mixmae_core.fast import StepOptions, apply_step_options
-from mixmae_core.methods import create_pretraining_model, pretraining_step
+from mixmae_core.methods import create_pretraining_model
 from pipelines.memory import GIB, check_pretraining_peak, measure_model, pretraining_inputs
 
 CPU_ROWS = [("mixmae_swin_micro_w8", 64, 8), ("mixmae_swin_micro_w8", 64, 32), ("mixmae_swin_tiny_w14", 224, 2),
@@ -65,8 +65,7 @@ def gpu_table(measured: dict) -> Table:
         with torch.device("meta"):
             model = create_pretraining_model("mixmae", "mixmae_swin_base_w14", img_size=224)
         model = apply_step_options(model, replace(options, compile="off"))
-        costs = measure_model(model, pretraining_inputs(224, 0.5), lambda x, m: pretraining_step(model, x, m).loss,
-                              cuda=True, bf16=True)
+        costs = measure_model(model, pretraining_inputs(model, 224), lambda x, m: model(x, m).loss, cuda=True, bf16=True)
         memory = costs.worker(128, workers=1, optimizer="adamw", fused=options.fused_adamw, checkpointing=False)
         peak = measured.get("rows", {}).get(name, {}).get("peak_gib")
         table.add_row(

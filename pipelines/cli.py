@@ -359,6 +359,9 @@ def plan(
         )
     console.print(table)
     console.print("throughput: " + "; ".join(f"{b.stage}: {b.throughput_source}" for b in bills))
+    for b in (b for b in bills if b.monitor_flops is not None):
+        console.print(f"{b.stage}: its k-NN monitor costs {b.monitor_flops / 1e15:,.3f} PFLOP, "
+                      f"{b.monitor_flops / b.train_flops:.1%} of its training FLOPs")
     console.print(memory_table(f"memory per worker of {cfg.name} (GiB)", bills, gpu_mem))
     console.print(MEMORY_NOTE)
     for b in bills:

@@ -287,6 +287,7 @@ class PretrainStage(StageBase):
 
         return {"tokenizer": build_tokenizer("dvae", **self.tokenizer.architecture())}
 
+    @model_validator(mode="after")
     def _checkpointable(self):
         if self.grad_checkpointing and self.method in ("mae", "beit"):
             raise ValueError(

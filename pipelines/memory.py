@@ -333,16 +333,14 @@ def check_pretraining_peak(encoder: str, img_size: int, batch: int, checkpointin
     trains on the CPU. Between the two lie the gradients backward makes while it frees
     activations: the peak falls between the estimate and the estimate plus the gradients (the
     bound the plan adds up), less whatever of the estimate is never live at once."""
-    from mixmae_core.methods import create_pretraining_model, pretraining_step
+    from mixmae_core.methods import create_pretraining_model
 
     with torch.device("meta"):
         meta = create_pretraining_model("mixmae", encoder, img_size=img_size)
-    estimate = measure_activations(
-        meta, pretraining_inputs(img_size, 0.5), lambda x, m: pretraining_step(meta, x, m).loss, cuda=False, bf16=False
-    )
+    estimate = measure_activations(meta, pretraining_inputs(meta, img_size), lambda x, m: meta(x, m).loss, cuda=False, bf16=False)
     model = apply_grad_checkpointing(create_pretraining_model("mixmae", encoder, img_size=img_size), checkpointing)
-    inputs = pretraining_inputs(img_size, 0.5, device="cpu")
-    measured = measured_peak(model.train(), lambda: pretraining_step(model, *inputs(batch)).loss)
+    inputs = pretraining_inputs(model, img_size, device="cpu")
+    measured = measured_peak(model.train(), lambda: model(*inputs(batch)).loss)
     return PeakCheck(estimate.at(batch, checkpointing), sum(p.numel() * 4 for p in model.parameters()), measured)
 
 
@@ -387,14 +385,13 @@ def transfer_model(config: "PipelineConfig", name: str, spec: "StageBase", num_c
         return importlib.import_module(f"pipelines.stages.{spec.task}").TASK(job).build_model()
 
 
-def pretraining_inputs(img_size: int, mask_ratio: float, device: str = "meta",
-                       pair_masks: bool = True) -> Callable[[int], tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """Pretraining batches: images on ``device``, the pairs' masks on the CPU, as the data brings them."""
-    from mixmae_core.masking import sample_mask
-
-    grid = (img_size // 32, img_size // 32)
-    return lambda n: (torch.randn(n, 3, img_size, img_size, device=device),
-                      sample_mask(n // 2, grid, mask_ratio) if pair_masks else None)
+def pretraining_inputs(
+    model: nn.Module, img_size: int, device: str = "meta"
+) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """A pretraining model's batches: images on ``device``, each row's masks on the CPU drawn
+    by the method's own spec, as the data brings them."""
+    spec = getattr(model, "_orig_mod", model).mask_spec
+    return lambda n: (torch.randn(n, 3, img_size, img_size, device=device), spec.draw_rows(range(n // 2)))
 
 
 def _training_inputs(spec: "StageBase", model: nn.Module) -> Callable[[int], tuple[torch.Tensor, ...]]:
@@ -402,7 +399,7 @@ def _training_inputs(spec: "StageBase", model: nn.Module) -> Callable[[int], tup
     from pipelines.config import DetectStage, PretrainStage
 
     if isinstance(spec, PretrainStage):
-        return pretraining_inputs(spec.img_size, spec.mask_ratio, pair_masks=model.uses_pair_masks)
+        return pretraining_inputs(model, spec.img_size)
 
     def inputs(batch: int) -> tuple[torch.Tensor, ...]:
         images = torch.randn(batch, 3, spec.img_size, spec.img_size, device="meta")
@@ -416,11 +413,10 @@ def _training_inputs(spec: "StageBase", model: nn.Module) -> Callable[[int], tup
 
 def _training_loss(spec: "StageBase", model: nn.Module) -> Callable[..., torch.Tensor]:
     """The training loss of the stage's model on :func:`_training_inputs` (a detector's: its outputs)."""
-    from mixmae_core.methods import pretraining_step
     from pipelines.config import DetectStage, PretrainStage
 
     if isinstance(spec, PretrainStage):
-        return lambda images, mask: pretraining_step(model, images, mask).loss
+        return lambda images, masks: model(images, masks).loss
     if isinstance(spec, DetectStage):
         return model
     return lambda images, labels: F.cross_entropy(model(images), labels)
@@ -512,7 +508,8 @@ def model_costs(config: "PipelineConfig", name: str, spec: "StageBase", num_clas
     if isinstance(spec, PretrainStage):
         with torch.device("meta"):
             model = create_pretraining_model(spec.method, config.stage_model(spec), img_size=spec.img_size,
-                                             mask_ratio=spec.mask_ratio, **spec.model_overrides)
+                                             mask_ratio=spec.mask_ratio, **spec.method_options(),
+                                             **spec.model_tokenizer(), **spec.model_overrides)
         options = StepOptions.fast(torch.device("cuda" if gpu else "cpu")) if spec.fast else StepOptions()
         model = apply_step_options(model, replace(options, compile="off"))
     else:

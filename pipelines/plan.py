@@ -69,6 +69,9 @@ class StageBill:
     cores_per_device: Optional[float]
     """CPU cores one device needs at ``throughput``: its decoding and one for the training process."""
     cpus_per_worker: float
+    monitor_flops: Optional[float] = None
+    """What the k-NN monitor's evaluations cost in all (forwards of its images; None: no monitor,
+    or its data is not on this machine and ``max_images`` is not set)."""
 
     def as_dict(self) -> dict:
         return {**asdict(self), "memory": self.memory.as_dict()}
@@ -103,6 +106,33 @@ def _images(config: PipelineConfig, name: str, stage: StageBase) -> int:
 
     ctx = StageContext(config, "", "", "plan", Path(config.storage).resolve() / "plan", synthetic_roots(config))
     return split_size(resolve_source(ctx, name, stage.data), stage.data.train_split, name)
+
+
+def _monitor_flops(config: PipelineConfig, stage: PretrainStage, steps: int, macs: float) -> Optional[float]:
+    """The monitor's cost: at each evaluation, one forward (2 FLOPs per multiply-add) of its
+    train and validation images, each cut to ``max_images``."""
+    from pipelines.stages.prepare import eval_every, schedule
+
+    monitor = stage.monitor
+    try:
+        counts = [_split_images(config, monitor.data, split) for split in (monitor.data.train_split, monitor.data.val_split)]
+    except (OSError, ValueError):
+        counts = [None, None]
+    if monitor.max_images:
+        counts = [min(n, monitor.max_images) if n else monitor.max_images for n in counts]
+    if None in counts:
+        return None
+    every = eval_every(stage, schedule("pretrain", stage, _images(config, "pretrain", stage)))
+    evaluations = 1 + ((steps - 1) // every if every else 0)
+    return evaluations * sum(counts) * 2 * macs
+
+
+def _split_images(config: PipelineConfig, data, split: str) -> int:
+    from pipelines.pipeline import synthetic_roots
+    from pipelines.stages.prepare import StageContext, resolve_source
+
+    ctx = StageContext(config, "", "", "plan", Path(config.storage).resolve() / "plan", synthetic_roots(config))
+    return resolve_source(ctx, "pretrain_monitor", data).table(split, ["image_id"]).num_rows
 
 
 def _head_classes(stage: StageBase) -> int:
@@ -192,6 +222,7 @@ def bill(
                 throughput_source=source if rate else "none", memory=worker_memory(stage, costs),
                 decode_per_core=per_core, decode_size=decode_size,
                 cores_per_device=1 + rate / per_core if rate else None, cpus_per_worker=stage.scaling.cpus_per_worker,
+                monitor_flops=_monitor_flops(config, stage, steps[name], macs) if getattr(stage, "monitor", None) else None,
             )
             if priced:
                 priced(out[name])

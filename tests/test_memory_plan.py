@@ -51,10 +51,11 @@ def test_checkpointing_is_off_by_default_and_refused_where_the_model_would_ignor
     assert not any(stage.grad_checkpointing for stage in config.all_stages().values())
     on = load_config(DEFAULT_CONFIG, ["pretrain.grad_checkpointing=true", "stages.coco.grad_checkpointing=true"])
     assert on.pretrain.grad_checkpointing and on.stages["coco"].grad_checkpointing
-    mae = ["pretrain.method=mae", "pretrain.model=mae_vit_micro_p8", "stages={}", "pretrain.grad_checkpointing=true"]
-    with pytest.raises(ConfigError, match=r"pretrain: grad_checkpointing: MAE's pretraining model runs its ViT's "
-                                          r"blocks itself"):
-        load_config(DEFAULT_CONFIG, mae)
+    for method, model, name in (("mae", "mae_vit_micro_p8", "MAE"), ("beit", "beit_micro_p8", "BEiT")):
+        overrides = [f"pretrain.method={method}", f"pretrain.model={model}", "pretrain.grad_checkpointing=true"]
+        with pytest.raises(ConfigError, match=rf"pretrain: grad_checkpointing: {name}'s pretraining model runs its "
+                                              r"ViT's blocks itself"):
+            load_config(DEFAULT_CONFIG, overrides, pretrain_only=True)
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "inat2018", "coco", "ade20k"])
