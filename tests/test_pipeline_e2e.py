@@ -118,7 +118,6 @@ def test_pretraining_on_two_workers_learns_and_exports_a_timm_encoder(quickstart
     assert torch.equal(classifier.layers[3].blocks[0].mlp.fc2.weight, weights["layers.3.blocks.0.mlp.fc2.weight"])
 
 
-@pytest.mark.parametrize("stage", sorted(CLASS_COUNTS))
 def test_the_knn_monitor_scores_the_same_on_one_worker_as_on_two(quickstart, synthetic_data):
     """The pretraining's last k-NN accuracy, computed by its 2 workers each on its slice of the
     monitor's splits, equals one process scoring the exported encoder on all of them."""
@@ -151,6 +150,7 @@ def table_source(table, work: Path):
     return open_source(write_manifest(table, work / "knn_check.parquet"))
 
 
+@pytest.mark.parametrize("stage", sorted(CLASS_COUNTS))
 def test_classification_stages_beat_chance(quickstart, stage):
     run = quickstart[3][stage]
     chance = 1 / CLASS_COUNTS[stage]
