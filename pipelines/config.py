@@ -50,6 +50,11 @@ class Scaling(Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how the workers are placed on the cluster's nodes (SPREAD: one a node where it can)"
     )
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="'ddp': every worker holds the whole model; 'fsdp': parameters, gradients and optimizer "
+        "states sharded over the workers (torch's fully_shard, a unit per transformer block), for a pretraining "
+        "model that does not fit one device under DDP (see `mixmae plan --gpu-mem`)",
+    )
 
 
 class StageBase(Strict):
@@ -325,6 +330,15 @@ def _tokenizer_settings(pretrain: dict[str, Any]) -> dict[str, Any]:
 
 
 class TransferBase(StageBase):
+    @model_validator(mode="after")
+    def _replicated(self):
+        if self.scaling.parallelism == "fsdp":
+            raise ValueError(
+                "scaling.parallelism: fsdp shards the pretraining stage's model; transfer stages train under ddp (their "
+                "evaluations score unequal slices per worker; with grad_checkpointing they fit: see `mixmae plan`)"
+            )
+        return self
+
     init: str = Field("pretrained", description="'pretrained' (previous stage), 'random', or a checkpoint path")
     optimizer: Literal["adamw", "lars", "sgd"] = "adamw"
     layer_decay: Optional[float] = Field(None, gt=0, le=1)

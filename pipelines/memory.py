@@ -470,17 +470,24 @@ class ModelCosts:
     """Bytes of the trainable parameters, fp32."""
     activations: Activations
     bf16: bool
+    largest_unit: int = 0
+    """Bytes of the largest of :func:`sharding_units` (what FSDP gathers whole at a time)."""
 
-    def worker(self, micro_batch: int, workers: int, optimizer: str, fused: bool, checkpointing: bool) -> WorkerMemory:
+    def worker(self, micro_batch: int, workers: int, optimizer: str, fused: bool, checkpointing: bool,
+               sharded: bool = False) -> WorkerMemory:
         """One of ``workers`` workers training on ``micro_batch`` samples with ``optimizer``
-        (adamw: two states; lars, sgd: a momentum)."""
+        (adamw: two states; lars, sgd: a momentum); ``sharded`` (FSDP): weights, gradients and
+        states divided among the workers, plus the largest unit gathered whole with its gradient."""
         adamw = optimizer == "adamw"
+        share = workers if sharded else 1
         return WorkerMemory(
-            micro_batch=micro_batch, bf16=self.bf16, checkpointing=checkpointing, weights=self.weights,
-            gradients=self.trainable, ddp_buckets=self.trainable if workers > 1 else 0,
-            optimizer=self.trainable * (2 if adamw else 1),
-            optimizer_kind=f"{optimizer}{' fused' if adamw and fused else ''}",
-            step_temporaries=self.trainable if adamw and not fused else 0,
+            micro_batch=micro_batch, bf16=self.bf16, checkpointing=checkpointing,
+            weights=self.weights // share + (self.largest_unit if sharded else 0),
+            gradients=self.trainable // share + (self.largest_unit if sharded else 0),
+            ddp_buckets=self.trainable if workers > 1 and not sharded else 0,
+            optimizer=self.trainable * (2 if adamw else 1) // share,
+            optimizer_kind=f"{optimizer}{' fused' if adamw and fused else ''}{' sharded' if sharded else ''}",
+            step_temporaries=self.trainable // share if adamw and not fused else 0,
             activations=self.activations.at(micro_batch, False),
             activations_checkpointed=self.activations.at(micro_batch, True),
             checkpointed_blocks=len(self.activations.blocks),
@@ -495,7 +502,21 @@ def measure_model(model: nn.Module, inputs: Callable[[int], tuple[torch.Tensor, 
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad) * 4,
         activations=measure_activations(model, inputs, loss, cuda=cuda, bf16=bf16),
         bf16=bf16,
+        largest_unit=max((sum(p.numel() * 4 for p in unit.parameters()) for unit in sharding_units(model)), default=0),
     )
+
+
+def sharding_units(model: nn.Module) -> list[nn.Module]:
+    """What ``parallelism: fsdp`` shards as one unit each: every outermost module whose class
+    is a ``...Level`` or a ``...Block`` (a Swin level computes its blocks' position biases, so
+    the level is the unit; a ViT's or a decoder's blocks stand alone); the rest is the root's."""
+    names: list[str] = []
+    units = []
+    for name, module in model.named_modules():
+        if not any(name.startswith(f"{unit}.") for unit in names) and type(module).__name__.endswith(("Level", "Block")):
+            names.append(name)
+            units.append(module)
+    return units
 
 
 def model_costs(config: "PipelineConfig", name: str, spec: "StageBase", num_classes: int) -> ModelCosts:
@@ -529,4 +550,5 @@ def worker_memory(spec: "StageBase", costs: ModelCosts) -> WorkerMemory:
     from pipelines.config import PretrainStage
 
     optimizer = "adamw" if isinstance(spec, PretrainStage) else spec.optimizer
-    return costs.worker(spec.micro_batch(), spec.scaling.num_workers, optimizer, _fast(spec), spec.grad_checkpointing)
+    return costs.worker(spec.micro_batch(), spec.scaling.num_workers, optimizer, _fast(spec), spec.grad_checkpointing,
+                        sharded=spec.scaling.parallelism == "fsdp" and spec.scaling.num_workers > 1)

@@ -156,3 +156,24 @@ def test_the_swin_h_plan_gives_gib_with_and_without_checkpointing():
     plain, checkpointed = float(cells[9]), float(cells[10])
     assert cells[1:3] == ["128", "bf16"] and 40 < plain < 80 and checkpointed < plain / 2
     assert cells[11].startswith("fits")
+
+
+def test_sharding_divides_weights_gradients_and_states_among_the_workers():
+    """FSDP's units are the outermost levels and blocks (a Swin level computes its blocks'
+    position biases); a worker holds its share of everything plus the largest unit gathered."""
+    from types import SimpleNamespace
+
+    from mixmae_core.methods import create_pretraining_model
+    from pipelines.memory import ModelCosts, sharding_units
+
+    with torch.device("meta"):
+        model = create_pretraining_model("mixmae", "mixmae_swin_micro_w8", img_size=64)
+    units = sharding_units(model)
+    assert [type(u).__name__ for u in units] == ["SwinLevel"] * 4 + ["Block"] * 2  # 4 encoder levels, 2 decoder blocks
+    activations = SimpleNamespace(at=lambda batch, checkpointing: 50.0, blocks=[])
+    costs = ModelCosts(weights=800, trainable=800, activations=activations, bf16=False, largest_unit=100)
+    ddp = costs.worker(8, 4, "adamw", fused=True, checkpointing=False)
+    fsdp = costs.worker(8, 4, "adamw", fused=True, checkpointing=False, sharded=True)
+    assert (ddp.weights, ddp.gradients, ddp.ddp_buckets, ddp.optimizer) == (800, 800, 800, 1600)
+    assert (fsdp.weights, fsdp.gradients, fsdp.ddp_buckets, fsdp.optimizer) == (300, 300, 0, 400)
+    assert fsdp.total() == 300 + 300 + 400 + 50 < ddp.total()

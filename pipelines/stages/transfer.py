@@ -57,6 +57,6 @@ class TransferTask(Task):
     def images(self, batch: dict) -> torch.Tensor:
         return normalize_on_device(batch["image"].to(self.device, non_blocking=True))
 
-    def export(self, model: nn.Module, out: Path) -> None:
+    def export(self, model: nn.Module, state: dict[str, torch.Tensor], out: Path) -> None:
         meta = {"model": self.job.model, "img_size": self.spec.img_size, "source": f"mixmae-{self.job.name}"}
-        save_state_dict(out / ENCODER_FILE, model.state_dict(), meta)
+        save_state_dict(out / ENCODER_FILE, state, meta)
