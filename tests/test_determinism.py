@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from pipelines.pipeline import run_pipeline
 from pipelines.spool import Spool
 from pipelines.stages.loop import FINGERPRINT_METRIC, LOSS_METRIC
 from pipelines.tracking import STAGE, spooled_steps
-from tests.servers import BIN, actors, launch
+from tests.servers import BIN, WorkerKiller, launch
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -80,11 +79,7 @@ def test_two_runs_with_one_seed_log_the_same_loss_at_every_step(reference, tmp_p
 
 def _registered_checkpoint_steps(storage: Path) -> list[int]:
     for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            results = json.loads(snapshot.read_text())["checkpoint_results"]
-        except (OSError, ValueError, KeyError):  # being written
-            return []
-        return [int(result["metrics"]["step"]) for result in results]
+        return [int(result["metrics"]["step"]) for result in json.loads(snapshot.read_text())["checkpoint_results"]]
     return []
 
 
@@ -94,27 +89,9 @@ def test_a_worker_killed_mid_epoch_resumes_on_the_same_data(reference, tmp_path,
     gradients are reduce-scattered instead of all-reduced, the same within float tolerance,
     from a checkpoint gathered from and scattered back to the shards."""
     config = load_config(DEFAULT_CONFIG, [*_overrides(tmp_path, synthetic_data), f"pretrain.scaling.parallelism={parallelism}"])
-    done, killed = threading.Event(), []
-
-    def kill_after_the_first_checkpoint() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not done.is_set():
-            if _registered_checkpoint_steps(tmp_path / "runs"):
-                workers = actors("RayTrainWorker", state="ALIVE")
-                if workers:
-                    os.kill(workers[-1].pid, signal.SIGKILL)
-                    killed.append(workers[-1].pid)
-                    return
-            time.sleep(0.1)
-
-    killer = threading.Thread(target=kill_after_the_first_checkpoint, daemon=True)
-    killer.start()
-    try:
+    with WorkerKiller(lambda: _registered_checkpoint_steps(tmp_path / "runs")) as killer:
         run_pipeline(config, stages=["pretrain"])
-    finally:
-        done.set()
-        killer.join()
-    assert killed, "the run ended before a worker could be killed"
+    assert killer.killed, "the run ended before a worker could be killed"
     client, run = _pretrain_run(tmp_path)
     assert run.data.tags["mixmae.resumed_from"] == "step 4"
     if parallelism == "ddp":
