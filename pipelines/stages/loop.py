@@ -510,12 +510,15 @@ def start(task: Task, logger: Optional[RunLogger], resume: Resume) -> Run:
 
 def shard(model: nn.Module, device: torch.device) -> None:
     """Shard ``model`` over the workers in place (torch's ``fully_shard``, FSDP2): each of
-    :func:`~pipelines.memory.sharding_units` gathered for its forward and backward, then the rest."""
+    :func:`~pipelines.memory.sharding_units` gathered for its forward and backward, then the rest.
+    Every worker starts from rank 0's weights, as under DDP (each built its own, from its own seed)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from pipelines.memory import sharding_units
 
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=0)
     mesh = init_device_mesh(device.type, (world_size(),))
     for unit in sharding_units(model):
         fully_shard(unit, mesh=mesh)
