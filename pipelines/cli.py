@@ -322,23 +322,39 @@ def plan(
     throughput: list[str] = typer.Option([], "--throughput", help="stage=images/s per device (repeatable)"),
     tflops: Optional[float] = typer.Option(None, "--tflops", help="achieved TFLOP/s per device, for the rest"),
     benchmark: Optional[Path] = typer.Option(None, "--benchmark", help="JSON from benchmarks/pretrain_throughput.py"),
+    gpu_mem: Optional[float] = typer.Option(None, "--gpu-mem", help="GiB of one device: say which stages fit"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Per stage: GFLOPs, optimizer steps, training FLOPs and estimated device-hours."""
-    from pipelines.plan import bill
+    """Per stage: GFLOPs, optimizer steps, training FLOPs, estimated device-hours, the memory of
+    one worker (with and without activation checkpointing) and the CPU cores its data needs."""
+    import time
+
+    if not as_json:
+        console.print(f"pricing {config or 'the quickstart config'} (models on the meta device: shapes, no weights)")
+    cfg = _load(config, overrides)
+    from pipelines.memory import GIB
+    from pipelines.plan import MEMORY_NOTE, bill, memory_table
     from pipelines.stages.jobs import StageError
 
-    cfg = _load(config, overrides)
     rates = {}
     for item in throughput:
         name, _, value = item.partition("=")
         rates[name] = float(value)
+    started = time.perf_counter()
+
+    def priced(b) -> None:
+        if not as_json:
+            console.print(f"  {b.stage}: {b.model} @ {b.img_size}, {b.train_flops_per_image / 1e9:,.1f} GFLOP/img, "
+                          f"{b.steps:,} steps, {b.memory.total() / GIB:.1f} GiB per worker "
+                          f"[{time.perf_counter() - started:.1f} s]")
+
     try:
-        bills = bill(cfg, rates, tflops, benchmark)
+        bills = bill(cfg, rates, tflops, benchmark, priced)
     except StageError as exc:
         fail(exc, 1)
     if as_json:
-        typer.echo(json.dumps([b.as_dict() for b in bills]))
+        typer.echo(json.dumps([{**b.as_dict(), **({"gpu_mem_gib": gpu_mem, "margin_gib": b.fits(gpu_mem)} if gpu_mem
+                                                  else {})} for b in bills]))
         return
     table = Table(title=f"plan for {cfg.name}")
     for column in ("stage", "model @ px", "GFLOPs", "train GFLOP/img", "steps", "images", "train PFLOP",
@@ -356,6 +372,21 @@ def plan(
         )
     console.print(table)
     console.print("throughput: " + "; ".join(f"{b.stage}: {b.throughput_source}" for b in bills))
+    for b in (b for b in bills if b.monitor_flops is not None):
+        console.print(f"{b.stage}: its k-NN monitor costs {b.monitor_flops / 1e15:,.3f} PFLOP, "
+                      f"{b.monitor_flops / b.train_flops:.1%} of its training FLOPs")
+    console.print(memory_table(f"memory per worker of {cfg.name} (GiB)", bills, gpu_mem))
+    console.print(MEMORY_NOTE)
+    for b in bills:
+        if b.cores_per_device is not None:
+            console.print(
+                f"{b.stage}: {b.cores_per_device:.1f} CPU cores per device for {b.throughput:,.0f} img/s "
+                f"({b.decode_per_core:.0f} img/s per decoding core, the {b.decode_size}-px pretraining decode figure), "
+                f"cpus_per_worker {b.cpus_per_worker:g}"
+            )
+        warning = b.cpu_warning()
+        if warning:
+            console.print(f"[yellow]warning: {warning}[/]", soft_wrap=True)
 
 
 def main() -> None:

@@ -70,6 +70,11 @@ class Scaling(Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how the workers are placed on the cluster's nodes (SPREAD: one a node where it can)"
     )
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="'ddp': every worker holds the whole model; 'fsdp': parameters, gradients and optimizer "
+        "states sharded over the workers (torch's fully_shard, a unit per transformer block), for a pretraining "
+        "model that does not fit one device under DDP (see `mixmae plan --gpu-mem`)",
+    )
 
 
 class StageBase(Strict):
@@ -91,6 +96,10 @@ class StageBase(Strict):
     clip_grad: Optional[float] = Field(None, gt=0)
     seed: int = 0
     fast: bool = Field(False, description="bf16 autocast, fused AdamW and torch.compile on GPU")
+    grad_checkpointing: bool = Field(
+        False, description="recompute each encoder block's activations in backward instead of keeping them "
+        "(less memory, about a third more encoder compute; `mixmae plan --gpu-mem` says when a stage needs it)",
+    )
     log_every_steps: int = Field(10, ge=1)
     checkpoint_every_steps: int = Field(500, ge=1)
     scaling: Scaling = Field(default_factory=Scaling)
@@ -304,6 +313,16 @@ class PretrainStage(StageBase):
         return {"tokenizer": build_tokenizer("dvae", **self.tokenizer.architecture())}
 
     @model_validator(mode="after")
+    def _checkpointable(self):
+        if self.grad_checkpointing and self.method in ("mae", "beit"):
+            raise ValueError(
+                f"grad_checkpointing: {self.method.upper() if self.method == 'mae' else 'BEiT'}'s pretraining model runs "
+                f"its ViT's blocks itself ({self.method}.py), past the encoder's checkpointing switch; set it for mixmae "
+                "or simmim pretraining, or for the transfer stages"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _buildable(self):
         """Build the pretraining model on the meta device (no memory, no time): a method that
         cannot drive the encoder, an encoder that refuses the image size, windows or key
@@ -331,6 +350,15 @@ def _tokenizer_settings(pretrain: dict[str, Any]) -> dict[str, Any]:
 
 
 class TransferBase(StageBase):
+    @model_validator(mode="after")
+    def _replicated(self):
+        if self.scaling.parallelism == "fsdp":
+            raise ValueError(
+                "scaling.parallelism: fsdp shards the pretraining stage's model; transfer stages train under ddp (their "
+                "evaluations score unequal slices per worker; with grad_checkpointing they fit: see `mixmae plan`)"
+            )
+        return self
+
     init: str = Field("pretrained", description="'pretrained' (previous stage), 'random', or a checkpoint path")
     optimizer: Literal["adamw", "lars", "sgd"] = "adamw"
     layer_decay: Optional[float] = Field(None, gt=0, le=1)

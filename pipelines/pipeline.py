@@ -221,23 +221,11 @@ def run_pipeline(
     storage.delete(ctx.stop_file)  # left by a run that was stopped: this one continues it
     outcome = PipelineOutcome(parent_id, experiment_id, uri)
     stage_specs = config.all_stages()
-    groups = config.worker_groups(selected)
     if console is not None:
         console.start_progress()
     try:
         with stop_on_sigterm(ctx.stop_file, console):
-            if "pretrain" in selected and "tokenizer" in stage_specs:  # BEiT's targets come first
-                (tokenizer,) = run_worker_group(ctx, "tokenizer", ["tokenizer"])
-                outcome.stages.append(tokenizer)
-                ctx.tokenizer_checkpoint = tokenizer.encoder_checkpoint
-                ctx.tokenizer_flops = tokenizer.metrics.get("flops/train_total", 0.0)
-            if "pretrain" in selected:
-                (result,) = run_worker_group(ctx, "pretrain", ["pretrain"])
-                outcome.stages.append(result)
-                ctx.encoder_checkpoint = result.encoder_checkpoint
-            elif groups:
-                ctx.encoder_checkpoint = _finished_encoder(client, experiment_id, parent_id)
-            outcome.stages += _run_concurrently(ctx, groups, config.max_parallel_stages)
+            _run_stages(ctx, selected, outcome)
     except Preempted:
         client.set_terminated(parent_id, "KILLED")
         raise
@@ -277,6 +265,25 @@ def _pipeline_run(
         path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         logger.artifact(path)
     return parent.info.run_id
+
+
+def _run_stages(ctx: StageContext, selected: list[str], outcome: PipelineOutcome) -> None:
+    """BEiT's tokenizer, then pretraining, each handing its weights on; then the transfer
+    stages' worker groups, side by side."""
+    config = ctx.config
+    groups = config.worker_groups(selected)
+    if "tokenizer" in selected:
+        (tokenizer,) = run_worker_group(ctx, "tokenizer", ["tokenizer"])
+        outcome.stages.append(tokenizer)
+        ctx.tokenizer_checkpoint = tokenizer.encoder_checkpoint
+        ctx.tokenizer_flops = tokenizer.metrics.get("flops/train_total", 0.0)
+    if "pretrain" in selected:
+        (result,) = run_worker_group(ctx, "pretrain", ["pretrain"])
+        outcome.stages.append(result)
+        ctx.encoder_checkpoint = result.encoder_checkpoint
+    elif groups:
+        ctx.encoder_checkpoint = _finished_encoder(ctx.client(), ctx.experiment_id, ctx.parent_run_id)
+    outcome.stages += _run_concurrently(ctx, groups, config.max_parallel_stages)
 
 
 def register_encoder(uri: str, name: str, pretrain_run, summary: dict[str, float], pipeline_run_id: str) -> None:

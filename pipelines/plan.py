@@ -1,21 +1,45 @@
-"""The bill before launching: per stage FLOPs, optimizer steps and estimated device-hours.
+"""The bill before launching: per stage FLOPs, optimizer steps, device-hours, the memory of one
+worker, and the CPU cores its data decoding needs.
 
-Steps and FLOPs come from the functions the stages use (``pipelines.stages.prepare``),
-FLOPs measured with torch's counter on the real models. Image counts come from the data
-when it is on this machine, else from the stage's ``data.num_images``. Device-hours need a throughput per device: given per stage
-(``--throughput pretrain=1520``), read from a ``benchmarks/pretrain_throughput.py`` JSON, or
-derived from an achieved TFLOP/s (``--tflops``); without one the hours are left out.
+Steps and FLOPs come from the functions the stages use (``pipelines.stages.prepare``), FLOPs
+counted with torch's counter on the meta device. Image counts come from the data when it is
+on this machine, else from the stage's ``data.num_images``. Device-hours need a throughput
+per device: given per stage (``--throughput pretrain=1520``), read from a
+``benchmarks/pretrain_throughput.py`` JSON, or derived from an achieved TFLOP/s
+(``--tflops``); without one the hours and the decode cores are left out. Memory per worker:
+:mod:`pipelines.memory`. Stages whose models are the same (the classification stages of a
+config) are measured once.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
+
+from rich.table import Table
 
 from pipelines.config import DetectStage, PipelineConfig, PretrainStage, SegmentStage, StageBase
+from pipelines.memory import GIB, ModelCosts, WorkerMemory, model_costs, worker_memory
 from pipelines.stages.prepare import schedule, stage_flops
+
+#: Images one CPU core decodes per second on the pretraining path (a 500x375 JPEG decoded,
+#: cropped and flipped into pairs; Ray Data), by output size, measured by
+#: ``benchmarks/data_throughput.py`` on one core (the README's data figures).
+DECODE_PER_CORE = {224: 373.0, 512: 187.0, 1024: 70.0}
+
+#: Stage fields that change neither the model nor its cost per image: stages that differ only
+#: in these share one measurement.
+_NOT_THE_MODEL = {
+    "data", "epochs", "max_steps", "batch_size", "accum_steps", "base_lr", "min_lr", "warmup_epochs", "weight_decay",
+    "betas", "clip_grad", "seed", "log_every_steps", "checkpoint_every_steps", "scaling", "init", "eval_every_epochs",
+    "pictures", "reconstructions", "grad_checkpointing", "layer_decay", "optimizer",
+}
 
 
 @dataclass
@@ -36,9 +60,42 @@ class StageBill:
     device_hours: Optional[float]
     wall_hours: Optional[float]
     throughput_source: str
+    memory: WorkerMemory
+    """One worker's memory."""
+    decode_per_core: float
+    """Images per second one core decodes at this stage's size (``DECODE_PER_CORE``)."""
+    decode_size: int
+    """The image size whose figure ``decode_per_core`` is."""
+    cores_per_device: Optional[float]
+    """CPU cores one device needs at ``throughput``: its decoding and one for the training process."""
+    cpus_per_worker: float
+    monitor_flops: Optional[float] = None
+    """What the k-NN monitor's evaluations cost in all (forwards of its images; None: no monitor,
+    or its data is not on this machine and ``max_images`` is not set)."""
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "memory": self.memory.as_dict()}
+
+    def fits(self, gpu_mem_gib: float, checkpointing: Optional[bool] = None) -> float:
+        """GiB left on a device of ``gpu_mem_gib`` (negative: short by that much)."""
+        return gpu_mem_gib - self.memory.total(checkpointing) / GIB
+
+    def cpu_warning(self) -> Optional[str]:
+        if self.cores_per_device is None or self.cores_per_device <= self.cpus_per_worker:
+            return None
+        return (
+            f"{self.stage}: at {self.throughput:,.0f} img/s per device its data needs {self.cores_per_device:.1f} CPU "
+            f"cores per device ({self.throughput / self.decode_per_core:.1f} decoding at {self.decode_per_core:.0f} "
+            f"img/s per core, the {self.decode_size}-px figure, and one for the training process); "
+            f"scaling.cpus_per_worker is {self.cpus_per_worker:g}: raise it, or expect the GPUs to wait for data"
+        )
+
+
+def decode_rate(img_size: int) -> tuple[float, int]:
+    """(images/s per core, the size measured): the figure of the smallest measured size that
+    is at least ``img_size``, the largest one beyond them."""
+    size = min((s for s in DECODE_PER_CORE if s >= img_size), default=max(DECODE_PER_CORE))
+    return DECODE_PER_CORE[size], size
 
 
 def _images(config: PipelineConfig, name: str, stage: StageBase) -> int:
@@ -51,6 +108,33 @@ def _images(config: PipelineConfig, name: str, stage: StageBase) -> int:
     return split_size(resolve_source(ctx, name, stage.data), stage.data.train_split, name)
 
 
+def _monitor_flops(config: PipelineConfig, stage: PretrainStage, steps: int, macs: float) -> Optional[float]:
+    """The monitor's cost: at each evaluation, one forward (2 FLOPs per multiply-add) of its
+    train and validation images, each cut to ``max_images``."""
+    from pipelines.stages.prepare import eval_every, schedule
+
+    monitor = stage.monitor
+    try:
+        counts = [_split_images(config, monitor.data, split) for split in (monitor.data.train_split, monitor.data.val_split)]
+    except (OSError, ValueError):
+        counts = [None, None]
+    if monitor.max_images:
+        counts = [min(n, monitor.max_images) if n else monitor.max_images for n in counts]
+    if None in counts:
+        return None
+    every = eval_every(stage, schedule("pretrain", stage, _images(config, "pretrain", stage)))
+    evaluations = 1 + ((steps - 1) // every if every else 0)
+    return evaluations * sum(counts) * 2 * macs
+
+
+def _split_images(config: PipelineConfig, data, split: str) -> int:
+    from pipelines.pipeline import synthetic_roots
+    from pipelines.stages.prepare import StageContext, resolve_source
+
+    ctx = StageContext(config, "", "", "plan", Path(config.storage).resolve() / "plan", synthetic_roots(config))
+    return resolve_source(ctx, "pretrain_monitor", data).table(split, ["image_id"]).num_rows
+
+
 def _head_classes(stage: StageBase) -> int:
     """Classes of the head the bill prices: the task's own where the config says, else
     ImageNet's 1000 (COCO's 80 for detection); a head's share of the FLOPs is negligible."""
@@ -59,40 +143,128 @@ def _head_classes(stage: StageBase) -> int:
     return 80 if isinstance(stage, DetectStage) else 1000
 
 
+def _model_key(config: PipelineConfig, stage: StageBase) -> str:
+    """The model and what its costs depend on; on a GPU it runs another attention kernel (and with ``fast``, bf16)."""
+    fields = stage.model_dump(mode="json", exclude=_NOT_THE_MODEL)
+    return json.dumps([config.stage_model(stage), stage.scaling.use_gpu, fields], sort_keys=True)
+
+
+def _price(config: PipelineConfig, name: str, stage: StageBase) -> tuple[dict[str, float], ModelCosts]:
+    """A stage model's FLOPs and memory costs."""
+    classes = _head_classes(stage)
+    return stage_flops(config, name, stage, classes), model_costs(config, name, stage, classes)
+
+
+def _priced_models(config: PipelineConfig, keys: dict[str, str]) -> Iterator[tuple[str, tuple]]:
+    """``(key, _price(...))`` of every distinct model of the stages (``keys``: stage name to
+    model key), as each is done. Priced side by side in forked processes, one per core (a
+    model costs a second or two of Python dispatch in torch's meta kernels, and a fork starts
+    with every import done), the largest first: pretraining, then by image size."""
+    stages = config.all_stages()
+    first: dict[str, str] = {}
+    for name, key in keys.items():
+        first.setdefault(key, name)
+    order = sorted(first, key=lambda key: (stages[first[key]].task != "pretrain", -stages[first[key]].img_size))
+    workers = min(len(first), len(os.sched_getaffinity(0)))
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        for key in order:
+            yield key, _price(config, first[key], stages[first[key]])
+        return
+    for task in {stage.task for stage in stages.values()} - {"pretrain"}:
+        importlib.import_module(f"pipelines.stages.{task}")  # once, before the forks, not in each
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = {pool.submit(_price, config, first[key], stages[first[key]]): key for key in order}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
 def bill(
     config: PipelineConfig,
     throughput: Optional[dict[str, float]] = None,
     tflops: Optional[float] = None,
     benchmark: Optional[Path] = None,
+    priced: Optional[Callable[[StageBill], None]] = None,
 ) -> list[StageBill]:
+    """Every stage's bill, in config order; ``priced`` is called with each as soon as it is done."""
     throughput = dict(throughput or {})
     measured = None
     if benchmark is not None:
         result = json.loads(Path(benchmark).read_text())
         measured = result, max(row["img_per_s"] for row in result["rows"].values())
-    out = []
-    for name, stage in config.all_stages().items():
-        n = _images(config, name, stage)
-        flops = stage_flops(config, name, stage, _head_classes(stage))
-        macs = 1e9 * flops.get("flops/encoder_gmacs", flops.get("flops/task_gmacs"))
-        per_image = flops["flops/train_per_image"]
-        steps = schedule(name, stage, n).total_steps
-        images = steps * stage.batch_size
-        rate, source = throughput.get(name), "given"
-        if rate is None and measured and isinstance(stage, PretrainStage):
-            result, best = measured
-            if result["model"] == stage.model and result["img_size"] == stage.img_size:
-                rate, source = best, f"benchmark on {result['device']}"
-        if rate is None and tflops:
-            rate, source = tflops * 1e12 / per_image, f"{tflops:g} TFLOP/s achieved"
-        device_hours = images / rate / 3600 if rate else None
-        out.append(
-            StageBill(
+    stages = config.all_stages()
+    images_per_epoch, steps = {}, {}
+    for name, stage in stages.items():  # a stage the data cannot fill fails here, before any pricing
+        images_per_epoch[name] = _images(config, name, stage)
+        steps[name] = schedule(name, stage, images_per_epoch[name]).total_steps
+    keys = {name: _model_key(config, stage) for name, stage in stages.items()}
+    out = {}
+    for key, (flops, costs) in _priced_models(config, keys):
+        for name in (name for name, k in keys.items() if k == key):
+            stage = stages[name]
+            macs = 1e9 * flops.get("flops/encoder_gmacs", flops.get("flops/task_gmacs"))
+            per_image = flops["flops/train_per_image"]
+            images = steps[name] * stage.batch_size
+            rate, source = throughput.get(name), "given"
+            if rate is None and measured and isinstance(stage, PretrainStage):
+                result, best = measured
+                if result["model"] == stage.model and result["img_size"] == stage.img_size:
+                    rate, source = best, f"benchmark on {result['device']}"
+            if rate is None and tflops:
+                rate, source = tflops * 1e12 / per_image, f"{tflops:g} TFLOP/s achieved"
+            device_hours = images / rate / 3600 if rate else None
+            per_core, decode_size = decode_rate(stage.img_size)
+            out[name] = StageBill(
                 stage=name, task=stage.task, model=config.stage_model(stage), img_size=stage.img_size,
-                gflops=macs / 1e9, train_flops_per_image=per_image, images_per_epoch=n, steps=steps, images=images,
-                train_flops=images * per_image, throughput=rate, device_hours=device_hours,
+                gflops=macs / 1e9, train_flops_per_image=per_image, images_per_epoch=images_per_epoch[name],
+                steps=steps[name], images=images, train_flops=images * per_image, throughput=rate,
+                device_hours=device_hours,
                 wall_hours=device_hours / stage.scaling.num_workers if device_hours else None,
-                throughput_source=source if rate else "none",
+                throughput_source=source if rate else "none", memory=worker_memory(stage, costs),
+                decode_per_core=per_core, decode_size=decode_size,
+                cores_per_device=1 + rate / per_core if rate else None, cpus_per_worker=stage.scaling.cpus_per_worker,
+                monitor_flops=_monitor_flops(config, stage, steps[name], macs) if getattr(stage, "monitor", None) else None,
             )
+            if priced:
+                priced(out[name])
+    return [out[name] for name in stages]
+
+
+MEMORY_NOTE = (
+    "GiB of tensor memory per worker, an upper bound (gradients counted beside every activation); weights, "
+    "gradients and optimizer states in fp32 whatever the autocast (AdamW: 2 states, 8 bytes per trainable parameter; "
+    "the fused AdamW steps in place, the foreach one holds up to one more fp32 copy while it steps); activations "
+    "measured on the meta device, eager (torch.compile keeps less); the CUDA context is not included"
+)
+
+
+def verdict(b: StageBill, gpu_mem: float) -> str:
+    """Whether the config's choice of checkpointing fits, and if not, whether checkpointing would."""
+    margin = b.fits(gpu_mem)
+    if margin >= 0:
+        return f"[green]fits, {margin:.1f} spare[/]"
+    other = b.fits(gpu_mem, True)
+    hint = ""
+    if other >= 0 and not b.memory.checkpointing:
+        hint = f"; fits with grad_checkpointing: true ({other:.1f} spare)"
+    return f"[red]does not fit: {-margin:.1f} short{hint}[/]"
+
+
+def memory_table(title: str, bills: list[StageBill], gpu_mem: Optional[float]) -> Table:
+    """One worker's memory per stage; the total of the config's checkpointing choice in bold."""
+    table = Table(title=title)
+    for column in ("stage", "micro-batch", "autocast", "weights", "grads", "DDP buckets", "optimizer", "activations",
+                   "checkpointed", "total", "total checkpointed"):
+        table.add_column(column, justify="left" if column in ("stage", "autocast") else "right")
+    if gpu_mem:
+        table.add_column(f"on {gpu_mem:g} GiB")
+    for b in bills:
+        m = b.memory
+        totals = [f"{m.total(on) / GIB:.1f}" for on in (False, True)]
+        totals[m.checkpointing] = f"[bold]{totals[m.checkpointing]}[/]"
+        table.add_row(
+            b.stage, str(m.micro_batch), "bf16" if m.bf16 else "fp32", f"{m.weights / GIB:.2f}",
+            f"{m.gradients / GIB:.2f}", f"{m.ddp_buckets / GIB:.2f}", f"{m.optimizer / GIB:.2f} {m.optimizer_kind}",
+            f"{m.activations / GIB:.1f}", f"{m.activations_checkpointed / GIB:.1f} ({m.checkpointed_blocks} blocks)",
+            *totals, *([verdict(b, gpu_mem)] if gpu_mem else []),
         )
-    return out
+    return table

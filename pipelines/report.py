@@ -31,7 +31,7 @@ PRETRAIN_FLOPS = "pretrain.flops_train_total"
 KNN_METRICS = ("knn_top1", "pretrain.eval_knn_top1")
 KNN_IMAGES = "pretrain.eval_knn_images"
 CURVE_ACCURACY, CURVE_FLOPS = "eval/knn_top1", "flops/train_total"
-METHOD_COLOURS = {"mixmae": "tab:red", "simmim": "tab:blue", "mae": "tab:green"}
+METHOD_COLOURS = {"mixmae": "tab:red", "simmim": "tab:blue", "mae": "tab:green", "beit": "tab:orange"}
 #: Pretraining fields that change where and how visibly a run trains, not what it learns (a
 #: run's workers draw their own random streams, as another seed would): runs that differ only
 #: in them are one setting.

@@ -176,7 +176,7 @@ def trial_config(base: PipelineConfig, sweep: SweepConfig, params: dict[str, Any
     if "method" in fields:  # what the base took from its method's recipe follows the trial's method
         before, after = METHOD_RECIPES[base.pretrain.method], METHOD_RECIPES[fields["method"]]
         for key, value in after.items():
-            if key not in fields and json.dumps(raw["pretrain"][key]) == json.dumps(before[key], default=list):
+            if key not in fields and json.dumps(raw["pretrain"][key]) == json.dumps(before.get(key), default=list):
                 raw["pretrain"][key] = value
     raw["pretrain"].update(fields, seed=seed)
     probe = dict(raw["stages"][sweep.probe.stage])

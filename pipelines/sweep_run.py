@@ -49,7 +49,8 @@ def _trial(config: dict) -> None:
     trial = trial_config(base, sweep, params, config["seed"])
     # the pretraining's evaluations reach Tune as they happen: the console shows them, ASHA decides on them
     outcome = run_pipeline(trial, parent_run_id=config["sweep_run_id"], callbacks={"pretrain": [TuneReportCallback()]})
-    pretrain, probe = outcome.stages
+    stages = {stage.name: stage for stage in outcome.stages}  # BEiT's tokenizer stage comes first
+    pretrain, probe = stages["pretrain"], stages["probe"]
     metrics = {
         FLOPS_METRIC: pretrain.metrics.get("flops/train_total", float("nan")),
         KNN_METRIC: pretrain.metrics.get("eval/knn_top1", float("nan")),

@@ -27,6 +27,42 @@ def actors(class_name: str, **filters: str) -> list:
     return list_actors(address=ray.get_runtime_context().gcs_address, filters=predicates, limit=10_000)
 
 
+class WorkerKiller:
+    """While a block runs, SIGKILL one Ray Train worker of this cluster once ``ready()`` holds
+    (polled every 0.1 s, for up to 300 s); ``killed`` holds its pid."""
+
+    def __init__(self, ready) -> None:
+        import threading
+
+        self.ready, self.killed, self.done = ready, [], threading.Event()
+        self.thread = threading.Thread(target=self._kill, daemon=True)
+
+    def _kill(self) -> None:
+        import os
+        import signal
+
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not self.done.is_set():
+            try:
+                ready = self.ready()
+            except (OSError, ValueError):  # a file being written
+                ready = False
+            workers = actors("RayTrainWorker", state="ALIVE") if ready else []
+            if workers:
+                os.kill(workers[-1].pid, signal.SIGKILL)
+                self.killed.append(workers[-1].pid)
+                return
+            time.sleep(0.1)
+
+    def __enter__(self) -> "WorkerKiller":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+
 def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:

@@ -118,6 +118,38 @@ def test_pretraining_on_two_workers_learns_and_exports_a_timm_encoder(quickstart
     assert torch.equal(classifier.layers[3].blocks[0].mlp.fc2.weight, weights["layers.3.blocks.0.mlp.fc2.weight"])
 
 
+def test_the_knn_monitor_scores_the_same_on_one_worker_as_on_two(quickstart, synthetic_data):
+    """The pretraining's last k-NN accuracy, computed by its 2 workers each on its slice of the
+    monitor's splits, equals one process scoring the exported encoder on all of them."""
+    from mixmae_core.tasks.knn import knn_predict, pooled_features
+    from pipelines.data.collate import normalize_on_device
+    from pipelines.data.datasets import classification_dataset
+    from pipelines.data.manifest import build_manifest
+
+    config, _, client, runs, work, _ = quickstart
+    run = runs["pretrain"]
+    encoder = timm.create_model(config.pretrain.model, num_classes=0, img_size=64).eval()
+    load_encoder_weights(encoder, run.data.tags[ENCODER])
+    table = build_manifest("imagefolder", synthetic_data["pretrain"])
+
+    def features(split):
+        rows = classification_dataset(table_source(table, work), split=split, img_size=64, train=False,
+                                      crop_pct=config.pretrain.monitor.crop_pct, auto_augment=None).take_all()
+        images = torch.from_numpy(np.stack([r["image"] for r in rows]))
+        return pooled_features(encoder, normalize_on_device(images)), torch.tensor([r["label"] for r in rows])
+
+    (memory, memory_labels), (queries, labels) = features("train"), features("val")
+    scores = knn_predict(memory, memory_labels, queries, 4, k=20, temperature=0.07)
+    expected = (scores.argmax(1) == labels).float().mean().item()
+    assert client.get_metric_history(run.info.run_id, "eval/knn_top1")[-1].value == pytest.approx(expected, abs=1e-6)
+
+
+def table_source(table, work: Path):
+    from pipelines.data.manifest import open_source, write_manifest
+
+    return open_source(write_manifest(table, work / "knn_check.parquet"))
+
+
 @pytest.mark.parametrize("stage", sorted(CLASS_COUNTS))
 def test_classification_stages_beat_chance(quickstart, stage):
     run = quickstart[3][stage]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from pipelines.cli import app
@@ -57,3 +58,13 @@ def test_a_job_travels_as_a_typed_object():
     job = StageJob("coco", config.stages["coco"], "mixmae_swin_micro_w8", num_classes=3, class_names=("a", "b", "c"))
     again = pickle.loads(pickle.dumps(job))
     assert again == job and again.task == "detect" and again.spec.fpn_channels == 64
+
+
+def test_the_plan_prices_the_knn_monitor(synthetic_data):
+    """The quickstart evaluates twice (at 5 and 10 epochs) on the stand-in's 80 training and 24
+    validation images: one encoder forward each, 2 FLOPs per multiply-add."""
+    result = CliRunner().invoke(app, ["plan", "--json", "--set", f"synthetic.root={Path(synthetic_data['pretrain']).parent}",
+                                      "--set", "stages={}", "--set", "stage_groups=[]"])
+    assert result.exit_code == 0, result.output
+    (pretrain,) = json.loads(result.stdout)
+    assert pretrain["monitor_flops"] == pytest.approx(2 * (80 + 24) * 2 * pretrain["gflops"] * 1e9)

@@ -143,3 +143,24 @@ def test_draw_segmentation_side_by_side():
     assert torch.equal(pixels[0, W], colours[0]) and torch.equal(pixels[0, W + W // 2], colours[3])
     assert not pixels[:, 2 * W :].any()  # all ignored: black
     assert draw_segmentation(image, pred, num_classes=4).size == (2 * W, H)
+
+
+def test_weighted_knn_votes_as_written_out():
+    """DINO's weighted k-NN: the k most similar memories vote exp(similarity / T) for their class."""
+    import torch.nn.functional as F
+
+    from mixmae_core.tasks.knn import knn_predict
+
+    generator = torch.Generator().manual_seed(0)
+    memory = F.normalize(torch.randn(50, 8, generator=generator), dim=1)
+    labels = torch.randint(0, 3, (50,), generator=generator)
+    queries = F.normalize(torch.randn(7, 8, generator=generator), dim=1)
+    scores = knn_predict(memory, labels, queries, 3, k=5, temperature=0.07, chunk=3)
+    for q, row in zip(queries, scores):
+        similarity = memory @ q
+        top = similarity.argsort(descending=True)[:5]
+        expected = torch.zeros(3)
+        for i in top:
+            expected[labels[i]] += torch.exp(similarity[i] / 0.07)
+        assert torch.allclose(row, expected, rtol=1e-5)
+    assert knn_predict(memory[:2], labels[:2], queries, 3, k=20).shape == (7, 3)  # fewer memories than k: all vote

@@ -4,11 +4,7 @@ group, a stage that stops does not stop the next, a killed worker resumes the st
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +14,7 @@ from pipelines.config import ConfigError, PipelineConfig, load_config
 from pipelines.pipeline import run_pipeline
 from pipelines.stages.jobs import StageError
 from pipelines.tracking import COMPLETE, ENCODER, FAILED_REASON
-from tests.servers import actors
+from tests.servers import WorkerKiller
 
 GROUP = ["places205", "inat2018"]
 
@@ -70,22 +66,6 @@ def _latest_registered_stage(storage: Path) -> str | None:
     return None
 
 
-def _kill_the_worker_in(storage: Path, stage: str, done: threading.Event, killed: list) -> None:
-    deadline = time.time() + 300
-    while time.time() < deadline and not done.is_set():
-        try:
-            current = _latest_registered_stage(storage)
-        except (OSError, ValueError):  # a snapshot being written
-            current = None
-        if current == stage:
-            workers = actors("RayTrainWorker", state="ALIVE")
-            if workers:
-                os.kill(workers[-1].pid, signal.SIGKILL)
-                killed.append(workers[-1].pid)
-                return
-        time.sleep(0.1)
-
-
 @pytest.mark.usefixtures("ray_local")
 def test_a_group_goes_on_past_a_diverged_stage_and_a_killed_worker_resumes_its_current_stage(tmp_path, synthetic_data):
     """One Ray Train run for the group: its first stage diverges and stops (the next one goes
@@ -93,16 +73,10 @@ def test_a_group_goes_on_past_a_diverged_stage_and_a_killed_worker_resumes_its_c
     resumes the second stage from that checkpoint without running the first again."""
     config = make_config(tmp_path, synthetic_data, base_lr=1e9, checkpoint_every_steps=100)
     client = MlflowClient(config.tracking.uri)
-    done, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_the_worker_in, args=(tmp_path / "runs", "inat2018", done, killed), daemon=True)
-    killer.start()
-    try:
+    with WorkerKiller(lambda: _latest_registered_stage(tmp_path / "runs") == "inat2018") as killer:
         with pytest.raises(StageError, match=r"places205: loss became non-finite at step \d+; .*Last good checkpoint: none"):
             run_pipeline(config, stages=GROUP)
-    finally:
-        done.set()
-        killer.join()
-    assert killed, "the test never got to kill the worker"
+    assert killer.killed, "the test never got to kill the worker"
     runs = _runs(client)
     first, second = runs["places205"], runs["inat2018"]
     assert first.info.status == "FAILED"

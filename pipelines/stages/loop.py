@@ -129,8 +129,14 @@ class Task:
     def picture_steps(self, total_steps: int) -> set[int]:
         return set()
 
-    def export(self, model: nn.Module, out: Path) -> None:
-        """Rank 0 only: write ``encoder.safetensors`` (weights a later stage starts from)."""
+    def export(self, model: nn.Module, state: dict[str, torch.Tensor], out: Path) -> None:
+        """Rank 0 only: write ``encoder.safetensors`` (weights a later stage starts from) from
+        ``state``, the model's whole state dict (gathered when the model is sharded)."""
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model is sharded over the workers (its forwards take every worker)."""
+        return world_size() > 1 and self.spec.scaling.parallelism == "fsdp"
 
     def dataset(self, name: str, shard: Shard) -> "ray.data.Dataset":
         """Dataset ``name`` of the job, this worker's ``shard`` of it."""
@@ -306,8 +312,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP's and torch.compile's wrappers (FSDP shards the model in place)."""
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
 
 
 @dataclass
@@ -325,6 +333,8 @@ class Run:
     rank: int
     world: int
     device: torch.device
+    sharded: bool = False
+    """Parameters, gradients and optimizer states sharded over the workers (``parallelism: fsdp``)."""
     last_good: Optional[str] = None
     """The newest checkpoint, as ``"step N"`` (named when a stage fails)."""
     saved_step: int = -1
@@ -352,28 +362,53 @@ class Run:
 
 
 def save_checkpoint(run: Run, metrics: dict[str, float], final: bool = False) -> None:
-    """Every rank calls this (``ray.train.report`` is a barrier); rank 0 writes. The meta file
-    holds the whole training state (each worker's position included): what resuming needs
-    apart from tensors, readable without loading them."""
+    """Every rank calls this (``ray.train.report`` is a barrier; a sharded model's state is
+    gathered); rank 0 writes. The meta file holds the whole training state (each worker's
+    position included): what resuming needs apart from tensors, readable without loading them."""
     rngs = all_gather(_rng_state())
     positions = all_gather(run.state.position)
+    model_state, optimizer_state = whole_state(run)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if run.rank == 0:
             d = Path(tmp)
-            save_state_dict(d / MODEL_FILE, _unwrap(run.model).state_dict())
-            trainer = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": rngs}
+            save_state_dict(d / MODEL_FILE, model_state)
+            trainer = {"optimizer": optimizer_state, "scheduler": run.scheduler.state_dict(), "rng": rngs}
             torch.save(trainer, d / STATE_FILE)
             meta = {"stage": run.stage, **asdict(run.state), "positions": positions, "final": final}
             (d / META_FILE).write_text(json.dumps(meta))
             if final:
-                run.task.export(_unwrap(run.model), d)
+                run.task.export(unwrap(run.model), model_state, d)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({**metrics, "step": run.state.step, "final": int(final)}, checkpoint=checkpoint)
         if final and run.logger is not None:
             persisted = ray.train.get_checkpoint()
             _record_finished(run, storage.location_of(persisted.filesystem, persisted.path))
     run.last_good, run.saved_step = f"step {run.state.step}", run.state.step
+
+
+def whole_state(run: Run) -> tuple[dict[str, torch.Tensor], dict]:
+    """The model's and the optimizer's state dicts, whole (rank 0's, when gathered from shards)."""
+    if not run.sharded:
+        return unwrap(run.model).state_dict(), run.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(run.model, options=options),
+            get_optimizer_state_dict(run.model, run.optimizer, options=options))
+
+
+def load_whole_state(run: Run, model_state: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+    """:func:`whole_state`'s inverse: every rank passes the whole state, a sharded model keeps its shard."""
+    if not run.sharded:
+        unwrap(run.model).load_state_dict(model_state)
+        run.optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(run.model, model_state, options=options)
+    set_optimizer_state_dict(run.model, run.optimizer, optimizer_state, options=options)
 
 
 def restore(run: Run, found: Loaded) -> None:
@@ -386,8 +421,7 @@ def restore(run: Run, found: Loaded) -> None:
             f"{found.path} was written before checkpoints recorded where each worker was in its data; resume it "
             "with the version of mixmae that wrote it, or start the stage afresh (give the pipeline another name)"
         )
-    _unwrap(run.model).load_state_dict(found.model)
-    run.optimizer.load_state_dict(found.trainer["optimizer"])
+    load_whole_state(run, found.model, found.trainer["optimizer"])
     run.scheduler.load_state_dict(found.trainer["scheduler"])
     for key in asdict(run.state):
         setattr(run.state, key, meta[key])
@@ -501,10 +535,13 @@ def start(task: Task, logger: Optional[RunLogger], resume: Resume) -> Run:
     device = ray.train.torch.get_device()
     seed_global_rngs(config.seed * 1000 + rank)
     model = task.build(device)
+    sharded = task.sharded
+    if sharded:  # before the optimizer: it holds the shards
+        shard(model, device)
     optimizer = task.optimizer(model, spec.lr)
     scheduler = build_scheduler(optimizer, spec.total_steps, spec.warmup_steps, config.min_lr)
-    trained = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    run = Run(task, spec, logger, trained, optimizer, scheduler, TrainState(), rank, world, device,
+    trained = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 and not sharded else model
+    run = Run(task, spec, logger, trained, optimizer, scheduler, TrainState(), rank, world, device, sharded,
               bad_step=torch.full((), -1, dtype=torch.long, device=device), stop=StopRequest(spec.stop_file))
     found, skipped = resume.take(run.stage)
     if found is not None:
@@ -517,6 +554,23 @@ def start(task: Task, logger: Optional[RunLogger], resume: Resume) -> Run:
     if logger and run.last_good:
         logger.tags({"mixmae.resumed_from": run.last_good})
     return run
+
+
+def shard(model: nn.Module, device: torch.device) -> None:
+    """Shard ``model`` over the workers in place (torch's ``fully_shard``, FSDP2): each of
+    :func:`~pipelines.memory.sharding_units` gathered for its forward and backward, then the rest.
+    Every worker starts from rank 0's weights, as under DDP (each built its own, from its own seed)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from pipelines.memory import sharding_units
+
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=0)
+    mesh = init_device_mesh(device.type, (world_size(),))
+    for unit in sharding_units(model):
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 @dataclass
@@ -559,7 +613,7 @@ def optimizer_step(run: Run, step: Step) -> None:
     state = run.state
     for i, micro in enumerate(step.batches):
         last = i == len(step.batches) - 1
-        with run.model.no_sync() if (run.world > 1 and not last) else nullcontext():
+        with _gradient_sync(run, last):
             with torch.autocast(run.device.type, dtype=torch.bfloat16) if run.spec.bf16 else nullcontext():
                 loss, n_images, extra = run.task.loss(run.model, micro, state.step)
             (loss / run.accum).backward()
@@ -570,7 +624,8 @@ def optimizer_step(run: Run, step: Step) -> None:
     clip = run.config.clip_grad
     if clip or _logging_step(run, state.step + 1):
         params = [p for p in run.model.parameters() if p.requires_grad]
-        run.window.grad_norm = torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(params, clip or float("inf"))
+        run.window.grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded: a DTensor
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     state.step += 1
@@ -578,6 +633,15 @@ def optimizer_step(run: Run, step: Step) -> None:
     state.position = int(step.batches[-1].positions.max()) + 1
     state.fingerprint = step.fingerprint
     state.device_seconds = run.device_seconds0 + (time.perf_counter() - run.started) * run.world
+
+
+def _gradient_sync(run: Run, sync: bool):
+    """Averaging gradients across workers only at a step's last micro-batch."""
+    if run.sharded:
+        run.model.set_requires_gradient_sync(sync)
+    elif run.world > 1 and not sync:
+        return run.model.no_sync()
+    return nullcontext()
 
 
 def after_step(run: Run) -> None:
@@ -592,8 +656,8 @@ def after_step(run: Run) -> None:
     if run.spec.eval_every and step % run.spec.eval_every == 0:
         # reported too, so a sweep's scheduler sees the evaluation as it happens
         ray.train.report({**evaluate(run), "step": step, "final": 0})
-    if run.logger and step in run.task.picture_steps(total):
-        run.logger.artifacts(run.task.pictures(_unwrap(run.model), step, False, run.out_dir), "pictures")
+    if step in run.task.picture_steps(total):
+        pictures(run, final=False)
     if step % run.config.checkpoint_every_steps == 0:
         check_finite(run)
         save_checkpoint(run, run.metrics)
@@ -617,11 +681,18 @@ def finish(run: Run) -> None:
         final_metrics[f"{run.task.headline}_best"] = run.state.best
         if run.logger:
             run.logger.metrics({f"{run.task.headline}_best": run.state.best}, run.state.step)
-    if run.logger:
-        run.logger.artifacts(run.task.pictures(_unwrap(run.model), run.state.step, True, run.out_dir), "pictures")
+    pictures(run, final=True)
     # a sweep's scheduler decides at the evaluations along the way, not at the end
     final_metrics.pop("evaluations", None)
     save_checkpoint(run, {**run.metrics, **final_metrics}, final=True)
+
+
+def pictures(run: Run, final: bool) -> None:
+    """Rank 0 logs the task's pictures; a sharded model's forward takes every worker."""
+    if run.logger or run.sharded:
+        paths = run.task.pictures(unwrap(run.model), run.state.step, final, run.out_dir)
+        if run.logger:
+            run.logger.artifacts(paths, "pictures")
 
 
 def evaluate(run: Run) -> dict[str, float]:

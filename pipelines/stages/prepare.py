@@ -147,8 +147,13 @@ def stage_flops(config: PipelineConfig, name: str, spec: StageBase, num_classes:
     (``encoder_gmacs`` for pretraining, encoder + 1000-class head as the paper counts;
     ``task_gmacs`` for the task model) and ``train_per_image``, true FLOPs of one training
     step per image (for pretraining the method's forward + backward as it runs, measured; for
-    transfer 2 FLOPs per MAC, times 3 where the whole model trains and 1 for a linear probe)."""
+    transfer 2 FLOPs per MAC, times 3 where the whole model trains and 1 for a linear probe).
+
+    Counted on the meta device (shapes only). A detector's forward is its backbone, RPN head
+    and box head on its ``proposals`` RoIs; the mask head runs on the detections its score
+    threshold keeps at run time and is left out."""
     from mixmae_core.flops import flop_report, forward_macs
+    from pipelines.memory import StaticDetector, transfer_model
 
     model = config.stage_model(spec)
     if isinstance(spec, PretrainStage):
@@ -162,11 +167,10 @@ def stage_flops(config: PipelineConfig, name: str, spec: StageBase, num_classes:
         }
     if isinstance(spec, TokenizerStage):
         return _tokenizer_flops(config, spec)
-    import importlib
-
-    job = StageJob(name=name, spec=spec, model=model, num_classes=num_classes)
-    task_model = importlib.import_module(f"pipelines.stages.{spec.task}").TASK(job).build_model().eval()
-    macs = forward_macs(task_model, torch.rand(1, 3, spec.img_size, spec.img_size))
+    task_model = transfer_model(config, name, spec, num_classes)
+    if isinstance(spec, DetectStage):
+        task_model = StaticDetector(task_model, spec.proposals, 0)
+    macs = forward_macs(task_model, torch.rand(1, 3, spec.img_size, spec.img_size, device="meta"))
     trains_all = not (isinstance(spec, ClassifyStage) and spec.mode == "linear_probe")
     return {"flops/task_gmacs": macs / 1e9, "flops/train_per_image": 2 * macs * (3.0 if trains_all else 1.0)}
 

@@ -18,8 +18,9 @@ from mixmae_core.tasks.knn import knn_predict, pooled_features
 from mixmae_core.viz import save_reconstruction_png
 from pipelines.data.collate import PairCollate, normalize_on_device
 from pipelines.data.order import Shard
+from pipelines.memory import apply_grad_checkpointing
 from pipelines.stages.checkpoints import ENCODER_FILE
-from pipelines.stages.loop import MicroBatch, Task, all_gather
+from pipelines.stages.loop import MicroBatch, Task, all_gather, unwrap
 
 #: decoded monitor images a worker keeps between evaluations (they are the same every time)
 MONITOR_CACHE_BYTES = 512 * 2**20
@@ -40,6 +41,7 @@ class PretrainTask(Task):
             spec.method, self.job.model, img_size=spec.img_size, mask_ratio=spec.mask_ratio, **spec.method_options(),
             **spec.model_tokenizer(self.job.tokenizer_weights), **spec.model_overrides,
         ).to(device)
+        apply_grad_checkpointing(model, spec.grad_checkpointing)
         return apply_step_options(model, self._options())
 
     def optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -74,10 +76,14 @@ class PretrainTask(Task):
         monitor = self.spec.monitor
         if monitor is None:
             return {}
-        encoder = _method(model).encoder
-        encoder.eval()
-        (memory, memory_labels), (queries, labels) = (self._features(encoder, name) for name in ("monitor_train", "monitor_val"))
-        encoder.train()
+        method = unwrap(model)
+        if self.sharded:  # the encoder is called past the root's forward, which gathers its own parameters
+            method.unshard()
+        method.encoder.eval()
+        (memory, memory_labels), (queries, labels) = (self._features(method.encoder, name) for name in ("monitor_train", "monitor_val"))
+        method.encoder.train()
+        if self.sharded:
+            method.reshard()
         num_classes = self.job.data["monitor_train"].source.num_classes
         scores = knn_predict(memory, memory_labels, queries, num_classes, monitor.k, monitor.temperature)
         top = scores.topk(min(5, num_classes), dim=1).indices
@@ -87,10 +93,15 @@ class PretrainTask(Task):
     def _features(self, encoder: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and labels of every image of monitor split ``name`` (all workers'), by image id."""
         ids, labels, features = [], [], []
-        for batch in self._monitor_batches(name):
+        batches = self._monitor_batches(name)
+        for batch in batches:
             ids.append(batch["image_id"])
             labels.append(batch["label"])
             features.append(pooled_features(encoder, normalize_on_device(batch["image"].to(self.device))).cpu())
+        if self.sharded:  # each block's forward gathers its parameters from every worker: all run as many
+            size = self.spec.img_size
+            for _ in range(max(all_gather(len(batches))) - len(batches)):
+                pooled_features(encoder, torch.zeros(1, 3, size, size, device=self.device))
         mine = (torch.cat(ids), torch.cat(labels), torch.cat(features)) if ids else None
         parts = [part for part in all_gather(mine) if part is not None]
         ids, labels, features = (torch.cat(column) for column in zip(*parts))
@@ -125,15 +136,10 @@ class PretrainTask(Task):
         model.train(was_training)
         return [Path(save_reconstruction_png(out / f"reconstruction_step{step:07d}.png", panels))]
 
-    def export(self, model: nn.Module, out: Path) -> None:
+    def export(self, model: nn.Module, state: dict[str, torch.Tensor], out: Path) -> None:
         meta = {"model": self.job.model, "method": self.spec.method, "img_size": self.spec.img_size, "source": "pretrain"}
-        save_state_dict(out / ENCODER_FILE, model.encoder.state_dict(), meta)
-
-
-def _method(model: nn.Module) -> nn.Module:
-    """The pretraining method inside DDP's and torch.compile's wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+        encoder = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+        save_state_dict(out / ENCODER_FILE, encoder, meta)
 
 
 TASK = PretrainTask

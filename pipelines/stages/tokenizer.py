@@ -18,7 +18,7 @@ from mixmae_core.tokenizer import (
 from pipelines.data.collate import normalize_on_device
 from pipelines.data.order import Shard
 from pipelines.stages.checkpoints import ENCODER_FILE
-from pipelines.stages.loop import MicroBatch, StopTraining, Task, world_size
+from pipelines.stages.loop import MicroBatch, StopTraining, Task, unwrap, world_size
 
 
 class TokenizerTask(Task):
@@ -48,7 +48,7 @@ class TokenizerTask(Task):
         pixels = torch.nn.functional.interpolate(images, size=(self.view, self.view), mode="bicubic", antialias=True)
         out = model(pixels, step)
         with torch.no_grad():
-            self.usage += code_usage(_unwrap(model).codes(tokenizer_input(pixels)), self.spec.vocab_size)
+            self.usage += code_usage(unwrap(model).codes(tokenizer_input(pixels)), self.spec.vocab_size)
         return out.loss, images.shape[0], out.metrics
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
@@ -70,12 +70,8 @@ class TokenizerTask(Task):
                                    "kl_weight, vocab_size)") from None
         return {"eval/codes_used": float((usage > 0).sum()), "eval/perplexity": float(usage_perplexity(usage))}
 
-    def export(self, model: nn.Module, out: Path) -> None:
-        save_tokenizer(out / ENCODER_FILE, _unwrap(model), source=f"mixmae-{self.job.name}")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
+    def export(self, model: nn.Module, state: dict[str, torch.Tensor], out: Path) -> None:
+        save_tokenizer(out / ENCODER_FILE, model, source=f"mixmae-{self.job.name}")
 
 
 TASK = TokenizerTask

@@ -13,6 +13,7 @@ from mixmae_core.checkpoint import save_state_dict
 from mixmae_core.optim import build_optimizer
 from pipelines.data.collate import normalize_on_device
 from pipelines.data.order import Shard
+from pipelines.memory import apply_grad_checkpointing
 from pipelines.stages.checkpoints import ENCODER_FILE
 from pipelines.stages.loop import MicroBatch, Task
 
@@ -27,7 +28,7 @@ class TransferTask(Task):
 
     def build(self, device: torch.device) -> nn.Module:
         self.device = device
-        model = self.build_model().to(device)
+        model = apply_grad_checkpointing(self.build_model().to(device), self.spec.grad_checkpointing)
         if self.spec.fast and device.type == "cuda":
             model.compile(dynamic=False)
         return model
@@ -56,6 +57,6 @@ class TransferTask(Task):
     def images(self, batch: dict) -> torch.Tensor:
         return normalize_on_device(batch["image"].to(self.device, non_blocking=True))
 
-    def export(self, model: nn.Module, out: Path) -> None:
+    def export(self, model: nn.Module, state: dict[str, torch.Tensor], out: Path) -> None:
         meta = {"model": self.job.model, "img_size": self.spec.img_size, "source": f"mixmae-{self.job.name}"}
-        save_state_dict(out / ENCODER_FILE, model.state_dict(), meta)
+        save_state_dict(out / ENCODER_FILE, state, meta)
