@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from pipelines.config import DEFAULT_CONFIG, load_config
 from pipelines.pipeline import run_pipeline
 from pipelines.spool import Spool
-from pipelines.stages.loop import FINGERPRINT_METRIC, LOSS_METRIC
+from pipelines.stages.loop import FINGERPRINT_METRIC
+from pipelines.stages.state import LOSS_METRIC
 from pipelines.tracking import STAGE, spooled_steps
 from tests.servers import BIN, WorkerKiller, launch
 

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import REPO_ROOT
 from pipelines.spool import Spool
-from pipelines.stages.loop import LOSS_METRIC
+from pipelines.stages.state import LOSS_METRIC
 from pipelines.tracking import spooled_steps
 from tests.servers import BIN, free_ports, launch
 

@@ -14,7 +14,7 @@ from mixmae_core.checkpoint import load_encoder_weights, load_state_dict
 from mixmae_core.tasks.classification import build_classifier, build_linear_probe, create_encoder
 from mixmae_core.tasks.metrics import classification_metrics
 from pipelines.stages.jobs import HEADLINE
-from pipelines.stages.loop import MicroBatch
+from pipelines.stages.task import MicroBatch
 from pipelines.stages.transfer import TransferTask
 
 

@@ -16,7 +16,8 @@ from mixmae_core.tasks.pictures import draw_detections
 from pipelines.config import DetectStage
 from pipelines.data.collate import DetectionCollate
 from pipelines.data.order import Shard
-from pipelines.stages.loop import MicroBatch, all_gather, world_rank
+from pipelines.stages.distributed import all_gather, world_rank
+from pipelines.stages.task import MicroBatch
 from pipelines.stages.jobs import HEADLINE
 from pipelines.stages.transfer import TransferTask
 

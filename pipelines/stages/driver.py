@@ -28,7 +28,8 @@ from pipelines.stages import entry
 from pipelines.console import PROGRESS_EVERY_S
 from pipelines.stages.jobs import HEADLINE, Preempted, StageError, TrackingAway
 from pipelines.stages.checkpoints import CORRUPT_DIR, META_FILE
-from pipelines.stages.loop import LOSS_METRIC, PREEMPTED, SKIPPED_CHECKPOINTS
+from pipelines.stages.loop import PREEMPTED, SKIPPED_CHECKPOINTS
+from pipelines.stages.state import LOSS_METRIC
 from pipelines.stages.prepare import PreparedStage, StageContext, prepare_stage, trainer_name
 from pipelines.data.quality import PARTNER_SKIPPED
 from pipelines.tracking import (

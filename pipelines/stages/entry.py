@@ -12,7 +12,8 @@ def run_stages(config: dict) -> None:
     """Train a worker group's jobs (``config["jobs"]``) one after another. After a restart,
     the jobs before the one its latest checkpoint belongs to are finished and do not run again.
     Each job's task class is ``TASK`` of the module named after its task."""
-    from pipelines.stages.loop import Resume, train
+    from pipelines.stages.loop import train
+    from pipelines.stages.state import Resume
 
     jobs = config["jobs"]
     resume = Resume()

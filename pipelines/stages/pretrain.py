@@ -20,7 +20,8 @@ from pipelines.data.collate import PairCollate, normalize_on_device
 from pipelines.data.order import Shard
 from pipelines.memory import apply_grad_checkpointing
 from pipelines.stages.checkpoints import ENCODER_FILE
-from pipelines.stages.loop import MicroBatch, Task, all_gather, unwrap
+from pipelines.stages.distributed import all_gather, unwrap
+from pipelines.stages.task import MicroBatch, Task
 
 #: decoded monitor images a worker keeps between evaluations (they are the same every time)
 MONITOR_CACHE_BYTES = 512 * 2**20

@@ -12,7 +12,8 @@ from mixmae_core.tasks.metrics import segmentation_metrics
 from mixmae_core.tasks.pictures import draw_segmentation
 from mixmae_core.tasks.segmentation import build_upernet
 from pipelines.data.transforms import IGNORE_INDEX
-from pipelines.stages.loop import MicroBatch, world_size
+from pipelines.stages.distributed import world_size
+from pipelines.stages.task import MicroBatch
 from pipelines.stages.jobs import HEADLINE
 from pipelines.stages.transfer import TransferTask
 

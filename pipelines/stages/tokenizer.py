@@ -18,7 +18,8 @@ from mixmae_core.tokenizer import (
 from pipelines.data.collate import normalize_on_device
 from pipelines.data.order import Shard
 from pipelines.stages.checkpoints import ENCODER_FILE
-from pipelines.stages.loop import MicroBatch, StopTraining, Task, unwrap, world_size
+from pipelines.stages.distributed import unwrap, world_size
+from pipelines.stages.task import MicroBatch, StopTraining, Task
 
 
 class TokenizerTask(Task):

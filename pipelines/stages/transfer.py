@@ -15,7 +15,7 @@ from pipelines.data.collate import normalize_on_device
 from pipelines.data.order import Shard
 from pipelines.memory import apply_grad_checkpointing
 from pipelines.stages.checkpoints import ENCODER_FILE
-from pipelines.stages.loop import MicroBatch, Task
+from pipelines.stages.task import MicroBatch, Task
 
 
 class TransferTask(Task):
