@@ -38,13 +38,17 @@ def _write_sweep(path: Path, tmp_path: Path, synthetic_data: dict, extra: tuple 
     return path
 
 
-def test_a_methods_sweep_over_seeds_is_named_paired_reported_and_resumable(tmp_path, ray_local, synthetic_data):
+def test_a_methods_sweep_over_seeds_is_named_paired_reported_and_resumable(tmp_path, ray_local, synthetic_data, s3):
     """`mixmae sweep` of two methods x two seeds (and a trial whose data is missing), as a user
-    runs it with its output in a file: one line per event; 4 pipeline runs named by their
-    settings, each with a k-NN curve; `mixmae report --json` pairs the methods by seed."""
-    sweep_file = _write_sweep(tmp_path / "sweep.yaml", tmp_path, synthetic_data, name="methods", seeds=[0, 1],
-                              search={"recipe": {"cases": [*CASES, BAD_DATA]}}, max_concurrent_trials=2)
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    runs it with its output in a file, Tune's state and the trials' checkpoints in a bucket
+    (moto's S3 server): one line per event; 4 pipeline runs named by their settings, each with a
+    k-NN curve; `mixmae report --json` pairs the methods by seed; the same command again
+    restores the sweep from the bucket and retries only the failed trials."""
+    bucket = s3.bucket("sweep")
+    sweep_file = _write_sweep(tmp_path / "sweep.yaml", tmp_path, synthetic_data, extra=[f"storage=s3://{bucket}/runs"],
+                              name="methods", seeds=[0, 1], search={"recipe": {"cases": [*CASES, BAD_DATA]}},
+                              max_concurrent_trials=2, storage=f"s3://{bucket}/tune")
+    env = {**os.environ, **s3.env, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     sweep = subprocess.run([str(BIN / "mixmae"), "sweep", str(sweep_file)], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=1200)
     assert sweep.returncode == 1, sweep.stdout[-3000:] + sweep.stderr[-3000:]
@@ -88,6 +92,9 @@ def test_a_methods_sweep_over_seeds_is_named_paired_reported_and_resumable(tmp_p
         assert trial.data.metrics[KNN_METRIC] == knn[-1].value
         assert trial.data.metrics[PROBE_METRIC] == probe.data.metrics["val/top1"]
         assert trial.data.metrics["probe.data_val_images"] == 30  # 5 classes x 6 stand-in validation images
+        for stage in stages.values():
+            assert stage.data.tags["mixmae.checkpoint"].startswith(f"s3://{bucket}/runs/")
+    assert s3.keys(bucket, "tune/methods/") and not (tmp_path / "runs").exists() and not (tmp_path / "tune").exists()
     # runs with one seed trained on the same images, whatever the method
     fingerprints = {}
     for trial in trials:
