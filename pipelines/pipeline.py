@@ -35,7 +35,8 @@ from pipelines.spool import pending_spools
 from pipelines.stages.jobs import HEADLINE, Preempted, StageError, TrackingAway
 from pipelines.stages.prepare import StageContext
 from pipelines.tracking import (
-    KIND, MODEL_URI, RunLogger, ensure_experiment, flatten, open_spool, resolve_tracking_uri, start_or_resume,
+    KIND, MODEL_URI, RunLogger, ensure_experiment, flatten, fluent_tracking_uri, open_spool, resolve_tracking_uri,
+    start_or_resume,
 )
 
 #: a server that is up takes an earlier run's records in seconds
@@ -296,9 +297,9 @@ def register_encoder(uri: str, name: str, pretrain_run, summary: dict[str, float
     known = client.search_model_versions(f"name = '{name}'") if client.search_registered_models(f"name = '{name}'") else []
     if not model_uri or any(v.tags.get("pipeline_run") == pipeline_run_id for v in known):
         return
-    mlflow.set_tracking_uri(uri)
     tags = {"pipeline_run": pipeline_run_id, **{k: f"{v:.6g}" for k, v in summary.items()}}
-    mlflow.register_model(model_uri, name, tags=tags)
+    with fluent_tracking_uri(uri):
+        mlflow.register_model(model_uri, name, tags=tags)
 
 
 SUMMARY_KEYS = (
@@ -326,12 +327,12 @@ def check_same_pretraining(config: PipelineConfig, parent) -> None:
     """Refuse to continue a pipeline run with another pretraining method or encoder: its
     checkpoints hold the other model, which would not load (or would load into the wrong one)."""
     logged = parent.data.params
-    for field in ("method", "model"):
-        was, now = logged.get(f"pretrain.{field}"), str(getattr(config.pretrain, field))
+    for setting in ("method", "model"):
+        was, now = logged.get(f"pretrain.{setting}"), str(getattr(config.pretrain, setting))
         if was is not None and was != now:
             raise StageError(
-                f"pipeline {config.name} (MLflow run {parent.info.run_id}) was started with pretrain.{field} {was}; "
-                f"its checkpoints cannot continue as {now}. Give this config another name, or set {field} back"
+                f"pipeline {config.name} (MLflow run {parent.info.run_id}) was started with pretrain.{setting} {was}; "
+                f"its checkpoints cannot continue as {now}. Give this config another name, or set {setting} back"
             )
 
 

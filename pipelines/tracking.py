@@ -337,7 +337,6 @@ def log_stage_model(tracking_uri: str, run_id: str, config: dict[str, Any], weig
 
     from pipelines import stage_model
 
-    mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     experiment_id = client.get_run(run_id).info.experiment_id
     logged = client.search_logged_models(
@@ -351,12 +350,29 @@ def log_stage_model(tracking_uri: str, run_id: str, config: dict[str, Any], weig
     example = np.zeros((1, 3, size, size), np.float32)
     output = stage_model.outputs(config["task"], model, torch.from_numpy(example))
     logged = client.create_logged_model(experiment_id, name=config["name"], source_run_id=run_id)
-    info = mlflow.pyfunc.log_model(
-        python_model=stage_model.__file__, model_id=logged.model_id, artifacts={"weights": str(weights)},
-        model_config=config, input_example=example, signature=infer_signature(example, output),
-        pip_requirements=[f"mixmae-pipeline=={_version()}"],
-    )
+    with fluent_tracking_uri(tracking_uri):
+        info = mlflow.pyfunc.log_model(
+            python_model=stage_model.__file__, model_id=logged.model_id, artifacts={"weights": str(weights)},
+            model_config=config, input_example=example, signature=infer_signature(example, output),
+            pip_requirements=[f"mixmae-pipeline=={_version()}"],
+        )
     return info.model_uri
+
+
+@contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (model logging, registration) on ``uri`` while the block runs.
+    ``mlflow.set_tracking_uri`` also sets ``MLFLOW_TRACKING_URI`` in this process's environment,
+    which wins over a config's URI: left set, every later pipeline of the process (a notebook,
+    a sweep's trial, a test) would log to this store instead of its own."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets the variable
 
 
 def _version() -> str:

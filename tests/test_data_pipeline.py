@@ -3,7 +3,6 @@ workers' shards and resume positions, packed shards, every task's rows, skip acc
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -29,7 +28,6 @@ from pipelines.data.quality import PARTNER_SKIPPED, DataQualityError, StageSkips
 from pipelines.data.order import Shard, chunk_units
 from pipelines.data.samples import STREAM_BLOCK_BYTES, decode_classification, decode_pairs
 from pipelines.data.synth import SCALES, SYNTH_LAYOUTS
-from tests.servers import actors
 
 TINY = SCALES["tiny"]
 MIXMAE_075 = MaskSpec((3, 3), 0.75, "shared")

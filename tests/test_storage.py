@@ -73,3 +73,34 @@ def test_a_sweeps_trials_keep_their_checkpoints_in_the_bucket(tmp_path, monkeypa
     assert resolved.storage == "s3://bucket/runs" and resolved.synthetic.root == str(tmp_path / ".mixmae/synthetic")
     trial = trial_config(resolved, spec, {key: space.grid[0] for key, space in spec.search.items()}, seed=0)
     assert trial.storage == "s3://bucket/runs"
+
+
+def test_resuming_passes_over_a_truncated_newest_checkpoint_and_keeps_a_copy_of_it(tmp_path):
+    """In a local storage, as test_object_storage.py checks through a whole pipeline in a bucket:
+    the newest checkpoint that loads is the one a resume starts from, and each passed over is
+    named and copied aside as it was found."""
+    import json
+
+    import torch
+
+    from mixmae_core.checkpoint import save_state_dict
+    from pipelines.stages.checkpoints import CORRUPT_DIR, META_FILE, MODEL_FILE, STATE_FILE, newest_loadable
+
+    trainer = tmp_path / "runs" / "pipeline-pretrain"
+    for step in (2, 4):
+        folder = trainer / f"checkpoint_2026-12-06_00-00-0{step}"
+        folder.mkdir(parents=True)
+        save_state_dict(folder / MODEL_FILE, {"w": torch.full((64,), float(step))})
+        torch.save({"optimizer": {}}, folder / STATE_FILE)
+        (folder / META_FILE).write_text(json.dumps({"stage": "pretrain", "step": step}))
+    newest = folder / MODEL_FILE
+    half = newest.stat().st_size // 2
+    newest.write_bytes(newest.read_bytes()[:half])
+
+    skipped: list[str] = []
+    found = newest_loadable(str(folder), skipped, keep_corrupt=True)
+    assert found.meta["step"] == 2 and torch.equal(found.model["w"], torch.full((64,), 2.0))
+    assert len(skipped) == 1 and skipped[0].startswith(f"{folder.name}: ")
+    aside = tmp_path / "runs" / CORRUPT_DIR / trainer.name / folder.name / MODEL_FILE
+    assert aside.stat().st_size == half
+    assert newest_loadable(str(trainer / "checkpoint_2026-12-06_00-00-02"), [], keep_corrupt=False).meta["step"] == 2

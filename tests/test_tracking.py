@@ -4,6 +4,7 @@ that keeps records while the server is away, delivery into a local MLflow store.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -109,9 +110,12 @@ def test_metrics_delivered_twice_are_stored_once_and_artifacts_are_kept_until_se
     assert pending_spools(tmp_path / "storage") == []
 
 
-def test_a_model_delivered_twice_is_one_logged_model(tmp_path):
+def test_a_model_delivered_twice_is_one_logged_model(tmp_path, monkeypatch):
     """The worker's sender and the driver deliver the same spool: one at a time (the folder's
-    lock), and a model record sent again after a crash finds its model instead of making another."""
+    lock), and a model record sent again after a crash finds its model instead of making another.
+    Logging it leaves the process's MLFLOW_TRACKING_URI as it was (MLflow's fluent API sets it,
+    and it would win over the next pipeline's config)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from mixmae_core.checkpoint import save_state_dict
     from pipelines import stage_model
     from pipelines.config import load_config
@@ -138,6 +142,7 @@ def test_a_model_delivered_twice_is_one_logged_model(tmp_path):
     models = client.search_logged_models([experiment])
     assert len(models) == 1 and models[0].source_run_id == run_id
     assert client.get_run(run_id).data.tags["mixmae.model_uri"] == models[0].model_uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_a_record_the_server_refuses_is_set_aside_with_its_reason_and_the_rest_still_go(tmp_path):
