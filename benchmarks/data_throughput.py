@@ -10,8 +10,11 @@ DataLoader gets N worker processes. One warm-up epoch each
 alternating (and which of the two goes first alternating too) so both see the same
 background load. Rates are medians over the epochs; ratios are medians of the per-epoch
 ratios (a Ray epoch against the DataLoader epoch next to it), which cancels most of a
-shared machine's drifting load. Images per CPU-second (all processes of the run: driver,
-Ray daemons and workers, DataLoader workers) is shown too.
+shared machine's drifting load, with the lowest and highest per-epoch ratio beside them.
+Run it on an otherwise idle machine: a busy process beside it, even at nice 19, skews the
+ratio against the side with more processes to schedule (the README's data figures). Images
+per CPU-second (all processes of the run: driver, Ray daemons and workers, DataLoader
+workers) is shown too.
 
 Every epoch is a new Ray Data dataset and execution (its own order and pairing), which
 leaves the cores idle for a moment at the epoch's boundary: nothing on a real dataset,
@@ -148,6 +151,13 @@ def measure(manifest: Path, cores: int, img_size: int, epochs: int) -> dict[str,
         ray.shutdown()
 
 
+def ratio_with_range(ray_rates: list[float], loader_rates: list[float]) -> str:
+    """The median of the per-epoch ratios and, in brackets, their lowest and highest: how far
+    one epoch's comparison strays on this machine."""
+    ratios = np.divide(ray_rates, loader_rates)
+    return f"{np.median(ratios):.2f}x ({ratios.min():.2f}-{ratios.max():.2f})"
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -187,13 +197,10 @@ def main() -> None:
             rates = measure(manifest, cores, args.img_size, args.epochs)
             ray_wall, loader_wall = (float(np.median(rates[k]["wall"])) for k in ("ray", "loader"))
             ray_cpu, loader_cpu = (float(np.median(rates[k]["cpu"])) for k in ("ray", "loader"))
-            wall_ratio, cpu_ratio = (
-                float(np.median(np.divide(rates["ray"][kind], rates["loader"][kind]))) for kind in ("wall", "cpu")
-            )
+            wall_ratio, cpu_ratio = (ratio_with_range(rates["ray"][kind], rates["loader"][kind]) for kind in ("wall", "cpu"))
             table.add_row(
                 str(cores), f"{ray_wall:.0f}", f"{loader_wall:.0f}", f"{ray_wall / cores:.0f}",
-                f"{loader_wall / cores:.0f}", f"{wall_ratio:.2f}x", f"{ray_cpu:.0f}", f"{loader_cpu:.0f}",
-                f"{cpu_ratio:.2f}x",
+                f"{loader_wall / cores:.0f}", wall_ratio, f"{ray_cpu:.0f}", f"{loader_cpu:.0f}", cpu_ratio,
             )
         Console(width=200).print(table)
 
