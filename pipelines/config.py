@@ -10,7 +10,9 @@ module imports neither torch nor timm at load (the validators that need them imp
 
 from __future__ import annotations
 
+import json
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
@@ -501,9 +503,6 @@ class PipelineConfig(Strict):
 
     def _check_encoder(self, name: str, stage: "TransferBase") -> None:
         """A transfer stage's encoder can serve its task, and its ``init`` checkpoint holds that encoder."""
-        import torch
-        import timm
-
         from mixmae_core.checkpoint import checkpoint_info
         from mixmae_core.encoders import available_encoders
 
@@ -515,8 +514,7 @@ class PipelineConfig(Strict):
                 f"pipeline that pretrains with {self.pretrain.method}, or give it a hierarchical encoder and init: random"
             )
         if stage.task == "classify":
-            with torch.device("meta"):  # the encoder refuses sizes its windows do not tile
-                timm.create_model(model, img_size=stage.img_size, num_classes=2, **stage.model_overrides)
+            _build_on_meta(model, stage.img_size, json.dumps(stage.model_overrides, sort_keys=True))
         init = Path(stage.init).expanduser()
         if stage.init not in ("pretrained", "random") and init.is_file():
             info = checkpoint_info(init)
@@ -610,6 +608,18 @@ def _format(error: ValidationError, source: str) -> str:
         shown = "" if err["type"] in ("missing", URI_ERROR) else f" (got {err['input']!r})"
         lines.append(f"  {loc or '<top>'}: {msg}{shown if len(shown) < 120 else ''}")
     return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+@lru_cache(maxsize=32)
+def _build_on_meta(model: str, img_size: int, overrides: str) -> None:
+    """Build a classifier of ``model`` at ``img_size`` on the meta device: the encoder refuses
+    sizes its windows do not tile. Once per model and size (the classification stages of a
+    config usually share both)."""
+    import torch
+    import timm
+
+    with torch.device("meta"):
+        timm.create_model(model, img_size=img_size, num_classes=2, **json.loads(overrides))
 
 
 def load_config(

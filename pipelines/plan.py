@@ -13,6 +13,7 @@ config) are measured once.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import multiprocessing
@@ -149,33 +150,45 @@ def _model_key(config: PipelineConfig, stage: StageBase) -> str:
     return json.dumps([config.stage_model(stage), stage.scaling.use_gpu, fields], sort_keys=True)
 
 
-def _price(config: PipelineConfig, name: str, stage: StageBase) -> tuple[dict[str, float], ModelCosts]:
-    """A stage model's FLOPs and memory costs."""
-    classes = _head_classes(stage)
-    return stage_flops(config, name, stage, classes), model_costs(config, name, stage, classes)
+def _price(config: PipelineConfig, name: str, stage: StageBase, part: str) -> "dict[str, float] | ModelCosts":
+    """A stage model's FLOPs (``part`` "flops") or memory costs ("costs")."""
+    if part == "flops":
+        return stage_flops(config, name, stage, _head_classes(stage))
+    return model_costs(config, name, stage, _head_classes(stage))
 
 
 def _priced_models(config: PipelineConfig, keys: dict[str, str]) -> Iterator[tuple[str, tuple]]:
-    """``(key, _price(...))`` of every distinct model of the stages (``keys``: stage name to
-    model key), as each is done. Priced side by side in forked processes, one per core (a
-    model costs a second or two of Python dispatch in torch's meta kernels, and a fork starts
-    with every import done), the largest first: pretraining, then by image size."""
+    """``(key, (flops, costs))`` of every distinct model of the stages (``keys``: stage name to
+    model key), as each is done. Its FLOPs and its memory are priced apart, side by side in
+    forked processes, one per core (each costs a second or two of Python dispatch in torch's
+    meta kernels, and a fork starts with every import done), the largest models first:
+    pretraining, then by image size."""
     stages = config.all_stages()
     first: dict[str, str] = {}
     for name, key in keys.items():
         first.setdefault(key, name)
     order = sorted(first, key=lambda key: (stages[first[key]].task != "pretrain", -stages[first[key]].img_size))
-    workers = min(len(first), len(os.sched_getaffinity(0)))
+    jobs = [(key, part) for key in order for part in ("costs", "flops")]
+    workers = min(len(jobs), len(os.sched_getaffinity(0)))
     if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
         for key in order:
-            yield key, _price(config, first[key], stages[first[key]])
+            yield key, tuple(_price(config, first[key], stages[first[key]], part) for part in ("flops", "costs"))
         return
     for task in {stage.task for stage in stages.values()} - {"pretrain"}:
         importlib.import_module(f"pipelines.stages.{task}")  # once, before the forks, not in each
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        futures = {pool.submit(_price, config, first[key], stages[first[key]]): key for key in order}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
+    done: dict[str, dict[str, object]] = {}
+    gc.freeze()  # the imports' objects: no collection in the forks walks them again (a third of their time)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = {pool.submit(_price, config, first[key], stages[first[key]], part): (key, part)
+                       for key, part in jobs}
+            for future in as_completed(futures):
+                key, part = futures[future]
+                done.setdefault(key, {})[part] = future.result()
+                if len(done[key]) == 2:
+                    yield key, (done[key]["flops"], done[key]["costs"])
+    finally:
+        gc.unfreeze()
 
 
 def bill(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +179,13 @@ def test_sharding_divides_weights_gradients_and_states_among_the_workers():
     assert (ddp.weights, ddp.gradients, ddp.ddp_buckets, ddp.optimizer) == (800, 800, 800, 1600)
     assert (fsdp.weights, fsdp.gradients, fsdp.ddp_buckets, fsdp.optimizer) == (300, 300, 0, 400)
     assert fsdp.total() == 300 + 300 + 400 + 50 < ddp.total()
+
+
+def test_the_plan_loads_neither_mlflow_nor_torchmetrics():
+    """`mixmae plan` answers while a user waits: what it imports (its module and the stages' task
+    modules, which build the models it prices) leaves out the libraries only a running stage uses."""
+    code = ("import sys, pipelines.cli, pipelines.plan, pipelines.stages.classify, pipelines.stages.detect, "
+            "pipelines.stages.segment\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'torchmetrics'))\n"
+            "assert not bad, bad[:10]\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)

@@ -14,34 +14,43 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+# torchmetrics (a second of imports) is loaded when a stage builds its metrics: `mixmae plan`
+# builds the stages' models from these modules and answers while a user waits.
+if TYPE_CHECKING:
+    from torchmetrics import MetricCollection
 
 COCO_KEYS = ("AP", "AP50", "AP75")
 """The first three of COCOeval's stats: AP at IoU .50:.95, at .50 and at .75."""
 
 
-def classification_metrics(num_classes: int, topk: Sequence[int] = (1, 5)) -> MetricCollection:
+def classification_metrics(num_classes: int, topk: Sequence[int] = (1, 5)) -> "MetricCollection":
     """Top-k accuracies ``{"top1", "top5"}``; ``update(logits (B, K), labels (B,))``."""
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import MulticlassAccuracy
+
     return MetricCollection(
         {f"top{k}": MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro") for k in topk}
     )
 
 
-def segmentation_metrics(num_classes: int, ignore_index: int = 255) -> MetricCollection:
+def segmentation_metrics(num_classes: int, ignore_index: int = 255) -> "MetricCollection":
     """``{"mIoU", "pixel_acc"}``; ``update(logits (B, C, H, W) or labels (B, H, W), target (B, H, W))``.
 
     Pixels labelled ``ignore_index`` count nowhere. mIoU averages the IoU of the classes
     present in the target or the prediction over everything seen (as mmseg does); classes
     absent from both are left out rather than counted as 0 or 1.
     """
+    from torchmetrics import MetricCollection
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
     return MetricCollection(
         {
             "mIoU": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index),

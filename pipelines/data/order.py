@@ -35,7 +35,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from ray.data.context import ShuffleStrategy
 
 from pipelines.data.manifest import DataSource, parquet_file, read_parquet
 
@@ -242,6 +241,8 @@ def _packed_stream(
         fn_kwargs=dict(order=[ray.put((ids[sorter], rank[sorter]))], group=group, start=shard.start, end=end,
                        units_per_bucket=math.ceil(todo / n_buckets)),
     )
+    from ray.data.context import ShuffleStrategy  # Ray Data's import costs `mixmae plan` (which reads Shard) 0.7 s
+
     # The default hash shuffle starts aggregator actors per partition: far slower on small clusters.
     ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     ds = ds.groupby("_bucket").map_groups(

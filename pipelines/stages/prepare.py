@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from mlflow.tracking import MlflowClient
 
 from mixmae_core.checkpoint import checkpoint_info
 from mixmae_core.methods import mask_spec
@@ -38,7 +37,6 @@ from pipelines.config import (
     TokenizerStage,
     TransferBase,
 )
-from pipelines.data.datasets import coco_ground_truth
 from pipelines import storage
 from pipelines.data.manifest import (
     DataSource, build_manifest, open_source, pack_manifest, read_schema, shard_files, write_manifest,
@@ -46,7 +44,11 @@ from pipelines.data.manifest import (
 from pipelines.data.quality import StageSkips
 from pipelines.stages.jobs import DataRecipe, LoopSpec, StageError, StageJob
 
+# MLflow and Ray Data are imported where a stage uses them: `mixmae plan` imports this module
+# for the schedule and FLOPs, and answers while a user waits.
 if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
     from pipelines.console import RunConsole
 
 
@@ -85,7 +87,9 @@ class StageContext:
             return None
         return StageSkips(self.skip_counter_name, run_id if split == "train" else f"{run_id}/{split}")
 
-    def client(self) -> MlflowClient:
+    def client(self) -> "MlflowClient":
+        from mlflow.tracking import MlflowClient
+
         return MlflowClient(self.tracking_uri)
 
     @property
@@ -385,6 +389,8 @@ def prepare_stage(ctx: StageContext, name: str, run_id: str) -> PreparedStage:
         num_classes = spec.num_classes if isinstance(spec, SegmentStage) else source.num_classes
         job_fields.update(encoder_weights=weights, class_names=tuple(source.classes))
         if isinstance(spec, DetectStage):
+            from pipelines.data.datasets import coco_ground_truth
+
             job_fields["coco_gt"] = ray.put(coco_ground_truth(source, split=spec.data.val_split, img_size=spec.img_size))
         tags.update(init=weights or "random", task=spec.task)
     tags.update(method=encoder_method(ctx, spec, weights), encoder=ctx.config.stage_model(spec))
