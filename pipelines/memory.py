@@ -48,27 +48,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from mixmae_core.encoders.base import apply_grad_checkpointing
+from pipelines.stages.distributed import sharding_units
+
 if TYPE_CHECKING:
     from pipelines.config import DetectStage, PipelineConfig, StageBase
 
 GIB = 2**30
 SMALL_BATCH = 2
 """The batch the activations are measured at (even: pretraining takes pairs; above one: BatchNorm)."""
-
-
-def apply_grad_checkpointing(model: nn.Module, enable: bool) -> nn.Module:
-    """Switch timm's activation checkpointing (``set_grad_checkpointing``) on every module of
-    a stage model that has it: the encoder, wherever the method or task model nests it
-    (``.encoder``, a Mask R-CNN backbone's or smp's feature getter's ``.model``), or the model
-    itself (a classifier)."""
-    switches = [module for module in model.modules() if hasattr(module, "set_grad_checkpointing")]
-    if enable and not switches:
-        raise ValueError(
-            f"{type(model).__name__} has no encoder with set_grad_checkpointing: set grad_checkpointing: false"
-        )
-    for module in switches:
-        module.set_grad_checkpointing(enable)
-    return model
 
 
 # ----------------------------------------------------------------------------- CUDA's choices, on meta tensors
@@ -504,19 +492,6 @@ def measure_model(model: nn.Module, inputs: Callable[[int], tuple[torch.Tensor, 
         bf16=bf16,
         largest_unit=max((sum(p.numel() * 4 for p in unit.parameters()) for unit in sharding_units(model)), default=0),
     )
-
-
-def sharding_units(model: nn.Module) -> list[nn.Module]:
-    """What ``parallelism: fsdp`` shards as one unit each: every outermost module whose class
-    is a ``...Level`` or a ``...Block`` (a Swin level computes its blocks' position biases, so
-    the level is the unit; a ViT's or a decoder's blocks stand alone); the rest is the root's."""
-    names: list[str] = []
-    units = []
-    for name, module in model.named_modules():
-        if not any(name.startswith(f"{unit}.") for unit in names) and type(module).__name__.endswith(("Level", "Block")):
-            names.append(name)
-            units.append(module)
-    return units
 
 
 def model_costs(config: "PipelineConfig", name: str, spec: "StageBase", num_classes: int) -> ModelCosts:

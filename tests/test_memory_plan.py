@@ -20,7 +20,8 @@ from mixmae_core.methods import create_pretraining_model, pretraining_step
 from mixmae_core.tasks.classification import build_classifier
 from pipelines.cli import app
 from pipelines.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config
-from pipelines.memory import GIB, apply_grad_checkpointing, check_pretraining_peak
+from mixmae_core.encoders.base import apply_grad_checkpointing
+from pipelines.memory import GIB, check_pretraining_peak
 from pipelines.stages.jobs import StageJob
 
 
@@ -166,7 +167,8 @@ def test_sharding_divides_weights_gradients_and_states_among_the_workers():
     from types import SimpleNamespace
 
     from mixmae_core.methods import create_pretraining_model
-    from pipelines.memory import ModelCosts, sharding_units
+    from pipelines.memory import ModelCosts
+    from pipelines.stages.distributed import sharding_units
 
     with torch.device("meta"):
         model = create_pretraining_model("mixmae", "mixmae_swin_micro_w8", img_size=64)

@@ -220,3 +220,18 @@ def build_encoder(
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
         **kwargs,
     )
+
+
+def apply_grad_checkpointing(model: nn.Module, enable: bool) -> nn.Module:
+    """Switch timm's activation checkpointing (``set_grad_checkpointing``) on every module of
+    a stage model that has it: the encoder, wherever the method or task model nests it
+    (``.encoder``, a Mask R-CNN backbone's or smp's feature getter's ``.model``), or the model
+    itself (a classifier)."""
+    switches = [module for module in model.modules() if hasattr(module, "set_grad_checkpointing")]
+    if enable and not switches:
+        raise ValueError(
+            f"{type(model).__name__} has no encoder with set_grad_checkpointing: set grad_checkpointing: false"
+        )
+    for module in switches:
+        module.set_grad_checkpointing(enable)
+    return model

@@ -62,14 +62,25 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def sharding_units(model: nn.Module) -> list[nn.Module]:
+    """What ``parallelism: fsdp`` shards as one unit each: every outermost module whose class
+    is a ``...Level`` or a ``...Block`` (a Swin level computes its blocks' position biases, so
+    the level is the unit; a ViT's or a decoder's blocks stand alone); the rest is the root's."""
+    names: list[str] = []
+    units = []
+    for name, module in model.named_modules():
+        if not any(name.startswith(f"{unit}.") for unit in names) and type(module).__name__.endswith(("Level", "Block")):
+            names.append(name)
+            units.append(module)
+    return units
+
+
 def shard(model: nn.Module, device: torch.device) -> None:
     """Shard ``model`` over the workers in place (torch's ``fully_shard``, FSDP2): each of
-    :func:`~pipelines.memory.sharding_units` gathered for its forward and backward, then the rest.
+    :func:`sharding_units` gathered for its forward and backward, then the rest.
     Every worker starts from rank 0's weights, as under DDP (each built its own, from its own seed)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-
-    from pipelines.memory import sharding_units
 
     for tensor in model.state_dict().values():
         dist.broadcast(tensor, src=0)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from mixmae_core.checkpoint import save_state_dict
+from mixmae_core.encoders.base import apply_grad_checkpointing
 from mixmae_core.fast import StepOptions, apply_step_options
 from mixmae_core.methods import create_pretraining_model
 from mixmae_core.optim import build_optimizer
@@ -18,7 +19,6 @@ from mixmae_core.tasks.knn import knn_predict, pooled_features
 from mixmae_core.viz import save_reconstruction_png
 from pipelines.data.collate import PairCollate, normalize_on_device
 from pipelines.data.order import Shard
-from pipelines.memory import apply_grad_checkpointing
 from pipelines.stages.checkpoints import ENCODER_FILE
 from pipelines.stages.distributed import all_gather, unwrap
 from pipelines.stages.task import MicroBatch, Task

@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 
 from mixmae_core.checkpoint import save_state_dict
+from mixmae_core.encoders.base import apply_grad_checkpointing
 from mixmae_core.optim import build_optimizer
 from pipelines.data.collate import normalize_on_device
 from pipelines.data.order import Shard
-from pipelines.memory import apply_grad_checkpointing
 from pipelines.stages.checkpoints import ENCODER_FILE
 from pipelines.stages.task import MicroBatch, Task
 
