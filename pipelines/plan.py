@@ -8,25 +8,28 @@ per device: given per stage (``--throughput pretrain=1520``), read from a
 ``benchmarks/pretrain_throughput.py`` JSON, or derived from an achieved TFLOP/s
 (``--tflops``); without one the hours and the decode cores are left out. Memory per worker:
 :mod:`pipelines.memory`. Stages whose models are the same (the classification stages of a
-config) are measured once.
+config) are measured once, and a model's price is kept for the next plan (a user edits batch
+sizes, epochs and workers between plans, which leave the models as they are).
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import importlib
 import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from rich.table import Table
 
 from pipelines.config import DetectStage, PipelineConfig, PretrainStage, SegmentStage, StageBase
-from pipelines.memory import GIB, ModelCosts, WorkerMemory, model_costs, worker_memory
+from pipelines.memory import GIB, Activations, ModelCosts, PerBatch, WorkerMemory, model_costs, worker_memory
 from pipelines.stages.prepare import schedule, stage_flops
 
 #: Images one CPU core decodes per second on the pretraining path (a 500x375 JPEG decoded,
@@ -157,16 +160,78 @@ def _price(config: PipelineConfig, name: str, stage: StageBase, part: str) -> "d
     return model_costs(config, name, stage, _head_classes(stage))
 
 
+def _cache_file(key: str) -> Path:
+    """Where the price of the model ``key`` is kept between plans (in ``$MIXMAE_CACHE_DIR``, by
+    default ``$XDG_CACHE_HOME/mixmae`` or ``~/.cache/mixmae``): named by the key and by the
+    code that prices it."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mixmae"
+    root = Path(os.environ.get("MIXMAE_CACHE_DIR") or default) / "plan"
+    return root / (hashlib.sha256(f"{key}\n{_code_version()}".encode()).hexdigest() + ".json")
+
+
+@lru_cache(maxsize=1)
+def _code_version() -> str:
+    """What a price depends on besides the model key: this project's source (any change to it
+    prices again) and the versions of torch, timm and torchvision."""
+    import timm
+    import torch
+    import torchvision
+
+    digest = hashlib.sha256(f"{torch.__version__} {timm.__version__} {torchvision.__version__}".encode())
+    root = Path(__file__).resolve().parent.parent
+    for path in sorted([*root.glob("mixmae_core/**/*.py"), *root.glob("pipelines/**/*.py")]):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _cached_price(key: str) -> Optional[tuple[dict[str, float], ModelCosts]]:
+    try:
+        stored = json.loads(_cache_file(key).read_text())
+        costs, activations = stored["costs"], stored["costs"].pop("activations")
+        return stored["flops"], ModelCosts(**costs, activations=Activations(
+            plain=PerBatch(**activations["plain"]), kept=PerBatch(**activations["kept"]),
+            blocks=tuple(PerBatch(**block) for block in activations["blocks"])))
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: price it
+        return None
+
+
+def _keep_price(key: str, flops: dict[str, float], costs: ModelCosts) -> None:
+    path = _cache_file(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"key": key, "flops": flops, "costs": asdict(costs)}))
+        partial.replace(path)
+    except OSError:  # a read-only home: the next plan prices again
+        pass
+
+
 def _priced_models(config: PipelineConfig, keys: dict[str, str]) -> Iterator[tuple[str, tuple]]:
     """``(key, (flops, costs))`` of every distinct model of the stages (``keys``: stage name to
-    model key), as each is done. Its FLOPs and its memory are priced apart, side by side in
-    forked processes, one per core (each costs a second or two of Python dispatch in torch's
-    meta kernels, and a fork starts with every import done), the largest models first:
-    pretraining, then by image size."""
-    stages = config.all_stages()
+    model key): first those an earlier plan priced with this code (:func:`_cache_file`), then
+    the rest as each is done, kept for the next plan."""
     first: dict[str, str] = {}
     for name, key in keys.items():
         first.setdefault(key, name)
+    fresh = {}
+    for key, name in first.items():
+        cached = _cached_price(key)
+        if cached is None:
+            fresh[key] = name
+        else:
+            yield key, cached
+    for key, (flops, costs) in _price_models(config, fresh):
+        _keep_price(key, flops, costs)
+        yield key, (flops, costs)
+
+
+def _price_models(config: PipelineConfig, first: dict[str, str]) -> Iterator[tuple[str, tuple]]:
+    """``(key, (flops, costs))`` of each model ``key`` (priced as stage ``first[key]`` builds
+    it), as each is done. Its FLOPs and its memory are priced apart, side by side in forked
+    processes, one per core (each costs a second or two of Python dispatch in torch's meta
+    kernels, and a fork starts with every import done), the largest models first:
+    pretraining, then by image size."""
+    stages = config.all_stages()
     order = sorted(first, key=lambda key: (stages[first[key]].task != "pretrain", -stages[first[key]].img_size))
     jobs = [(key, part) for key in order for part in ("costs", "flops")]
     workers = min(len(jobs), len(os.sched_getaffinity(0)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -20,6 +21,8 @@ import pytest
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+# What the code keeps between runs (`mixmae plan`'s prices) goes to the session's own folder.
+os.environ["MIXMAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="mixmae-test-cache-")
 
 
 def pytest_collection_modifyitems(items):

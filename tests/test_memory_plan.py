@@ -191,3 +191,26 @@ def test_the_plan_loads_neither_mlflow_nor_torchmetrics():
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'torchmetrics'))\n"
             "assert not bad, bad[:10]\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)
+
+
+def test_a_plan_keeps_its_prices_and_prices_again_what_changed(tmp_path, monkeypatch):
+    """A second plan of the same models prices none and bills the same; another image size, or
+    other code, is priced again."""
+    from pipelines import plan
+
+    monkeypatch.setenv("MIXMAE_CACHE_DIR", str(tmp_path / "cache"))
+    priced, price_models = [], plan._price_models
+    monkeypatch.setattr(plan, "_price_models", lambda config, first: priced.append(sorted(first.values()))
+                        or price_models(config, first))
+    config = load_config(small_config(tmp_path), ["stages={}"])
+    first = plan.bill(config)
+    assert len(list((tmp_path / "cache" / "plan").glob("*.json"))) == 1
+    again = plan.bill(load_config(small_config(tmp_path), ["stages={}", "pretrain.epochs=3", "pretrain.batch_size=64"]))
+    assert (again[0].memory.micro_batch, first[0].memory.micro_batch) == (32, 16)
+    assert again[0].memory.activations > first[0].memory.activations
+    assert again[0].train_flops_per_image == first[0].train_flops_per_image
+    assert plan.bill(config) == first
+    plan.bill(load_config(small_config(tmp_path), ["stages={}", "pretrain.img_size=128"]))
+    monkeypatch.setattr(plan, "_code_version", lambda: "other code")
+    plan.bill(config)
+    assert priced == [["pretrain"], [], [], ["pretrain"], ["pretrain"]]
