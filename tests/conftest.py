@@ -11,7 +11,9 @@ Tiers (pytest markers, given here so no test can be left out of one):
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -23,6 +25,7 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 # What the code keeps between runs (`mixmae plan`'s prices) goes to the session's own folder.
 os.environ["MIXMAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="mixmae-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MIXMAE_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
