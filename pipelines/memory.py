@@ -461,6 +461,14 @@ class ModelCosts:
     largest_unit: int = 0
     """Bytes of the largest of :func:`sharding_units` (what FSDP gathers whole at a time)."""
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> "ModelCosts":
+        """The costs ``dataclasses.asdict`` made ``fields`` of (as ``mixmae plan`` keeps them)."""
+        activations = fields["activations"]
+        return cls(**{**fields, "activations": Activations(
+            plain=PerBatch(**activations["plain"]), kept=PerBatch(**activations["kept"]),
+            blocks=tuple(PerBatch(**block) for block in activations["blocks"]))})
+
     def worker(self, micro_batch: int, workers: int, optimizer: str, fused: bool, checkpointing: bool,
                sharded: bool = False) -> WorkerMemory:
         """One of ``workers`` workers training on ``micro_batch`` samples with ``optimizer``

@@ -29,7 +29,7 @@ from typing import Callable, Iterator, Optional
 from rich.table import Table
 
 from pipelines.config import DetectStage, PipelineConfig, PretrainStage, SegmentStage, StageBase
-from pipelines.memory import GIB, Activations, ModelCosts, PerBatch, WorkerMemory, model_costs, worker_memory
+from pipelines.memory import GIB, ModelCosts, WorkerMemory, model_costs, worker_memory
 from pipelines.stages.prepare import schedule, stage_flops
 
 #: Images one CPU core decodes per second on the pretraining path (a 500x375 JPEG decoded,
@@ -187,10 +187,7 @@ def _code_version() -> str:
 def _cached_price(key: str) -> Optional[tuple[dict[str, float], ModelCosts]]:
     try:
         stored = json.loads(_cache_file(key).read_text())
-        costs, activations = stored["costs"], stored["costs"].pop("activations")
-        return stored["flops"], ModelCosts(**costs, activations=Activations(
-            plain=PerBatch(**activations["plain"]), kept=PerBatch(**activations["kept"]),
-            blocks=tuple(PerBatch(**block) for block in activations["blocks"])))
+        return stored["flops"], ModelCosts.from_dict(stored["costs"])
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: price it
         return None
 
