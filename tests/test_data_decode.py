@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 import subprocess
 import sys
 
@@ -146,25 +147,31 @@ def test_dataset_planning_modules_do_not_import_torch():
 
 def test_the_train_loop_config_unpickles_without_torch_or_mlflow(synthetic_data, tmp_path):
     """Ray Train's controller unpickles every run's train-loop config: the stages' jobs with
-    their data recipes; torch or MLflow would cost it seconds."""
+    their data recipes, a pretraining recipe holding the method's MaskSpec; torch, timm or
+    MLflow would cost it seconds. The workers get the jobs back whole."""
     from ray import cloudpickle
 
+    from mixmae_core.masking import MaskSpec
     from pipelines.config import load_config
     from pipelines.data.manifest import build_manifest, open_source, write_manifest
+    from pipelines.stages import entry
     from pipelines.stages.jobs import DataRecipe, StageJob
 
     config = load_config()
     source = open_source(write_manifest(build_manifest("imagefolder", synthetic_data["pretrain"]), tmp_path / "m.parquet"))
+    masks = MaskSpec((2, 2), 0.5, "shared")
     job = StageJob("pretrain", config.pretrain, config.pretrain.model,
-                   data={"train": DataRecipe("pretrain", source, {"img_size": 64})})
+                   data={"train": DataRecipe("pretrain", source, {"img_size": 64, "masks": masks})})
+    packed = entry.train_loop_config([job])
     code = (
         "import pickle, sys\n"
-        "jobs = pickle.loads(sys.stdin.buffer.read())\n"
-        "assert type(jobs[0].data['train']).__name__ == 'DataRecipe', jobs\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mlflow', 'timm', 'rich'))\n"
+        "config = pickle.loads(sys.stdin.buffer.read())\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mlflow', 'timm', 'rich', 'mixmae_core'))\n"
         "assert not bad, bad[:5]\n"
     )
-    subprocess.run([sys.executable, "-c", code], input=cloudpickle.dumps([job]), check=True)
+    subprocess.run([sys.executable, "-c", code], input=cloudpickle.dumps(packed), check=True)
+    (unpacked,) = pickle.loads(packed["jobs"])
+    assert unpacked.name == "pretrain" and unpacked.data["train"].arguments["masks"] == masks
 
 
 def test_decode_tasks_are_neither_too_small_nor_too_large():

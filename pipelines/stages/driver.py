@@ -255,7 +255,7 @@ def _fit(ctx: StageContext, group: str, stages: list[PreparedStage]) -> None:
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
     trainer = TorchTrainer(
         entry.run_stages,
-        train_loop_config={"jobs": [s.job for s in stages]},
+        train_loop_config=entry.train_loop_config([s.job for s in stages]),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
             placement_strategy=scaling.placement_strategy,

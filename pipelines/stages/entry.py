@@ -6,16 +6,27 @@ of start-up before any worker exists. The real work is imported inside the worke
 """
 
 import importlib
+import pickle
+
+from ray import cloudpickle
+
+
+def train_loop_config(jobs: list) -> dict:
+    """The train-loop config of a run of ``jobs``, for :func:`run_stages`. The jobs travel
+    pickled: the controller unpickles every config it is given, and a pretraining job's data
+    recipe holds the method's ``MaskSpec``, whose package imports torch, timm and torchvision
+    (seconds before any worker of the run exists). Only the workers unpickle them."""
+    return {"jobs": cloudpickle.dumps(jobs)}
 
 
 def run_stages(config: dict) -> None:
-    """Train a worker group's jobs (``config["jobs"]``) one after another. After a restart,
-    the jobs before the one its latest checkpoint belongs to are finished and do not run again.
-    Each job's task class is ``TASK`` of the module named after its task."""
+    """Train a worker group's jobs (:func:`train_loop_config`) one after another. After a
+    restart, the jobs before the one its latest checkpoint belongs to are finished and do not
+    run again. Each job's task class is ``TASK`` of the module named after its task."""
     from pipelines.stages.loop import train
     from pipelines.stages.state import Resume
 
-    jobs = config["jobs"]
+    jobs = pickle.loads(config["jobs"])
     resume = Resume()
     for job in jobs[resume.first_to_run([j.name for j in jobs]) :]:
         train(importlib.import_module(f"pipelines.stages.{job.task}").TASK(job), resume)
