@@ -26,6 +26,26 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 # What the code keeps between runs (`mixmae plan`'s prices) goes to the session's own folder.
 os.environ["MIXMAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="mixmae-test-cache-")
 atexit.register(shutil.rmtree, os.environ["MIXMAE_CACHE_DIR"], ignore_errors=True)
+_SESSION: list[pytest.Session] = []
+
+
+def pytest_sessionstart(session):
+    _SESSION.append(session)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End the test process once pytest has reported, without finalizing the interpreter.
+
+    After ``ray.shutdown()`` the driver still runs gRPC and GCS-client threads; tearing down the
+    libraries under them can segfault an exit after every test passed (CI, 2026-12-07). Ray's
+    own workers leave with ``os._exit`` for the same reason. Exit handlers still run."""
+    if not _SESSION:  # --help, --version: no session ran
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(_SESSION[0].exitstatus))
 
 
 def pytest_collection_modifyitems(items):

@@ -1,0 +1,38 @@
+"""The test process itself: it ends with pytest's verdict, whatever the interpreter's teardown does."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Native code that crashes while the interpreter finalizes, as a driver's leftover gRPC threads can.
+CRASH_AT_FINALIZATION = """
+import os, signal
+
+class CrashAtFinalization:
+    def __del__(self, kill=os.kill, pid=os.getpid(), sig=signal.SIGSEGV):
+        kill(pid, sig)
+
+KEEP = CrashAtFinalization()
+
+def test_it():
+    assert {verdict}
+"""
+
+
+@pytest.mark.parametrize("verdict, status", [(True, 0), (False, 1)])
+def test_the_suite_exits_with_its_verdict_when_teardown_would_segfault(tmp_path, verdict, status):
+    module = tmp_path / "test_crash_at_exit.py"
+    module.write_text(CRASH_AT_FINALIZATION.format(verdict=verdict))
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
+         "-o", "addopts=", "--rootdir", str(tmp_path), str(module)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == status, done.stdout + done.stderr
+    assert ("1 passed" if verdict else "1 failed") in done.stdout
