@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ray.train
 from mlflow.tracking import MlflowClient
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchTrainer
 
 from mixmae_core.checkpoint import checkpoint_info, load_state_dict
 from pipelines import storage
@@ -24,6 +24,7 @@ from pipelines.pipeline import init_ray, synthetic_roots, usable_storage
 from pipelines.report_stats import wilson_interval
 from pipelines.stages import entry
 from pipelines.stages.classify import checkpoint_kind, head_classes
+from pipelines.stages.driver import worker_group
 from pipelines.stages.jobs import DataRecipe, LoopSpec, StageError, StageJob
 from pipelines.stages.prepare import StageContext, resolve_source, split_size
 from pipelines.tracking import KIND, RunLogger, ensure_experiment, resolve_tracking_uri, start_or_resume
@@ -76,15 +77,9 @@ def evaluate_checkpoint(config: PipelineConfig, stage_name: str, checkpoint: str
     loop = LoopSpec(uri, run.info.run_id, steps_per_epoch=1, total_steps=0, warmup_steps=0, lr=0.0)
     job = StageJob(stage_name, spec, model, encoder_weights=checkpoint, num_classes=source.num_classes,
                    class_names=tuple(source.classes), loop=loop, data={"val": recipe})
-    scaling = spec.scaling
     try:
         TorchTrainer(
-            entry.score_checkpoint, train_loop_config={"job": job},
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})},
-            ),
-            torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+            entry.score_checkpoint, train_loop_config=entry.train_loop_config([job]), **worker_group(spec.scaling),
             run_config=ray.train.RunConfig(name=f"eval-{run.info.run_id}", **storage.train_storage(root)),
         ).fit()
     except Exception:

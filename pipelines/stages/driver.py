@@ -23,7 +23,7 @@ import yaml
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines import storage
-from pipelines.config import PipelineConfig, PretrainStage, StageBase
+from pipelines.config import PipelineConfig, PretrainStage, Scaling, StageBase
 from pipelines.stages import entry
 from pipelines.console import PROGRESS_EVERY_S
 from pipelines.stages.jobs import HEADLINE, Preempted, StageError, TrackingAway
@@ -249,18 +249,25 @@ def run_worker_group(ctx: StageContext, group: str, names: list[str]) -> list[St
     return [outcomes[name] for name in names]
 
 
-def _fit(ctx: StageContext, group: str, stages: list[PreparedStage]) -> None:
-    client = ctx.client()
-    scaling = stages[0].job.spec.scaling  # the config requires one scaling per group
+def worker_group(scaling: Scaling) -> dict:
+    """The ``TorchTrainer`` arguments that start a worker group as ``scaling`` says."""
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
-    trainer = TorchTrainer(
-        entry.run_stages,
-        train_loop_config=entry.train_loop_config([s.job for s in stages]),
-        scaling_config=ray.train.ScalingConfig(
+    return {
+        "scaling_config": ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
             placement_strategy=scaling.placement_strategy,
         ),
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        "torch_config": TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+    }
+
+
+def _fit(ctx: StageContext, group: str, stages: list[PreparedStage]) -> None:
+    client = ctx.client()
+    scaling = stages[0].job.spec.scaling  # the config requires one scaling per group
+    trainer = TorchTrainer(
+        entry.run_stages,
+        train_loop_config=entry.train_loop_config([s.job for s in stages]),
+        **worker_group(scaling),
         run_config=ray.train.RunConfig(
             name=trainer_name(ctx, group),
             **storage.train_storage(ctx.storage),

@@ -12,11 +12,16 @@ from ray import cloudpickle
 
 
 def train_loop_config(jobs: list) -> dict:
-    """The train-loop config of a run of ``jobs``, for :func:`run_stages`. The jobs travel
-    pickled: the controller unpickles every config it is given, and a pretraining job's data
-    recipe holds the method's ``MaskSpec``, whose package imports torch, timm and torchvision
-    (seconds before any worker of the run exists). Only the workers unpickle them."""
+    """The train-loop config of a run of ``jobs`` (:func:`run_stages`, :func:`score_checkpoint`).
+    The jobs travel pickled: the controller unpickles every config it is given, and a
+    pretraining job's data recipe holds the method's ``MaskSpec``, whose package imports torch,
+    timm and torchvision (seconds before any worker of the run exists). Only the workers
+    unpickle them."""
     return {"jobs": cloudpickle.dumps(jobs)}
+
+
+def _jobs(config: dict) -> list:
+    return pickle.loads(config["jobs"])
 
 
 def run_stages(config: dict) -> None:
@@ -26,7 +31,7 @@ def run_stages(config: dict) -> None:
     from pipelines.stages.loop import train
     from pipelines.stages.state import Resume
 
-    jobs = pickle.loads(config["jobs"])
+    jobs = _jobs(config)
     resume = Resume()
     for job in jobs[resume.first_to_run([j.name for j in jobs]) :]:
         train(importlib.import_module(f"pipelines.stages.{job.task}").TASK(job), resume)
@@ -41,7 +46,7 @@ def score_checkpoint(config: dict) -> None:
     from pipelines.stages.classify import ScoreTask
     from pipelines.tracking import RunLogger
 
-    job = config["job"]
+    (job,) = _jobs(config)
     task = ScoreTask(job)
     metrics = task.evaluate(task.build(ray.train.torch.get_device()))
     if ray.train.get_context().get_world_rank() == 0:
