@@ -1,5 +1,5 @@
-"""The memory plan's estimates (``pipelines/memory.py``, what ``mixmae plan`` prints) against
-measured peaks.
+"""The memory plan's estimates (``pipelines/memory.py`` and ``worker_memory.py``, what
+``mixmae plan`` prints) against measured peaks.
 
 CPU rows: MixMAE pretraining steps in fp32 of the micro and the tiny Swin, with and without
 activation checkpointing. The activations estimated on the meta device (measured at batch 2,
@@ -31,7 +31,8 @@ from rich.table import Table
 
 from mixmae_core.fast import StepOptions, apply_step_options
 from mixmae_core.methods import create_pretraining_model
-from pipelines.memory import GIB, check_pretraining_peak, measure_model, pretraining_inputs
+from pipelines.memory import check_pretraining_peak, measure_model, pretraining_inputs
+from pipelines.worker_memory import GIB
 
 CPU_ROWS = [("mixmae_swin_micro_w8", 64, 8), ("mixmae_swin_micro_w8", 64, 32), ("mixmae_swin_tiny_w14", 224, 2),
             ("mixmae_swin_tiny_w14", 224, 8)]

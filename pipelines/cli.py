@@ -333,7 +333,7 @@ def plan(
     if not as_json:
         console.print(f"pricing {config or 'the quickstart config'} (models on the meta device: shapes, no weights)")
     cfg = _load(config, overrides)
-    from pipelines.memory import GIB
+    from pipelines.worker_memory import GIB
     from pipelines.plan import MEMORY_NOTE, bill, memory_table
     from pipelines.stages.jobs import StageError
 

@@ -1,31 +1,13 @@
-"""What one training worker of a stage holds in accelerator memory, measured on the meta device.
+"""A stage model's memory costs, measured on the meta device (what :mod:`pipelines.worker_memory`
+turns into one worker's bytes).
 
-Per worker, for its micro-batch ``batch_size / (num_workers x accum_steps)``:
-
-* **weights**: every parameter and buffer in fp32 (bf16 autocast keeps fp32 weights and casts
-  them per forward; those copies are activations);
-* **gradients**: fp32, one per trainable parameter; with more than one worker,
-  DistributedDataParallel's buckets hold a second copy (Ray Train's ``prepare_model`` leaves
-  ``gradient_as_bucket_view`` off);
-* **optimizer states**: AdamW's two fp32 moments (8 bytes per trainable parameter), LARS and
-  SGD one momentum (4). bf16 autocast changes none of the above (bf16 states would halve
-  them; torch's AdamW keeps its states in the parameters' dtype). The fused AdamW (``fast``
-  on GPU) updates in place; the foreach AdamW holds up to one fp32 copy of the trainable
-  parameters while it steps, after backward has freed the activations, so that copy counts
-  only where it is the larger of the two;
-* **activations**, measured: one training forward of the stage's model runs on meta tensors
-  (shapes only: no memory, no arithmetic), and the bytes of the tensors autograd saves for
-  backward are added up, each storage once, weights left out. What the batch makes is told
-  from what the weights alone make (bf16 weight copies, bias tables) by following which
-  storages the batch's values flow into (:class:`FromBatch`), so one small batch gives both
-  parts and the first scales to the micro-batch. With activation checkpointing: what stays
-  saved (each checkpointed block's inputs and everything outside the blocks) plus the
-  largest block's saves, which its recomputation holds during its backward.
-
-The total adds the gradients to the activations although backward frees activations as it
-makes gradients: an upper bound by at most the gradients. It is tensor memory (what
-``torch.cuda.max_memory_allocated`` reports); the CUDA context and the caching allocator's
-slack come on top of it.
+Activations: one training forward of the stage's model runs on meta tensors (shapes only: no
+memory, no arithmetic), and the bytes of the tensors autograd saves for backward are added
+up, each storage once, weights left out. What the batch makes is told from what the weights
+alone make (bf16 weight copies, bias tables) by following which storages the batch's values
+flow into (:class:`FromBatch`), so one small batch gives both parts and the first scales to
+the micro-batch. With activation checkpointing the forward runs again, and the blocks it
+recomputes are those that saved tensors without it and none with it.
 
 A GPU stage is measured as CUDA runs it (:class:`AsOnCuda`): meta tensors know neither
 autocast (it acts on CPU and CUDA tensors only) nor the memory-efficient attention kernel
@@ -38,7 +20,7 @@ from __future__ import annotations
 import importlib
 import weakref
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
@@ -50,11 +32,11 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from mixmae_core.encoders.base import apply_grad_checkpointing
 from pipelines.stages.distributed import sharding_units
+from pipelines.worker_memory import Activations, ModelCosts, PerBatch, fast_path
 
 if TYPE_CHECKING:
     from pipelines.config import DetectStage, PipelineConfig, StageBase
 
-GIB = 2**30
 SMALL_BATCH = 2
 """The batch the activations are measured at (even: pretraining takes pairs; above one: BatchNorm)."""
 
@@ -163,20 +145,6 @@ class FromBatch(TorchDispatchMode):
 
 
 @dataclass(frozen=True)
-class PerBatch:
-    """Bytes as ``fixed + per_sample * batch``."""
-
-    fixed: float = 0.0
-    per_sample: float = 0.0
-
-    def at(self, batch: int) -> float:
-        return self.fixed + self.per_sample * batch
-
-    def __add__(self, other: "PerBatch") -> "PerBatch":
-        return PerBatch(self.fixed + other.fixed, self.per_sample + other.per_sample)
-
-
-@dataclass(frozen=True)
 class Saved:
     """What one training forward left saved for backward."""
 
@@ -231,24 +199,6 @@ def checkpointed_blocks(plain: Saved, checkpointed: Saved) -> list[str]:
     with it (inside a checkpoint autograd saves into the checkpoint's own hooks), outermost only."""
     quiet = {name for name in plain.by_module if name not in checkpointed.by_module}
     return [name for name in quiet if not any(name.startswith(other + ".") for other in quiet)]
-
-
-@dataclass(frozen=True)
-class Activations:
-    plain: PerBatch
-    """Saved for backward without checkpointing."""
-    kept: PerBatch
-    """With checkpointing: what stays saved through the forward."""
-    blocks: tuple[PerBatch, ...]
-    """With checkpointing: what each checkpointed block saves, held while it recomputes."""
-
-    def at(self, batch: int, checkpointing: bool) -> float:
-        """Bytes at ``batch``; with checkpointing the largest block's recomputation on top of
-        what stays saved (which block is largest depends on the batch: weights' bf16 copies
-        do not grow with it)."""
-        if not checkpointing:
-            return self.plain.at(batch)
-        return self.kept.at(batch) + max((block.at(batch) for block in self.blocks), default=0.0)
 
 
 def measure_activations(model: nn.Module, inputs: Callable[[int], tuple[torch.Tensor, ...]],
@@ -417,79 +367,6 @@ def _training_detector(spec: "DetectStage", detector: nn.Module) -> StaticDetect
     return StaticDetector(detector, spec.rois_per_image, positives)
 
 
-@dataclass
-class WorkerMemory:
-    """Bytes one worker of a stage holds (see the module docstring)."""
-
-    micro_batch: int
-    bf16: bool
-    checkpointing: bool
-    """The config's ``grad_checkpointing``."""
-    weights: int
-    gradients: int
-    ddp_buckets: int
-    optimizer: int
-    optimizer_kind: str
-    step_temporaries: int
-    activations: float
-    """At the micro-batch, without checkpointing."""
-    activations_checkpointed: float
-    checkpointed_blocks: int
-
-    def total(self, checkpointing: Optional[bool] = None) -> float:
-        """Upper bound of the worker's peak, with the config's checkpointing unless given."""
-        on = self.checkpointing if checkpointing is None else checkpointing
-        activations = self.activations_checkpointed if on else self.activations
-        static = self.weights + self.gradients + self.ddp_buckets + self.optimizer
-        return static + max(activations, self.step_temporaries)
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "total": self.total(), "total_without_checkpointing": self.total(False),
-                "total_with_checkpointing": self.total(True)}
-
-
-@dataclass(frozen=True)
-class ModelCosts:
-    """What a model costs a worker whatever its schedule and scaling."""
-
-    weights: int
-    """Bytes of parameters and buffers."""
-    trainable: int
-    """Bytes of the trainable parameters, fp32."""
-    activations: Activations
-    bf16: bool
-    largest_unit: int = 0
-    """Bytes of the largest of :func:`sharding_units` (what FSDP gathers whole at a time)."""
-
-    @classmethod
-    def from_dict(cls, fields: dict) -> "ModelCosts":
-        """The costs ``dataclasses.asdict`` made ``fields`` of (as ``mixmae plan`` keeps them)."""
-        activations = fields["activations"]
-        return cls(**{**fields, "activations": Activations(
-            plain=PerBatch(**activations["plain"]), kept=PerBatch(**activations["kept"]),
-            blocks=tuple(PerBatch(**block) for block in activations["blocks"]))})
-
-    def worker(self, micro_batch: int, workers: int, optimizer: str, fused: bool, checkpointing: bool,
-               sharded: bool = False) -> WorkerMemory:
-        """One of ``workers`` workers training on ``micro_batch`` samples with ``optimizer``
-        (adamw: two states; lars, sgd: a momentum); ``sharded`` (FSDP): weights, gradients and
-        states divided among the workers, plus the largest unit gathered whole with its gradient."""
-        adamw = optimizer == "adamw"
-        share = workers if sharded else 1
-        return WorkerMemory(
-            micro_batch=micro_batch, bf16=self.bf16, checkpointing=checkpointing,
-            weights=self.weights // share + (self.largest_unit if sharded else 0),
-            gradients=self.trainable // share + (self.largest_unit if sharded else 0),
-            ddp_buckets=self.trainable if workers > 1 and not sharded else 0,
-            optimizer=self.trainable * (2 if adamw else 1) // share,
-            optimizer_kind=f"{optimizer}{' fused' if adamw and fused else ''}{' sharded' if sharded else ''}",
-            step_temporaries=self.trainable // share if adamw and not fused else 0,
-            activations=self.activations.at(micro_batch, False),
-            activations_checkpointed=self.activations.at(micro_batch, True),
-            checkpointed_blocks=len(self.activations.blocks),
-        )
-
-
 def measure_model(model: nn.Module, inputs: Callable[[int], tuple[torch.Tensor, ...]],
                   loss: Callable[..., torch.Tensor], cuda: bool, bf16: bool) -> ModelCosts:
     """``model``'s costs, its activations measured as :func:`measure_activations` does."""
@@ -520,18 +397,5 @@ def model_costs(config: "PipelineConfig", name: str, spec: "StageBase", num_clas
         model = transfer_model(config, name, spec, num_classes)
         if isinstance(spec, DetectStage):
             model = _training_detector(spec, model)
-    return measure_model(model, _training_inputs(spec, model), _training_loss(spec, model), cuda=gpu, bf16=_fast(spec))
-
-
-def _fast(spec: "StageBase") -> bool:
-    """Whether the stage runs bf16 autocast and the fused AdamW (as ``LoopSpec.bf16`` and the tasks' optimizers)."""
-    return spec.fast and spec.scaling.use_gpu
-
-
-def worker_memory(spec: "StageBase", costs: ModelCosts) -> WorkerMemory:
-    """One worker's memory for ``spec`` at its micro-batch."""
-    from pipelines.config import PretrainStage
-
-    optimizer = "adamw" if isinstance(spec, PretrainStage) else spec.optimizer
-    return costs.worker(spec.micro_batch(), spec.scaling.num_workers, optimizer, _fast(spec), spec.grad_checkpointing,
-                        sharded=spec.scaling.parallelism == "fsdp" and spec.scaling.num_workers > 1)
+    return measure_model(model, _training_inputs(spec, model), _training_loss(spec, model), cuda=gpu,
+                         bf16=fast_path(spec))

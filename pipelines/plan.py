@@ -7,9 +7,10 @@ on this machine, else from the stage's ``data.num_images``. Device-hours need a 
 per device: given per stage (``--throughput pretrain=1520``), read from a
 ``benchmarks/pretrain_throughput.py`` JSON, or derived from an achieved TFLOP/s
 (``--tflops``); without one the hours and the decode cores are left out. Memory per worker:
-:mod:`pipelines.memory`. Stages whose models are the same (the classification stages of a
-config) are measured once, and a model's price is kept for the next plan (a user edits batch
-sizes, epochs and workers between plans, which leave the models as they are).
+:mod:`pipelines.worker_memory`, over the costs :mod:`pipelines.memory` measures. Stages whose
+models are the same (the classification stages of a config) are measured once, and a model's
+price is kept for the next plan (a user edits batch sizes, epochs and workers between plans,
+which leave the models as they are).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from typing import Callable, Iterator, Optional
 from rich.table import Table
 
 from pipelines.config import DetectStage, PipelineConfig, PretrainStage, SegmentStage, StageBase
-from pipelines.memory import GIB, ModelCosts, WorkerMemory, model_costs, worker_memory
+from pipelines.memory import model_costs
+from pipelines.worker_memory import GIB, ModelCosts, WorkerMemory, worker_memory
 from pipelines.stages.prepare import schedule, stage_flops
 
 #: Images one CPU core decodes per second on the pretraining path (a 500x375 JPEG decoded,

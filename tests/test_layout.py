@@ -85,6 +85,8 @@ def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
         ("pipelines.stages.jobs", ("torch", "timm", "mlflow")),
         ("pipelines.stages.entry", ("torch", "timm", "mlflow")),
         ("pipelines.data.ray_internals", ("torch", "timm", "mlflow")),
+        # the plan's arithmetic over a model's kept price
+        ("pipelines.worker_memory", ("torch", "timm", "mlflow")),
     ],
 )
 def test_modules_import_only_what_their_processes_can_afford(module, forbidden):

@@ -21,7 +21,8 @@ from mixmae_core.tasks.classification import build_classifier
 from pipelines.cli import app
 from pipelines.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config
 from mixmae_core.encoders.base import apply_grad_checkpointing
-from pipelines.memory import GIB, check_pretraining_peak
+from pipelines.memory import check_pretraining_peak
+from pipelines.worker_memory import GIB
 from pipelines.stages.jobs import StageJob
 
 
@@ -167,7 +168,7 @@ def test_sharding_divides_weights_gradients_and_states_among_the_workers():
     from types import SimpleNamespace
 
     from mixmae_core.methods import create_pretraining_model
-    from pipelines.memory import ModelCosts
+    from pipelines.worker_memory import ModelCosts
     from pipelines.stages.distributed import sharding_units
 
     with torch.device("meta"):
