@@ -38,8 +38,8 @@ def pytest_unconfigure(config):
     """End the test process once pytest has reported, without finalizing the interpreter.
 
     After ``ray.shutdown()`` the driver still runs gRPC and GCS-client threads; tearing down the
-    libraries under them can segfault an exit after every test passed (CI, 2026-12-07). Ray's
-    own workers leave with ``os._exit`` for the same reason. Exit handlers still run."""
+    libraries under them can segfault the exit of a session whose every test passed. Ray's own
+    workers leave with ``os._exit`` for the same reason. Exit handlers still run."""
     if not _SESSION:  # --help, --version: no session ran
         return
     atexit._run_exitfuncs()
