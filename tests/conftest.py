@@ -26,11 +26,11 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 # What the code keeps between runs (`mixmae plan`'s prices) goes to the session's own folder.
 os.environ["MIXMAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="mixmae-test-cache-")
 atexit.register(shutil.rmtree, os.environ["MIXMAE_CACHE_DIR"], ignore_errors=True)
-_SESSION: list[pytest.Session] = []
+SESSION = pytest.StashKey[pytest.Session]()
 
 
 def pytest_sessionstart(session):
-    _SESSION.append(session)
+    session.config.stash[SESSION] = session
 
 
 @pytest.hookimpl(trylast=True)
@@ -40,12 +40,13 @@ def pytest_unconfigure(config):
     After ``ray.shutdown()`` the driver still runs gRPC and GCS-client threads; tearing down the
     libraries under them can segfault the exit of a session whose every test passed. Ray's own
     workers leave with ``os._exit`` for the same reason. Exit handlers still run."""
-    if not _SESSION:  # --help, --version: no session ran
+    session = config.stash.get(SESSION, None)
+    if session is None:  # --help, --version: no session ran
         return
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(int(_SESSION[0].exitstatus))
+    os._exit(int(session.exitstatus))
 
 
 def pytest_collection_modifyitems(items):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import pickle
 import subprocess
 import sys
 
@@ -170,7 +169,7 @@ def test_the_train_loop_config_unpickles_without_torch_or_mlflow(synthetic_data,
         "assert not bad, bad[:5]\n"
     )
     subprocess.run([sys.executable, "-c", code], input=cloudpickle.dumps(packed), check=True)
-    (unpacked,) = pickle.loads(packed["jobs"])
+    (unpacked,) = entry.unpack_jobs(packed)
     assert unpacked.name == "pretrain" and unpacked.data["train"].arguments["masks"] == masks
 
 

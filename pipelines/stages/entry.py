@@ -20,7 +20,8 @@ def train_loop_config(jobs: list) -> dict:
     return {"jobs": cloudpickle.dumps(jobs)}
 
 
-def _jobs(config: dict) -> list:
+def unpack_jobs(config: dict) -> list:
+    """The jobs :func:`train_loop_config` packed (in a worker)."""
     return pickle.loads(config["jobs"])
 
 
@@ -31,7 +32,7 @@ def run_stages(config: dict) -> None:
     from pipelines.stages.loop import train
     from pipelines.stages.state import Resume
 
-    jobs = _jobs(config)
+    jobs = unpack_jobs(config)
     resume = Resume()
     for job in jobs[resume.first_to_run([j.name for j in jobs]) :]:
         train(importlib.import_module(f"pipelines.stages.{job.task}").TASK(job), resume)
@@ -46,7 +47,7 @@ def score_checkpoint(config: dict) -> None:
     from pipelines.stages.classify import ScoreTask
     from pipelines.tracking import RunLogger
 
-    (job,) = _jobs(config)
+    (job,) = unpack_jobs(config)
     task = ScoreTask(job)
     metrics = task.evaluate(task.build(ray.train.torch.get_device()))
     if ray.train.get_context().get_world_rank() == 0:
