@@ -94,6 +94,7 @@ def test_a_methods_sweep_over_seeds_is_named_paired_reported_and_resumable(tmp_p
         assert trial.data.metrics["probe.data_val_images"] == 30  # 5 classes x 6 stand-in validation images
         for stage in stages.values():
             assert stage.data.tags["mixmae.checkpoint"].startswith(f"s3://{bucket}/runs/")
+        assert probe.data.tags["init"] == pretrain.data.tags["mixmae.encoder_checkpoint"]  # its workers read it from the bucket
     assert s3.keys(bucket, "tune/methods/") and not (tmp_path / "runs").exists() and not (tmp_path / "tune").exists()
     # runs with one seed trained on the same images, whatever the method
     fingerprints = {}
