@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from pipelines.cli_data import data_app
+from pipelines.process_end import end_process
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="MixMAE pretraining and transfer on Ray + MLflow.")
 app.add_typer(data_app, name="data")
@@ -390,10 +390,17 @@ def plan(
             console.print(f"[yellow]warning: {warning}[/]", soft_wrap=True)
 
 
-def main() -> None:
+def main() -> NoReturn:
+    """The ``mixmae`` command. It ends with typer's status (1 after an uncaught error, printed
+    as Python would) through :func:`pipelines.process_end.end_process`."""
     try:
         app()
-    finally:
-        # The interpreter's last collections walk every object torch and timm created (over a
-        # second on 2 cores); what they would free the process's end frees anyway.
-        gc.freeze()
+        status = 0
+    except SystemExit as exc:
+        status = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
+    except BaseException as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
+    end_process(status)

@@ -35,18 +35,15 @@ def pytest_sessionstart(session):
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-    """End the test process once pytest has reported, without finalizing the interpreter.
-
-    After ``ray.shutdown()`` the driver still runs gRPC and GCS-client threads; tearing down the
-    libraries under them can segfault the exit of a session whose every test passed. Ray's own
-    workers leave with ``os._exit`` for the same reason. Exit handlers still run."""
+    """End the test process with pytest's verdict once it has reported, as ``mixmae`` ends
+    (:func:`pipelines.process_end.end_process`: the session's Ray driver leaves threads that
+    can crash the interpreter's teardown)."""
     session = config.stash.get(SESSION, None)
     if session is None:  # --help, --version: no session ran
         return
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(int(session.exitstatus))
+    from pipelines.process_end import end_process
+
+    end_process(int(session.exitstatus))
 
 
 def pytest_collection_modifyitems(items):

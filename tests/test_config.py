@@ -1,4 +1,3 @@
-import sys
 from pathlib import Path
 
 import pytest
@@ -96,23 +95,6 @@ def test_cli_reports_a_bad_config_without_a_traceback(tmp_path):
     assert result.exit_code == 2
     assert "pretrain.mask_ratio: mask_ratio must lie strictly between 0 and 1" in result.output
     assert "Traceback" not in result.output
-
-
-def test_the_cli_leaves_its_objects_to_the_process_end(monkeypatch):
-    """`mixmae` freezes the collector as it ends: the interpreter's last collections would walk
-    every object torch and timm made, over a second of every command (README, Memory plan)."""
-    import gc
-
-    from pipelines.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["mixmae", "--help"])
-    before = gc.get_freeze_count()
-    try:
-        with pytest.raises(SystemExit) as ended:
-            main()
-        assert ended.value.code == 0 and gc.get_freeze_count() > before
-    finally:
-        gc.unfreeze()
 
 
 def test_a_method_takes_its_papers_recipe_where_the_config_is_silent():

@@ -1,4 +1,5 @@
-"""The test process itself: it ends with pytest's verdict, whatever the interpreter's teardown does."""
+"""How our Ray drivers end: the test session with pytest's verdict and the ``mixmae`` command with its
+status, their exit handlers run, whatever the interpreter's teardown would do."""
 
 from __future__ import annotations
 
@@ -36,3 +37,22 @@ def test_the_suite_exits_with_its_verdict_when_teardown_would_segfault(tmp_path,
     )
     assert done.returncode == status, done.stdout + done.stderr
     assert ("1 passed" if verdict else "1 failed") in done.stdout
+
+
+MIXMAE_CRASHING_AT_FINALIZATION = """
+import atexit, sys
+from pipelines.cli import main
+atexit.register(print, "exit handlers ran")
+sys.crash_at_finalization = CrashAtFinalization()  # held by a library's module, as native state is
+sys.argv = ["mixmae", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("args, status", [(["--help"], 0), (["no-such-command"], 2)])
+def test_mixmae_exits_with_its_status_when_teardown_would_segfault(args, status):
+    crash = CRASH_AT_FINALIZATION.split("KEEP")[0]
+    done = subprocess.run([sys.executable, "-c", crash + MIXMAE_CRASHING_AT_FINALIZATION, *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == status, done.stdout + done.stderr
+    assert done.stdout.rstrip().endswith("exit handlers ran")

@@ -87,6 +87,8 @@ def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
         ("pipelines.data.ray_internals", ("torch", "timm", "mlflow")),
         # the plan's arithmetic over a model's kept price
         ("pipelines.worker_memory", ("torch", "timm", "mlflow")),
+        # the test session's last hook and every `mixmae` command's end
+        ("pipelines.process_end", ("ray", "torch", "timm", "mlflow")),
     ],
 )
 def test_modules_import_only_what_their_processes_can_afford(module, forbidden):
