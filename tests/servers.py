@@ -29,7 +29,9 @@ def actors(class_name: str, **filters: str) -> list:
 
 class WorkerKiller:
     """While a block runs, SIGKILL one Ray Train worker of this cluster once ``ready()`` holds
-    (polled every 0.1 s, for up to 300 s); ``killed`` holds its pid."""
+    (polled every 0.1 s, for up to 300 s); ``killed`` holds its pid. The workers are looked up
+    as soon as they exist, so the kill follows ``ready()`` at once: a lookup through Ray's state
+    API can take longer than a few steps, after which the moment the test waited for is past."""
 
     def __init__(self, ready) -> None:
         import threading
@@ -42,15 +44,20 @@ class WorkerKiller:
         import signal
 
         deadline = time.monotonic() + 300
+        workers: list[int] = []
         while time.monotonic() < deadline and not self.done.is_set():
+            workers = workers or [actor.pid for actor in actors("RayTrainWorker", state="ALIVE")]
             try:
-                ready = self.ready()
+                ready = bool(workers) and self.ready()
             except (OSError, ValueError):  # a file being written
                 ready = False
-            workers = actors("RayTrainWorker", state="ALIVE") if ready else []
-            if workers:
-                os.kill(workers[-1].pid, signal.SIGKILL)
-                self.killed.append(workers[-1].pid)
+            if ready:
+                try:
+                    os.kill(workers[-1], signal.SIGKILL)
+                except ProcessLookupError:  # a worker of an earlier group, still listed as alive
+                    workers = []
+                    continue
+                self.killed.append(workers[-1])
                 return
             time.sleep(0.1)
 
