@@ -86,8 +86,8 @@ def launch(args: list[str], log: Path, **popen) -> subprocess.Popen:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, **popen)
 
 
-def wait_for(check, what: str, deadline_s: float, process: subprocess.Popen, log: Path):
-    """Poll ``check`` until it holds; if ``process`` dies first, fail with the end of its ``log``."""
+def wait_for(check, what: str, deadline_s: float, process: subprocess.Popen, log: Path, every_s: float = 0.5):
+    """Poll ``check`` every ``every_s`` until it holds; if ``process`` dies first, fail with the end of its ``log``."""
     deadline = time.monotonic() + deadline_s
     while True:
         try:
@@ -99,7 +99,7 @@ def wait_for(check, what: str, deadline_s: float, process: subprocess.Popen, log
             raise RuntimeError(f"{what}: the process exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not ready after {deadline_s:.0f} s")
-        time.sleep(0.5)
+        time.sleep(every_s)
 
 
 def http_answers(url: str) -> bool:

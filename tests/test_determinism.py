@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from pipelines.spool import Spool
 from pipelines.stages.loop import FINGERPRINT_METRIC
 from pipelines.stages.state import LOSS_METRIC
 from pipelines.tracking import STAGE, spooled_steps
-from tests.servers import BIN, WorkerKiller, actors, launch
+from tests.servers import BIN, WorkerKiller, actors, launch, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -114,13 +113,6 @@ def test_a_run_stopped_by_sigterm_mid_epoch_continues_on_the_same_data_and_decod
         folder = spool()
         return folder is not None and max(spooled_steps(Spool(folder, print), LOSS_METRIC), default=0) >= step
 
-    def poll(check, what: str) -> None:
-        deadline = time.monotonic() + 300
-        while not check():
-            assert first.poll() is None, f"the run ended before {what}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no {what} after 300 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.1)
-
     log = tmp_path / "first.log"
     first = launch(command, log, cwd=tmp_path, env=env)
     workers: list[int] = []
@@ -129,15 +121,16 @@ def test_a_run_stopped_by_sigterm_mid_epoch_continues_on_the_same_data_and_decod
             workers[:] = [actor.pid for actor in actors("RayTrainWorker", state="ALIVE")]
             return len(workers) == 2
 
-        poll(both_workers, "two training workers")
+        wait_for(both_workers, "two training workers", 300, first, log, every_s=0.1)
         # A step takes a fraction of a second, the driver a second to act on SIGTERM: the workers
         # wait, stopped, from epoch 1's step 2 (after the checkpoint at 4) until the driver has
         # asked them to stop, so their next step is the one they stop at, whatever the timing.
-        poll(lambda: trained_through(5), "step 5")
+        wait_for(lambda: trained_through(5), "step 5", 300, first, log, every_s=0.1)
         for pid in workers:
             os.kill(pid, signal.SIGSTOP)
         first.send_signal(signal.SIGTERM)
-        poll(lambda: any((tmp_path / "runs" / "control").glob("*.stop")), "the driver's stop request")
+        wait_for(lambda: any((tmp_path / "runs" / "control").glob("*.stop")), "the driver's stop request", 300, first, log,
+                 every_s=0.1)
         for pid in workers:
             os.kill(pid, signal.SIGCONT)
         assert first.wait(timeout=300) == 75, log.read_text()[-3000:]
