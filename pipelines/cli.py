@@ -397,9 +397,10 @@ def main() -> NoReturn:
         app()
         status = 0
     except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
-        if not isinstance(exc.code, (int, type(None))):
-            print(exc.code, file=sys.stderr)
+        status = 0 if exc.code is None else exc.code
+        if not isinstance(status, int):  # a message, which Python prints and exits 1 for
+            print(status, file=sys.stderr)
+            status = 1
     except BaseException as exc:
         sys.excepthook(type(exc), exc, exc.__traceback__)
         status = 130 if isinstance(exc, KeyboardInterrupt) else 1

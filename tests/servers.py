@@ -27,6 +27,11 @@ def actors(class_name: str, **filters: str) -> list:
     return list_actors(address=ray.get_runtime_context().gcs_address, filters=predicates, limit=10_000)
 
 
+def training_workers() -> list[int]:
+    """The pids of this cluster's live Ray Train workers."""
+    return [actor.pid for actor in actors("RayTrainWorker", state="ALIVE")]
+
+
 class WorkerKiller:
     """While a block runs, SIGKILL one Ray Train worker of this cluster once ``ready()`` holds
     (polled every 0.1 s, for up to 300 s); ``killed`` holds its pid. The workers are looked up
@@ -46,7 +51,7 @@ class WorkerKiller:
         deadline = time.monotonic() + 300
         workers: list[int] = []
         while time.monotonic() < deadline and not self.done.is_set():
-            workers = workers or [actor.pid for actor in actors("RayTrainWorker", state="ALIVE")]
+            workers = workers or training_workers()
             try:
                 ready = bool(workers) and self.ready()
             except (OSError, ValueError):  # a file being written

@@ -22,7 +22,7 @@ from pipelines.spool import Spool
 from pipelines.stages.loop import FINGERPRINT_METRIC
 from pipelines.stages.state import LOSS_METRIC
 from pipelines.tracking import STAGE, spooled_steps
-from tests.servers import BIN, WorkerKiller, actors, launch, wait_for
+from tests.servers import BIN, WorkerKiller, launch, training_workers, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -118,7 +118,7 @@ def test_a_run_stopped_by_sigterm_mid_epoch_continues_on_the_same_data_and_decod
     workers: list[int] = []
     try:
         def both_workers() -> bool:
-            workers[:] = [actor.pid for actor in actors("RayTrainWorker", state="ALIVE")]
+            workers[:] = training_workers()
             return len(workers) == 2
 
         wait_for(both_workers, "two training workers", 300, first, log, every_s=0.1)
