@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Iterator, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -146,6 +147,21 @@ def _console(location: str, name: str, verbose: bool):
                       copy_to=storage.join(root, "logs", file) if storage.is_remote(root) else None)
 
 
+@contextmanager
+def _ray_session() -> Iterator[None]:
+    """Ray for one command: a session the command starts ends with it (so the workers' last
+    lines reach the log file, not the console after the summary); one this process already
+    runs (the caller's, as in a notebook or a test session) is left running."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    try:
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
 def _run(cfg, stages: Optional[list[str]], resume: Optional[str], verbose: bool) -> None:
     from pipelines.pipeline import run_pipeline, summary_table
     from pipelines.stages.jobs import Preempted, StageError
@@ -153,11 +169,9 @@ def _run(cfg, stages: Optional[list[str]], resume: Optional[str], verbose: bool)
     run_console = _console(cfg.storage, cfg.name, verbose)
     try:
         try:
-            outcome = run_pipeline(cfg, stages=stages, resume=resume, console=run_console)
+            with _ray_session():
+                outcome = run_pipeline(cfg, stages=stages, resume=resume, console=run_console)
         finally:
-            import ray
-
-            ray.shutdown()  # the workers' last lines reach the log file, not the console after the summary
             run_console.close()
     except Preempted as exc:
         fail(exc, EXIT_PREEMPTED)
@@ -226,11 +240,9 @@ def sweep(
     run_console.start_progress()
     try:
         try:
-            sweep_run, grid = run_sweep(spec, base, resume=not fresh, console=run_console)
+            with _ray_session():
+                sweep_run, grid = run_sweep(spec, base, resume=not fresh, console=run_console)
         finally:
-            import ray
-
-            ray.shutdown()
             run_console.close()
     except StageError as exc:  # its storage cannot be used
         fail(exc, 1)
@@ -268,13 +280,10 @@ def evaluate(
 
     cfg = _load(config, overrides)
     try:
-        scored = evaluate_checkpoint(cfg, stage, checkpoint)
+        with _ray_session():
+            scored = evaluate_checkpoint(cfg, stage, checkpoint)
     except StageError as exc:
         fail(exc, 1)
-    finally:
-        import ray
-
-        ray.shutdown()
     m = scored.metrics
     table = Table(title=f"{storage.name(checkpoint)} on {stage} ({scored.images} validation images)")
     for column in ("metric", "value", "95% interval"):

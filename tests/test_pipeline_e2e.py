@@ -196,8 +196,11 @@ def _official_fine_tuned(classifier: dict) -> dict:
     return {"model": state, "epoch": 99}
 
 
-def test_eval_scores_a_stage_checkpoint_and_its_official_conversion_as_the_stage_did(quickstart, tmp_path, synthetic_data):
+def test_eval_scores_a_stage_checkpoint_and_its_official_conversion_as_the_stage_did(
+    quickstart, tmp_path, synthetic_data, ray_local
+):
     config, outcome, client, runs, work, _ = quickstart
+    cluster = ray_local.get_runtime_context().gcs_address
     stage = runs["inat2018"]
     settings = ["--set", f"storage={work / 'runs'}", "--set", f"tracking.uri={outcome.tracking_uri}",
                 "--set", f"synthetic.root={Path(synthetic_data['pretrain']).parent}"]
@@ -210,6 +213,8 @@ def test_eval_scores_a_stage_checkpoint_and_its_official_conversion_as_the_stage
     assert ours.keys() == back.keys() and all(torch.equal(ours[key], back[key]) for key in ours)
     result = CliRunner().invoke(app, ["eval", checkpoint, "--config", str(DEFAULT_CONFIG), "--stage", "inat2018", *settings])
     assert result.exit_code == 0, result.output
+    # a command ends the Ray session it started, never its caller's (here the test session's, with its S3 keys)
+    assert ray_local.is_initialized() and ray_local.get_runtime_context().gcs_address == cluster
     (run,) = client.search_runs([outcome.experiment_id], f"tags.`mixmae.kind` = 'eval' and attributes.run_name = "
                                                          f"'eval-inat2018-{Path(checkpoint).stem}'")
     scored = run.data.metrics
