@@ -4,8 +4,9 @@
 #   make test-fast    the unit tier only (no Ray): under 2 minutes
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Two pytest-xdist workers, each given whole modules (a module's fixtures are built once) in the
-# order tests/conftest.py puts them: the slowest first, so that both end together
+# The whole suite on two pytest-xdist workers, each given whole modules (a module's fixtures are
+# built once) in the order tests/conftest.py puts them: the slowest first, so that both end
+# together. The fast tier runs in one process: on two workers it took longer (README).
 PYTEST := $(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 # uv installs the pinned set in parallel (pip took 2:13 here, uv 1:01: README). It reads no pip
 # configuration: it is handed the package sources pip is configured with on this machine, and
@@ -32,4 +33,4 @@ test: install
 	$(PYTEST)
 
 test-fast: install
-	$(PYTEST) -m fast
+	$(PY) -m pytest -q -m fast

@@ -234,25 +234,30 @@ def _price_models(config: PipelineConfig, first: dict[str, str]) -> Iterator[tup
     order = sorted(first, key=lambda key: (stages[first[key]].task != "pretrain", -stages[first[key]].img_size))
     jobs = [(key, part) for key in order for part in ("costs", "flops")]
     workers = min(len(jobs), len(os.sched_getaffinity(0)))
-    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        for key in order:
-            yield key, tuple(_price(config, first[key], stages[first[key]], part) for part in ("flops", "costs"))
-        return
-    for task in {stage.task for stage in stages.values()} - {"pretrain"}:
-        importlib.import_module(f"pipelines.stages.{task}")  # once, before the forks, not in each
     done: dict[str, dict[str, object]] = {}
-    gc.freeze()  # the imports' objects: no collection in the forks walks them again (a third of their time)
-    try:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = {pool.submit(_price, config, first[key], stages[first[key]], part): (key, part)
-                       for key, part in jobs}
-            for future in as_completed(futures):
-                key, part = futures[future]
-                done.setdefault(key, {})[part] = future.result()
-                if len(done[key]) == 2:
-                    yield key, (done[key]["flops"], done[key]["costs"])
-    finally:
-        gc.unfreeze()
+    if workers >= 2 and "fork" in multiprocessing.get_all_start_methods():
+        for task in {stage.task for stage in stages.values()} - {"pretrain"}:
+            importlib.import_module(f"pipelines.stages.{task}")  # once, before the forks, not in each
+        gc.freeze()  # the imports' objects: no collection in the forks walks them again (a third of their time)
+        try:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                futures = {pool.submit(_price, config, first[key], stages[first[key]], part): (key, part)
+                           for key, part in jobs}
+                for future in as_completed(futures):
+                    key, part = futures[future]
+                    done.setdefault(key, {})[part] = future.result()
+                    if len(done[key]) == 2:
+                        yield key, (done[key]["flops"], done[key]["costs"])
+        except RuntimeError as exc:
+            # torch refuses autograd in a fork of a process whose autograd has run a compiled graph
+            # (a notebook, a test session): what is left is priced here, one model after another
+            if "fork-based multiprocessing" not in str(exc):
+                raise
+        finally:
+            gc.unfreeze()
+    for key in order:
+        if len(done.get(key, {})) < 2:
+            yield key, tuple(_price(config, first[key], stages[first[key]], part) for part in ("flops", "costs"))
 
 
 def bill(

@@ -215,3 +215,17 @@ def test_a_plan_keeps_its_prices_and_prices_again_what_changed(tmp_path, monkeyp
     monkeypatch.setattr(plan, "_code_version", lambda: "other code")
     plan.bill(config)
     assert priced == [["pretrain"], [], [], ["pretrain"], ["pretrain"]]
+
+
+def test_a_process_that_has_run_autograd_still_gets_its_plan(tmp_path, monkeypatch):
+    """torch refuses autograd in a fork of a process whose autograd has run a compiled graph: the
+    models are then priced in the process itself, to the same bill (a notebook that trained
+    something, a test session)."""
+    from pipelines import plan
+
+    config = load_config(small_config(tmp_path), ["stages={}"])
+    monkeypatch.setenv("MIXMAE_CACHE_DIR", str(tmp_path / "before"))
+    before = plan.bill(config)
+    torch.compile(lambda x: (x * 2).sum(), backend="aot_eager")(torch.ones(2, requires_grad=True)).backward()
+    monkeypatch.setenv("MIXMAE_CACHE_DIR", str(tmp_path / "after"))
+    assert plan.bill(config) == before

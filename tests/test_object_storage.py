@@ -47,6 +47,9 @@ def test_the_quickstart_pretrains_into_a_bucket_resumes_from_it_and_logs_no_cred
     longer, continues from the checkpoint before it. (A transfer stage reading its encoder from a
     bucket: the methods sweep in test_sweep_plan.py.)"""
     bucket = _bucket(s3, "runs")
+    # the cluster's own logs: what this test's runs add to them (other tests share the cluster)
+    cluster_logs = Path(ray_local._private.worker._global_node.get_session_dir_path()) / "logs"
+    logged_before = {log: log.stat().st_size for log in cluster_logs.glob("*") if log.is_file()}
     for name, value in s3.env.items():  # this process reads the MLflow artifacts from the bucket too
         monkeypatch.setenv(name, value)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -94,8 +97,14 @@ def test_the_quickstart_pretrains_into_a_bucket_resumes_from_it_and_logs_no_cred
     for key in logs:
         log = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
         assert not any(secret in log for secret in secrets)
-    session = Path(ray_local._private.worker._global_node.get_session_dir_path())  # the cluster's own logs
-    assert not [log for log in session.glob("logs/*") if log.is_file() and s3.SECRET.encode() in log.read_bytes()]
+    leaked = [log for log in cluster_logs.glob("*") if log.is_file() and s3.SECRET.encode() in _added(log, logged_before)]
+    assert not leaked
+
+
+def _added(log: Path, sizes: dict[Path, int]) -> bytes:
+    with log.open("rb") as file:
+        file.seek(sizes.get(log, 0))
+        return file.read()
 
 
 def _read_in_a_task(env: dict, sources: list) -> list:
