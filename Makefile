@@ -4,10 +4,6 @@
 #   make test-fast    the unit tier only (no Ray): under 2 minutes
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The whole suite on two pytest-xdist workers, each given whole modules (a module's fixtures are
-# built once) in the order tests/conftest.py puts them: the slowest first, so that both end
-# together. The fast tier runs in one process: on two workers it took longer (README).
-PYTEST := $(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 # uv installs the pinned set in parallel (pip took 2:13 here, uv 1:01: README). It reads no pip
 # configuration: it is handed the package sources pip is configured with on this machine, and
 # pip's rule of taking the best version any of them offers
@@ -30,7 +26,7 @@ quickstart: install
 	$(VENV)/bin/mixmae run
 
 test: install
-	$(PYTEST)
+	$(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m fast

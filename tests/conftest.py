@@ -46,22 +46,11 @@ def pytest_unconfigure(config):
     end_process(int(session.exitstatus))
 
 
-#: The modules that take longest, longest first (`make test`'s durations): the suite runs on two
-#: pytest-xdist workers, each given whole modules in this order, so that they end together.
-SLOWEST_MODULES = (
-    "test_sweep_plan.py", "test_faults.py", "test_pipeline_e2e.py", "test_determinism.py", "test_methods_pipeline.py",
-    "test_object_storage.py", "test_cluster_job.py", "test_pretraining_helps.py", "test_worker_groups.py",
-    "test_data_pipeline.py",
-)
-
-
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("cluster") or item.get_closest_marker("slow"):
             continue
         item.add_marker(pytest.mark.ray if "ray_local" in item.fixturenames else pytest.mark.fast)
-    rank = {name: i for i, name in enumerate(SLOWEST_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(autouse=True)
