@@ -9,9 +9,11 @@ same impossible configs.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import tempfile
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -222,13 +224,19 @@ _packing = threading.Lock()
 
 def _synthetic_in_storage(ctx: StageContext, key: str, data: DataSpec) -> str:
     """Synthetic stand-in ``key`` as packed shards (images included) in the storage, written
-    on first use by the driver, so every node reads it."""
+    on first use by the driver, so every node reads it. Drivers running at once (a sweep's
+    trials) may each pack it, each into a folder of its own, named in ``KEY.json`` once
+    complete: one object written whole, so a reader finds a complete copy or none."""
     synthetic = ctx.config.synthetic
-    packed = storage.join(ctx.storage, "synthetic", f"{synthetic.scale}-seed{synthetic.seed}", key)
+    folder = storage.join(ctx.storage, "synthetic", f"{synthetic.scale}-seed{synthetic.seed}")
+    pointer = storage.join(folder, f"{key}.json")
     with _packing, tempfile.TemporaryDirectory() as tmp:
-        if not shard_files(packed):
-            listed = build_manifest(data.layout, ctx.synthetic_roots[key], None, **data.options)
-            pack_manifest(write_manifest(listed, Path(tmp) / f"{key}.parquet"), packed)
+        if storage.exists(pointer):
+            return storage.join(folder, json.loads(storage.read_text(pointer))["packed"])
+        packed = storage.join(folder, f"{key}-{uuid.uuid4().hex[:8]}")
+        listed = build_manifest(data.layout, ctx.synthetic_roots[key], None, **data.options)
+        pack_manifest(write_manifest(listed, Path(tmp) / f"{key}.parquet"), packed)
+        storage.write_text(pointer, json.dumps({"packed": storage.name(packed)}))
     return packed
 
 
