@@ -103,7 +103,7 @@ def wait_for(check, what: str, deadline_s: float, process: subprocess.Popen, log
         if process.poll() is not None:
             raise RuntimeError(f"{what}: the process exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not ready after {deadline_s:.0f} s")
+            raise TimeoutError(f"{what} not ready after {deadline_s:.0f} s:\n{log.read_text()[-3000:]}")
         time.sleep(every_s)
 
 

@@ -21,7 +21,7 @@ from pipelines.config import REPO_ROOT
 from pipelines.spool import Spool
 from pipelines.stages.state import LOSS_METRIC
 from pipelines.tracking import spooled_steps
-from tests.servers import BIN, free_ports, launch
+from tests.servers import BIN, free_ports, launch, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -61,14 +61,6 @@ def test_a_dead_cluster_left_on_the_machine_is_not_joined_and_an_asked_for_one_f
         assert time.monotonic() - started < 120
 
 
-def _wait(check, what: str, process: subprocess.Popen, log: Path, deadline_s: float = 300) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not check():
-        assert process.poll() is None, f"the run ended before {what}:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {what} after {deadline_s:.0f} s:\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
-
-
 def test_a_stage_outlives_the_tracking_server_and_its_records_wait_for_mixmae_sync(
     tmp_path, mlflow_server, ray_local, synthetic_data
 ):
@@ -93,12 +85,12 @@ def test_a_stage_outlives_the_tracking_server_and_its_records_wait_for_mixmae_sy
     log = tmp_path / "run.log"
     run = launch(command, log, cwd=tmp_path, env=env)
     try:
-        _wait(lambda: len(losses()) >= 3, "logged losses", run, log)
+        wait_for(lambda: len(losses()) >= 3, "logged losses", 300, run, log)
         mlflow_server.stop()
         stopped_at = len(losses())
-        _wait(lambda: len(losses()) >= stopped_at + 3, "losses spooled while the server is away", run, log)
+        wait_for(lambda: len(losses()) >= stopped_at + 3, "losses spooled while the server is away", 300, run, log)
         mlflow_server.start()
-        _wait(lambda: Spool(spool(), print).pending() == 0, "delivery after the restart", run, log)
+        wait_for(lambda: Spool(spool(), print).pending() == 0, "delivery after the restart", 300, run, log)
         mlflow_server.stop()
         assert run.wait(timeout=600) == 1, log.read_text()[-3000:]
     finally:
