@@ -153,7 +153,8 @@ def _alive(process: psutil.Process) -> bool:
 
 class MlflowServer:
     """`mlflow server` on 127.0.0.1 over a store in ``root``; stopped and started again, it
-    keeps its port and store (as a restarted tracking server does)."""
+    keeps its port and store (as a restarted tracking server does). Started as the README
+    starts it: without MLflow's job runner, whose 8 processes serve GenAI jobs only."""
 
     def __init__(self, root: Path):
         (self.port,) = free_ports(1)
@@ -167,7 +168,7 @@ class MlflowServer:
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}", "--artifacts-destination",
              str(self.root / "art")],
-            log,
+            log, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
         wait_for(lambda: http_answers(f"{self.uri}/health"), "MLflow server", 120, self.process, log)
         return self

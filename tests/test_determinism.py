@@ -1,6 +1,6 @@
 """What a step trains on depends on the seed, epoch, step and number of workers only: two runs
 of the quickstart's pretraining on 2 workers log the same loss at every step, and so does a run
-stopped by SIGTERM mid-epoch and run again; a sharded run whose worker is killed mid-epoch (Ray
+with its storage in a bucket, stopped by SIGTERM mid-epoch and run again; a sharded run whose worker is killed mid-epoch (Ray
 Train restarts the group) logs it within float tolerance. All trained on the same image ids at
 every step (the ``data/fingerprint`` chain); the continued run decoded nothing it had trained on. An epoch
 ends at its last full step: its leftover images are neither decoded nor counted."""
@@ -11,14 +11,16 @@ import contextlib
 import json
 import os
 import signal
+import uuid
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipelines import storage
 from pipelines.config import DEFAULT_CONFIG, load_config
 from pipelines.pipeline import run_pipeline
-from pipelines.spool import Spool
+from pipelines.spool import Spool, spool_root
 from pipelines.stages.loop import FINGERPRINT_METRIC
 from pipelines.stages.state import LOSS_METRIC
 from pipelines.tracking import STAGE, spooled_steps
@@ -98,16 +100,32 @@ def test_a_worker_killed_mid_epoch_resumes_sharded_on_the_same_data(reference, t
     assert [value for _, value in sharded] == pytest.approx([value for _, value in replicated], rel=1e-4)
 
 
-def test_a_run_stopped_by_sigterm_mid_epoch_continues_on_the_same_data_and_decodes_nothing_twice(
-    reference, tmp_path, ray_local, synthetic_data
+def test_a_run_into_a_bucket_stopped_by_sigterm_mid_epoch_continues_from_it_on_the_same_data(
+    reference, tmp_path, ray_local, synthetic_data, s3, monkeypatch
 ):
-    """The driver gets SIGTERM mid-epoch: its workers save a checkpoint at their next step and
-    it exits 75; the same command again (a new driver, a new count of decoded images) reads
-    on from each worker's position: it decodes exactly the images of the steps left."""
+    """`mixmae pretrain` of the quickstart with its storage and the MLflow artifacts in a bucket
+    (moto's S3 server), joining the session's cluster, whose processes hold the keys but were
+    never told the endpoint: the run takes it to them, never a key. The driver gets SIGTERM
+    mid-epoch: its workers save a checkpoint in the bucket at their next step and it exits 75;
+    the same command again (a new driver, a new count of decoded images) reads on from each
+    worker's position in that checkpoint: it trains on the local uninterrupted run's images with
+    its losses, and decodes exactly the images of the steps left. Nothing of the storage lands on
+    a local disk but the node's tracking spool; no credential lands in the runs or any log."""
+    bucket = s3.bucket(f"sigterm-{uuid.uuid4().hex[:8]}")
+    runs = f"s3://{bucket}/runs"
+    # the cluster's own logs: what this test's runs add to them (other tests share the cluster)
+    cluster_logs = Path(ray_local._private.worker._global_node.get_session_dir_path()) / "logs"
+    logged_before = {log: log.stat().st_size for log in cluster_logs.glob("*") if log.is_file()}
+    for name, value in s3.env.items():  # this process reads the bucket too
+        monkeypatch.setenv(name, value)
+    experiment = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment(
+        "mixmae-quickstart", artifact_location=f"s3://{bucket}/mlartifacts")
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    command = [str(BIN / "mixmae"), "pretrain", str(DEFAULT_CONFIG),
-               *(arg for item in _overrides(tmp_path, synthetic_data) for arg in ("--set", item))]
-    spool = lambda: next((d for d in (tmp_path / "runs" / "tracking_spool").glob("*") if "." not in d.name), None)  # noqa: E731
+    # the images stay in their folder (a volume every node mounts), read in the reference's order
+    settings = [*_overrides(tmp_path, synthetic_data), f"storage={runs}", f"pretrain.data.root={synthetic_data['pretrain']}"]
+    command = [str(BIN / "mixmae"), "pretrain", str(DEFAULT_CONFIG), *(arg for item in settings for arg in ("--set", item))]
+    spools = spool_root(storage.local_root(runs))  # rank 0's node's own folder
+    spool = lambda: next((d for d in spools.glob("*") if "." not in d.name), None)  # noqa: E731
 
     def trained_through(step: int) -> bool:
         folder = spool()
@@ -129,8 +147,8 @@ def test_a_run_stopped_by_sigterm_mid_epoch_continues_on_the_same_data_and_decod
         for pid in workers:
             os.kill(pid, signal.SIGSTOP)
         first.send_signal(signal.SIGTERM)
-        wait_for(lambda: any((tmp_path / "runs" / "control").glob("*.stop")), "the driver's stop request", 300, first, log,
-                 every_s=0.1)
+        wait_for(lambda: any(key.endswith(".stop") for key in s3.keys(bucket, "runs/control/")), "the driver's stop request",
+                 300, first, log, every_s=0.1)
         for pid in workers:
             os.kill(pid, signal.SIGCONT)
         assert first.wait(timeout=300) == 75, log.read_text()[-3000:]
@@ -151,6 +169,34 @@ def test_a_run_stopped_by_sigterm_mid_epoch_continues_on_the_same_data_and_decod
     second = launch(command, log, cwd=tmp_path, env=env)
     assert second.wait(timeout=600) == 0, log.read_text()[-3000:]
     client, run = _pretrain_run(tmp_path)
-    assert run.data.tags["mixmae.resumed_from"] == f"step {stopped_at}"
+    tags = run.data.tags
+    assert tags["mixmae.resumed_from"] == f"step {stopped_at}"
     _same_training(tmp_path, reference)
     assert dict(_history(tmp_path, "data/images_attempted"))[STEPS] == (STEPS - stopped_at) * BATCH
+
+    keys = s3.keys(bucket, "runs/")
+    checkpoints = sorted(key.rsplit("/", 1)[0] for key in keys if "/checkpoint_" in key and key.endswith("/model.safetensors"))
+    assert tags["mixmae.checkpoint"] == f"s3://{bucket}/{checkpoints[-1]}"
+    assert tags["mixmae.encoder_checkpoint"] == f"s3://{bucket}/{checkpoints[-1]}/encoder.safetensors"
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mixmae_runs").exists()
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert {"checkpoint/model.safetensors", "checkpoint/encoder.safetensors"} <= logged and "mixmae.model_uri" in tags
+    assert any(key.endswith("/checkpoint/encoder.safetensors") for key in s3.keys(bucket, "mlartifacts/"))
+
+    secrets = list(s3.CREDENTIALS.values())
+    for recorded in client.search_runs([experiment]):
+        values = [*recorded.data.params.values(), *recorded.data.tags.values()]
+        assert not [value for value in values if any(secret in value for secret in secrets)], recorded.info.run_name
+    logs = s3.keys(bucket, "runs/logs/")  # each command's log, copied there when it ended
+    assert len(logs) == 2 and all(key.startswith("runs/logs/quickstart-") for key in logs)
+    for key in logs:
+        text = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+        assert not any(secret in text for secret in secrets)
+    leaked = [log for log in cluster_logs.glob("*") if log.is_file() and s3.SECRET.encode() in _added(log, logged_before)]
+    assert not leaked
+
+
+def _added(log: Path, sizes: dict[Path, int]) -> bytes:
+    with log.open("rb") as file:
+        file.seek(sizes.get(log, 0))
+        return file.read()

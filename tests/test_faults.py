@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ from pipelines.config import REPO_ROOT
 from pipelines.spool import Spool
 from pipelines.stages.state import LOSS_METRIC
 from pipelines.tracking import spooled_steps
-from tests.servers import BIN, free_ports, launch, wait_for
+from tests.servers import BIN, free_ports, launch, training_workers, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -89,8 +90,18 @@ def test_a_stage_outlives_the_tracking_server_and_its_records_wait_for_mixmae_sy
         mlflow_server.stop()
         stopped_at = len(losses())
         wait_for(lambda: len(losses()) >= stopped_at + 3, "losses spooled while the server is away", 300, run, log)
-        mlflow_server.start()
+        # training waits, stopped, while the server starts (seconds), so the stage still has
+        # steps left when the server goes away again, however long its start took
+        workers = training_workers()
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            mlflow_server.start()
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
         wait_for(lambda: Spool(spool(), print).pending() == 0, "delivery after the restart", 300, run, log)
+        assert max(losses()) < steps, "the stage ended before the second outage"
         mlflow_server.stop()
         assert run.wait(timeout=600) == 1, log.read_text()[-3000:]
     finally:

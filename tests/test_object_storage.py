@@ -1,7 +1,8 @@
 """Storage, data and MLflow artifacts in an object store: moto's S3 server on loopback (its
 own process), reached only through the standard environment. (Fast checks of the storage
-helpers on local paths are in test_storage.py; a node lost with the storage in a bucket and
-no folder shared between nodes in test_faults.py.)"""
+helpers on local paths are in test_storage.py; the quickstart's pretraining into a bucket,
+stopped and continued from it, in test_determinism.py; a node lost with the storage in a bucket
+and no folder shared between nodes in test_faults.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from mlflow.tracking import MlflowClient
 
 from pipelines import storage
 from pipelines.config import REPO_ROOT, PipelineConfig
@@ -25,86 +25,6 @@ from pipelines.stages.jobs import StageError
 from tests.servers import BIN, MotoServer, free_ports
 
 pytestmark = pytest.mark.cluster
-
-
-def _bucket(s3, purpose: str) -> str:
-    return s3.bucket(f"{purpose}-{uuid.uuid4().hex[:8]}")
-
-
-def _mixmae(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(BIN / "mixmae"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def test_the_quickstart_pretrains_into_a_bucket_resumes_from_it_and_logs_no_credential(
-    tmp_path, s3, ray_local, synthetic_data, monkeypatch
-):
-    """`mixmae pretrain quickstart.yaml --set storage=s3://BUCKET/runs`, joining the session's
-    cluster (whose processes hold the keys but were never told the endpoint: the run takes it to
-    them, never a key), with the experiment's MLflow artifacts in the same bucket. Then the
-    newest checkpoint in the bucket is truncated and `mixmae run` of the pretraining, two steps
-    longer, continues from the checkpoint before it. (A transfer stage reading its encoder from a
-    bucket: the methods sweep in test_sweep_plan.py.)"""
-    bucket = _bucket(s3, "runs")
-    # the cluster's own logs: what this test's runs add to them (other tests share the cluster)
-    cluster_logs = Path(ray_local._private.worker._global_node.get_session_dir_path()) / "logs"
-    logged_before = {log: log.stat().st_size for log in cluster_logs.glob("*") if log.is_file()}
-    for name, value in s3.env.items():  # this process reads the MLflow artifacts from the bucket too
-        monkeypatch.setenv(name, value)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    experiment = MlflowClient(uri).create_experiment("mixmae-quickstart", artifact_location=f"s3://{bucket}/mlartifacts")
-    env = {**os.environ, **s3.env, "MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    settings = [str(REPO_ROOT / "ray_configs/pipelines/quickstart.yaml"), "--set", f"storage=s3://{bucket}/runs",
-                "--set", f"synthetic.root={Path(synthetic_data['pretrain']).parent}",
-                "--set", "pretrain.log_every_steps=2", "--set", "pretrain.checkpoint_every_steps=2"]
-    _mixmae(["pretrain", *settings, "--set", "pretrain.max_steps=4"], tmp_path, env)
-
-    keys = s3.keys(bucket, "runs/")
-    checkpoints = sorted(key.rsplit("/", 1)[0] for key in keys if "/checkpoint_" in key and key.endswith("/model.safetensors"))
-    assert len(checkpoints) == 2 and all(f"{c}/encoder.safetensors" in keys for c in checkpoints[1:])
-    assert any(re.match(r"runs/synthetic/tiny-seed0/pretrain-\w+/part-", key) for key in keys)  # every node reads these
-    assert any(key.startswith("runs/logs/quickstart-") for key in keys)  # copied there when the command ended
-    assert not (tmp_path / "mixmae_runs").exists()  # nothing of the storage on a local disk
-    client = MlflowClient(uri)
-    (stage,) = client.search_runs([experiment], "tags.`mixmae.stage` = 'pretrain'")
-    tags = stage.data.tags
-    assert tags["mixmae.checkpoint"] == f"s3://{bucket}/{checkpoints[-1]}"
-    assert tags["mixmae.encoder_checkpoint"] == f"s3://{bucket}/{checkpoints[-1]}/encoder.safetensors"
-    logged = {a.path for a in client.list_artifacts(stage.info.run_id, "checkpoint")}
-    assert {"checkpoint/model.safetensors", "checkpoint/encoder.safetensors"} <= logged and "mixmae.model_uri" in tags
-    assert any(key.endswith("/checkpoint/encoder.safetensors") for key in s3.keys(bucket, "mlartifacts/"))
-
-    newest = checkpoints[-1]
-    client.set_tag(stage.info.run_id, "mixmae.complete", "false")  # as if it had been stopped before finishing
-    weights = s3.client().get_object(Bucket=bucket, Key=f"{newest}/model.safetensors")["Body"].read()
-    s3.client().put_object(Bucket=bucket, Key=f"{newest}/model.safetensors", Body=weights[: len(weights) // 2])
-    _mixmae(["run", *settings, "--stages", "pretrain", "--set", "pretrain.max_steps=6"], tmp_path, env)
-    tags = client.get_run(stage.info.run_id).data.tags
-    assert tags["mixmae.resumed_from"] == "step 2" and tags["mixmae.complete"] == "true"
-    assert tags["mixmae.skipped_checkpoints"].startswith(newest.rsplit("/", 1)[-1])
-    trainer, name = newest.rsplit("/", 2)[-2:]
-    aside = s3.client().head_object(Bucket=bucket, Key=f"runs/corrupt_checkpoints/{trainer}/{name}/model.safetensors")
-    assert aside["ContentLength"] == len(weights) // 2  # the bad one kept as it was found
-    assert [m.step for m in client.get_metric_history(stage.info.run_id, "train/loss")] == [2, 4, 6]
-
-    secrets = list(s3.CREDENTIALS.values())
-    for run in client.search_runs([experiment]):
-        recorded = [*run.data.params.values(), *run.data.tags.values()]
-        assert not [value for value in recorded if any(secret in value for secret in secrets)], run.info.run_name
-    logs = s3.keys(bucket, "runs/logs/")
-    assert len(logs) == 2
-    for key in logs:
-        log = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
-        assert not any(secret in log for secret in secrets)
-    leaked = [log for log in cluster_logs.glob("*") if log.is_file() and s3.SECRET.encode() in _added(log, logged_before)]
-    assert not leaked
-
-
-def _added(log: Path, sizes: dict[Path, int]) -> bytes:
-    with log.open("rb") as file:
-        file.seek(sizes.get(log, 0))
-        return file.read()
 
 
 def _read_in_a_task(env: dict, sources: list) -> list:
@@ -125,7 +45,7 @@ def _read_in_a_task(env: dict, sources: list) -> list:
 
 
 def test_manifests_packed_shards_and_images_are_read_from_a_bucket(tmp_path, s3, ray_local, synthetic_data, monkeypatch):
-    bucket = _bucket(s3, "data")
+    bucket = s3.bucket(f"data-{uuid.uuid4().hex[:8]}")
     for name, value in s3.env.items():
         monkeypatch.setenv(name, value)
     root = synthetic_data["pretrain"]

@@ -1,6 +1,6 @@
 """The storage helpers on local paths (a local storage behaves as it always did), what a
 config accepts as object storage, and where a sweep's trials keep their checkpoints. (An S3
-server's buckets are used in test_object_storage.py.)"""
+server's buckets are used in test_object_storage.py, and by the resume test here.)"""
 
 from __future__ import annotations
 
@@ -75,32 +75,43 @@ def test_a_sweeps_trials_keep_their_checkpoints_in_the_bucket(tmp_path, monkeypa
     assert trial.storage == "s3://bucket/runs"
 
 
-def test_resuming_passes_over_a_truncated_newest_checkpoint_and_keeps_a_copy_of_it(tmp_path):
-    """In a local storage, as test_object_storage.py checks through a whole pipeline in a bucket:
-    the newest checkpoint that loads is the one a resume starts from, and each passed over is
-    named and copied aside as it was found."""
+@pytest.mark.parametrize("where", ["folder", pytest.param("bucket", marks=pytest.mark.cluster)])
+def test_resuming_passes_over_a_truncated_newest_checkpoint_and_keeps_a_copy_of_it(where, tmp_path, request, monkeypatch):
+    """In a local storage and in a bucket (moto's S3 server): the newest checkpoint that loads
+    is the one a resume starts from, and each passed over is named and copied aside as it was
+    found. (A whole run resumed from a bucket: test_determinism.py.)"""
     import json
+    import uuid
 
     import torch
 
     from mixmae_core.checkpoint import save_state_dict
     from pipelines.stages.checkpoints import CORRUPT_DIR, META_FILE, MODEL_FILE, STATE_FILE, newest_loadable
 
-    trainer = tmp_path / "runs" / "pipeline-pretrain"
+    runs = str(tmp_path / "runs")
+    if where == "bucket":
+        s3 = request.getfixturevalue("s3")
+        for name, value in s3.env.items():
+            monkeypatch.setenv(name, value)
+        runs = f"s3://{s3.bucket(f'resume-{uuid.uuid4().hex[:8]}')}/runs"
+    trainer = storage.join(runs, "pipeline-pretrain")
+    written = tmp_path / "written"
+    written.mkdir()
     for step in (2, 4):
-        folder = trainer / f"checkpoint_2026-12-06_00-00-0{step}"
-        folder.mkdir(parents=True)
-        save_state_dict(folder / MODEL_FILE, {"w": torch.full((64,), float(step))})
-        torch.save({"optimizer": {}}, folder / STATE_FILE)
-        (folder / META_FILE).write_text(json.dumps({"stage": "pretrain", "step": step}))
-    newest = folder / MODEL_FILE
-    half = newest.stat().st_size // 2
-    newest.write_bytes(newest.read_bytes()[:half])
+        name = f"checkpoint_2026-12-06_00-00-0{step}"
+        save_state_dict(written / MODEL_FILE, {"w": torch.full((64,), float(step))})
+        torch.save({"optimizer": {}}, written / STATE_FILE)
+        (written / META_FILE).write_text(json.dumps({"stage": "pretrain", "step": step}))
+        for file in written.iterdir():
+            storage.upload(file, storage.join(trainer, name, file.name))
+    newest = storage.join(trainer, name)
+    model = storage.read_bytes(storage.join(newest, MODEL_FILE))
+    half = len(model) // 2
+    storage.write_bytes(storage.join(newest, MODEL_FILE), model[:half])
 
     skipped: list[str] = []
-    found = newest_loadable(str(folder), skipped, keep_corrupt=True)
+    found = newest_loadable(newest, skipped, keep_corrupt=True)
     assert found.meta["step"] == 2 and torch.equal(found.model["w"], torch.full((64,), 2.0))
-    assert len(skipped) == 1 and skipped[0].startswith(f"{folder.name}: ")
-    aside = tmp_path / "runs" / CORRUPT_DIR / trainer.name / folder.name / MODEL_FILE
-    assert aside.stat().st_size == half
-    assert newest_loadable(str(trainer / "checkpoint_2026-12-06_00-00-02"), [], keep_corrupt=False).meta["step"] == 2
+    assert len(skipped) == 1 and skipped[0].startswith(f"{name}: ")
+    assert storage.size(storage.join(runs, CORRUPT_DIR, "pipeline-pretrain", name, MODEL_FILE)) == half
+    assert newest_loadable(storage.join(trainer, "checkpoint_2026-12-06_00-00-02"), [], keep_corrupt=False).meta["step"] == 2
