@@ -19,7 +19,8 @@ from ray.train.torch import TorchTrainer
 
 from mixmae_core.checkpoint import checkpoint_info, load_state_dict
 from pipelines import storage
-from pipelines.config import ClassifyStage, PipelineConfig
+from pipelines.config import PipelineConfig
+from pipelines.stage_config import ClassifyStage
 from pipelines.pipeline import init_ray, synthetic_roots, usable_storage
 from pipelines.report_stats import wilson_interval
 from pipelines.stages import entry

@@ -35,7 +35,8 @@ from pipelines.stages.distributed import sharding_units
 from pipelines.worker_memory import Activations, ModelCosts, PerBatch, fast_path
 
 if TYPE_CHECKING:
-    from pipelines.config import DetectStage, PipelineConfig, StageBase
+    from pipelines.config import PipelineConfig
+    from pipelines.stage_config import DetectStage, StageBase
 
 SMALL_BATCH = 2
 """The batch the activations are measured at (even: pretraining takes pairs; above one: BatchNorm)."""
@@ -334,7 +335,7 @@ def pretraining_inputs(
 
 def _training_inputs(spec: "StageBase", model: nn.Module) -> Callable[[int], tuple[torch.Tensor, ...]]:
     """Batches of the stage's training inputs on the meta device."""
-    from pipelines.config import DetectStage, PretrainStage
+    from pipelines.stage_config import DetectStage, PretrainStage
 
     if isinstance(spec, PretrainStage):
         return pretraining_inputs(model, spec.img_size)
@@ -351,7 +352,7 @@ def _training_inputs(spec: "StageBase", model: nn.Module) -> Callable[[int], tup
 
 def _training_loss(spec: "StageBase", model: nn.Module) -> Callable[..., torch.Tensor]:
     """The training loss of the stage's model on :func:`_training_inputs` (a detector's: its outputs)."""
-    from pipelines.config import DetectStage, PretrainStage
+    from pipelines.stage_config import DetectStage, PretrainStage
 
     if isinstance(spec, PretrainStage):
         return lambda images, masks: model(images, masks).loss
@@ -383,7 +384,7 @@ def model_costs(config: "PipelineConfig", name: str, spec: "StageBase", num_clas
     """Build the stage's model on the meta device as its worker does, and measure it."""
     from mixmae_core.fast import StepOptions, apply_step_options
     from mixmae_core.methods import create_pretraining_model
-    from pipelines.config import DetectStage, PretrainStage
+    from pipelines.stage_config import DetectStage, PretrainStage
 
     gpu = spec.scaling.use_gpu
     if isinstance(spec, PretrainStage):

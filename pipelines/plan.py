@@ -29,7 +29,8 @@ from typing import Callable, Iterator, Optional
 
 from rich.table import Table
 
-from pipelines.config import DetectStage, PipelineConfig, PretrainStage, SegmentStage, StageBase
+from pipelines.config import PipelineConfig
+from pipelines.stage_config import DetectStage, PretrainStage, SegmentStage, StageBase
 from pipelines.memory import model_costs
 from pipelines.worker_memory import GIB, ModelCosts, WorkerMemory, worker_memory
 from pipelines.stages.prepare import schedule, stage_flops

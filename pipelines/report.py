@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipelines.config import METHOD_RECIPES, PretrainStage
+from pipelines.stage_config import METHOD_RECIPES, PretrainStage
 from pipelines.report_stats import Spread, interpolate_at, log_budgets, mean_by_seed, spread, verdict, wilson_interval
 from pipelines.sweep import FLOPS_METRIC, PROBE_METRIC
 from pipelines.tracking import KIND, STAGE

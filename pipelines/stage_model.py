@@ -50,7 +50,7 @@ def build(config: dict[str, Any]) -> torch.nn.Module:
     """The stage's model, randomly initialised, as the stage built it."""
     import timm
 
-    from pipelines.config import ClassifyStage, DetectStage, PretrainStage, SegmentStage
+    from pipelines.stage_config import ClassifyStage, DetectStage, PretrainStage, SegmentStage
     from pipelines.stages.jobs import StageJob
 
     spec_type = {"pretrain": PretrainStage, "classify": ClassifyStage, "detect": DetectStage, "segment": SegmentStage}

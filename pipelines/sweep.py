@@ -28,9 +28,8 @@ from typing import Any, Literal, Optional, Sequence, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from pipelines.config import (
-    METHOD_RECIPES, ConfigError, PipelineConfig, Strict, _format, _set_dotted, checked_uri, load_config, parse_override,
-)
+from pipelines.config import ConfigError, PipelineConfig, _format, _set_dotted, load_config, parse_override
+from pipelines.stage_config import METHOD_RECIPES, Strict, checked_uri
 
 
 PROBE_METRIC = "probe_top1"
@@ -108,7 +107,7 @@ class SweepConfig(Strict):
 
     @model_validator(mode="after")
     def _known_fields(self):
-        from pipelines.config import PretrainStage
+        from pipelines.stage_config import PretrainStage
 
         named = [key for key, space in self.search.items() if not isinstance(space, Cases)]
         named += [key for space in self.search.values() if isinstance(space, Cases) for case in space.cases for key in case]

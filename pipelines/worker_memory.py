@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
-    from pipelines.config import StageBase
+    from pipelines.stage_config import StageBase
 
 GIB = 2**30
 
@@ -148,7 +148,7 @@ def fast_path(spec: "StageBase") -> bool:
 
 def worker_memory(spec: "StageBase", costs: ModelCosts) -> WorkerMemory:
     """One worker's memory for ``spec`` at its micro-batch."""
-    from pipelines.config import PretrainStage
+    from pipelines.stage_config import PretrainStage
 
     optimizer = "adamw" if isinstance(spec, PretrainStage) else spec.optimizer
     return costs.worker(spec.micro_batch(), spec.scaling.num_workers, optimizer, fast_path(spec),

@@ -13,7 +13,7 @@ import torch.nn as nn
 from mixmae_core.tasks.detection import build_mask_rcnn
 from mixmae_core.tasks.metrics import coco_evaluate_results, coco_results
 from mixmae_core.tasks.pictures import draw_detections
-from pipelines.config import DetectStage
+from pipelines.stage_config import DetectStage
 from pipelines.data.collate import DetectionCollate
 from pipelines.data.order import Shard
 from pipelines.stages.distributed import all_gather, world_rank

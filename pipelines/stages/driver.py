@@ -23,7 +23,8 @@ import yaml
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipelines import storage
-from pipelines.config import PipelineConfig, PretrainStage, Scaling, StageBase
+from pipelines.config import PipelineConfig
+from pipelines.stage_config import PretrainStage, Scaling, StageBase
 from pipelines.stages import entry
 from pipelines.console import PROGRESS_EVERY_S
 from pipelines.stages.jobs import HEADLINE, Preempted, StageError, TrackingAway

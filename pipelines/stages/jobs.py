@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from pipelines.config import ClassifyStage, DetectStage, PretrainStage, SegmentStage, TokenizerStage
+from pipelines.stage_config import ClassifyStage, DetectStage, PretrainStage, SegmentStage, TokenizerStage
 from pipelines.data.manifest import DataSource
 from pipelines.data.quality import StageSkips
 

@@ -26,17 +26,9 @@ import torch
 from mixmae_core.checkpoint import checkpoint_info
 from mixmae_core.methods import mask_spec
 from mixmae_core.optim import scaled_lr
-from pipelines.config import (
-    SYNTHETIC_PREFIX,
-    ClassifyStage,
-    DataSpec,
-    DetectStage,
-    Monitor,
-    PipelineConfig,
-    PretrainStage,
-    SegmentStage,
-    StageBase,
-    TokenizerStage,
+from pipelines.config import PipelineConfig
+from pipelines.stage_config import (
+    SYNTHETIC_PREFIX, ClassifyStage, DataSpec, DetectStage, Monitor, PretrainStage, SegmentStage, StageBase, TokenizerStage,
     TransferBase,
 )
 from pipelines import storage
