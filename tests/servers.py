@@ -3,7 +3,9 @@ file, polling with a deadline, and stopping exactly what a test started."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +32,20 @@ def actors(class_name: str, **filters: str) -> list:
 def training_workers() -> list[int]:
     """The pids of this cluster's live Ray Train workers."""
     return [actor.pid for actor in actors("RayTrainWorker", state="ALIVE")]
+
+
+@contextlib.contextmanager
+def paused(pids: list[int]):
+    """The processes stopped (SIGSTOP) for the block and continued after it, whatever happens
+    (one that has ended meanwhile is passed over)."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 class WorkerKiller:

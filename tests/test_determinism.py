@@ -3,11 +3,11 @@ of the quickstart's pretraining on 2 workers log the same loss at every step, an
 with its storage in a bucket, stopped by SIGTERM mid-epoch and run again; a sharded run whose worker is killed mid-epoch (Ray
 Train restarts the group) logs it within float tolerance. All trained on the same image ids at
 every step (the ``data/fingerprint`` chain); the continued run decoded nothing it had trained on. An epoch
-ends at its last full step: its leftover images are neither decoded nor counted."""
+ends at its last full step: its leftover images are neither decoded nor counted. A rerun passes
+over a truncated newest checkpoint."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -24,7 +24,7 @@ from pipelines.spool import Spool, spool_root
 from pipelines.stages.loop import FINGERPRINT_METRIC
 from pipelines.stages.state import LOSS_METRIC
 from pipelines.tracking import STAGE, spooled_steps
-from tests.servers import BIN, WorkerKiller, launch, training_workers, wait_for
+from tests.servers import BIN, WorkerKiller, launch, paused, training_workers, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -73,6 +73,29 @@ def test_an_epoch_ends_at_its_last_full_step_and_counts_only_what_trained(refere
     flops = dict(_history(reference, "flops/train_total"))
     per_image = dict(_history(reference, "flops/train_per_image"))[0]
     assert flops[STEPS] == pytest.approx(STEPS * BATCH * per_image)
+
+
+def test_a_rerun_resumes_from_the_newest_checkpoint_that_loads(tmp_path, ray_local, synthetic_data):
+    """The newest checkpoint of a stopped stage is truncated: the rerun, its driver and its
+    worker alike, passes it over (named in the run, a copy kept as found) and continues from
+    the one before, no logged step lost or repeated. (In a bucket, the same choice:
+    test_storage.py.)"""
+    settings = [*_overrides(tmp_path, synthetic_data), "pretrain.scaling.num_workers=1", "pretrain.log_every_steps=2",
+                "pretrain.checkpoint_every_steps=2"]
+    run_pipeline(load_config(DEFAULT_CONFIG, [*settings, "pretrain.max_steps=4"]), stages=["pretrain"])
+    client, run = _pretrain_run(tmp_path)
+    client.set_tag(run.info.run_id, "mixmae.complete", "false")  # as if it had been stopped before finishing
+    newest = sorted((tmp_path / "runs").glob("*/checkpoint_*/model.safetensors"))[-1]
+    weights = newest.read_bytes()
+    newest.write_bytes(weights[: len(weights) // 2])
+
+    run_pipeline(load_config(DEFAULT_CONFIG, [*settings, "pretrain.max_steps=6"]), stages=["pretrain"])
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["mixmae.resumed_from"] == "step 2" and tags["mixmae.complete"] == "true"
+    assert tags["mixmae.skipped_checkpoints"].startswith(f"{newest.parent.name}: ")
+    aside = tmp_path / "runs" / "corrupt_checkpoints" / newest.parent.parent.name / newest.parent.name / newest.name
+    assert aside.stat().st_size == len(weights) // 2
+    assert [step for step, _ in _history(tmp_path, LOSS_METRIC)] == [2, 4, 6]
 
 
 def _registered_checkpoint_steps(storage: Path) -> list[int]:
@@ -144,18 +167,12 @@ def test_a_run_into_a_bucket_stopped_by_sigterm_mid_epoch_continues_from_it_on_t
         # wait, stopped, from epoch 1's step 2 (after the checkpoint at 4) until the driver has
         # asked them to stop, so their next step is the one they stop at, whatever the timing.
         wait_for(lambda: trained_through(5), "step 5", 300, first, log, every_s=0.1)
-        for pid in workers:
-            os.kill(pid, signal.SIGSTOP)
-        first.send_signal(signal.SIGTERM)
-        wait_for(lambda: any(key.endswith(".stop") for key in s3.keys(bucket, "runs/control/")), "the driver's stop request",
-                 300, first, log, every_s=0.1)
-        for pid in workers:
-            os.kill(pid, signal.SIGCONT)
+        with paused(workers):
+            first.send_signal(signal.SIGTERM)
+            wait_for(lambda: any(key.endswith(".stop") for key in s3.keys(bucket, "runs/control/")),
+                     "the driver's stop request", 300, first, log, every_s=0.1)
         assert first.wait(timeout=300) == 75, log.read_text()[-3000:]
     finally:
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
         if first.poll() is None:
             first.kill()
     client, run = _pretrain_run(tmp_path)

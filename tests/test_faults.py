@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pipelines.config import REPO_ROOT
 from pipelines.spool import Spool
 from pipelines.stages.state import LOSS_METRIC
 from pipelines.tracking import spooled_steps
-from tests.servers import BIN, free_ports, launch, training_workers, wait_for
+from tests.servers import BIN, free_ports, launch, paused, training_workers, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -92,14 +91,8 @@ def test_a_stage_outlives_the_tracking_server_and_its_records_wait_for_mixmae_sy
         wait_for(lambda: len(losses()) >= stopped_at + 3, "losses spooled while the server is away", 300, run, log)
         # training waits, stopped, while the server starts (seconds), so the stage still has
         # steps left when the server goes away again, however long its start took
-        workers = training_workers()
-        for pid in workers:
-            os.kill(pid, signal.SIGSTOP)
-        try:
+        with paused(training_workers()):
             mlflow_server.start()
-        finally:
-            for pid in workers:
-                os.kill(pid, signal.SIGCONT)
         wait_for(lambda: Spool(spool(), print).pending() == 0, "delivery after the restart", 300, run, log)
         assert max(losses()) < steps, "the stage ended before the second outage"
         mlflow_server.stop()
