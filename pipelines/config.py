@@ -76,8 +76,9 @@ class PipelineConfig(Strict):
     )
     stage_groups: list[list[str]] = Field(
         default_factory=list,
-        description="transfer stages that run one after another in one Ray Train worker group, "
-        "started once (small stages: the group start costs more than their training)",
+        description="stages that run one after another in one Ray Train worker group, started once (small "
+        "stages: the group start costs more than their training); 'pretrain' may open a group, whose transfer "
+        "stages then start from the encoder it has just trained",
     )
     pretrain: PretrainStage
     stages: dict[str, TransferStage] = Field(default_factory=dict)
@@ -97,11 +98,13 @@ class PipelineConfig(Strict):
             if data.root.startswith(SYNTHETIC_PREFIX) and self.synthetic is None:
                 raise ValueError(f"{name} reads {data.root} but the config has no 'synthetic' section")
         grouped: list[str] = []
+        stages = {"pretrain": self.pretrain, **self.stages}
         for group in self.stage_groups:
-            unknown = [name for name in group if name not in self.stages]
+            unknown = [name for i, name in enumerate(group) if name not in self.stages and (name, i) != ("pretrain", 0)]
             if unknown or not group:
-                raise ValueError(f"stage_groups: {unknown or group} are not transfer stages of this config")
-            if any(self.stages[name].scaling != self.stages[group[0]].scaling for name in group):
+                raise ValueError(f"stage_groups: {unknown or group} are not transfer stages of this config "
+                                 "(pretrain may open a group)")
+            if any(stages[name].scaling != stages[group[0]].scaling for name in group):
                 raise ValueError(
                     f"stage_groups: {group} share one worker group, so their scaling must be the same "
                     "(or take the stage out of its group)"
@@ -177,11 +180,11 @@ class PipelineConfig(Strict):
         return next(("+".join(group) for group in self.stage_groups if stage in group), stage)
 
     def worker_groups(self, selected: Sequence[str]) -> list[tuple[str, list[str]]]:
-        """The selected transfer stages as ``(name, stages)`` worker groups: each of
-        ``stage_groups`` in its own order (named by its stages joined with '+'), every other
-        stage alone; groups in the config order of their first stage."""
+        """The selected stages after the tokenizer as ``(name, stages)`` worker groups: each
+        of ``stage_groups`` in its own order (named by its stages joined with '+'), every other
+        stage alone; groups in the config order of their first stage, so pretraining's first."""
         out: dict[str, list[str]] = {}
-        for name in self.stages:
+        for name in ["pretrain", *self.stages]:
             group = self.group_name(name)
             members = [member for member in group.split("+") if member in selected]
             if members:
@@ -249,6 +252,7 @@ def load_config(
         raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
+    raw = _unshared(raw)
     for item in overrides:
         _set_dotted(raw, *parse_override(item))
     if pretrain_only:
@@ -257,6 +261,15 @@ def load_config(
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format(exc, str(path))) from None
+
+
+def _unshared(node: Any) -> Any:
+    """``node`` with a copy of every mapping and list it holds: YAML's merge keys (``<<: *classify``)
+    share the anchored section's nested mappings, so an override of one stage's
+    ``scaling.num_workers`` would set every stage's."""
+    if isinstance(node, dict):
+        return {key: _unshared(value) for key, value in node.items()}
+    return [_unshared(item) for item in node] if isinstance(node, list) else node
 
 
 def absolute(path: str) -> Path:

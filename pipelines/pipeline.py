@@ -269,8 +269,8 @@ def _pipeline_run(
 
 
 def _run_stages(ctx: StageContext, selected: list[str], outcome: PipelineOutcome) -> None:
-    """BEiT's tokenizer, then pretraining, each handing its weights on; then the transfer
-    stages' worker groups, side by side."""
+    """BEiT's tokenizer, then pretraining (with the transfer stages grouped with it), each
+    handing its weights on; then the other transfer stages' worker groups, side by side."""
     config = ctx.config
     groups = config.worker_groups(selected)
     if "tokenizer" in selected:
@@ -279,9 +279,10 @@ def _run_stages(ctx: StageContext, selected: list[str], outcome: PipelineOutcome
         ctx.tokenizer_checkpoint = tokenizer.encoder_checkpoint
         ctx.tokenizer_flops = tokenizer.metrics.get("flops/train_total", 0.0)
     if "pretrain" in selected:
-        (result,) = run_worker_group(ctx, "pretrain", ["pretrain"])
-        outcome.stages.append(result)
-        ctx.encoder_checkpoint = result.encoder_checkpoint
+        group, names = groups.pop(0)
+        results = run_worker_group(ctx, group, names)
+        outcome.stages += results
+        ctx.encoder_checkpoint = results[0].encoder_checkpoint
     elif groups:
         ctx.encoder_checkpoint = _finished_encoder(ctx.client(), ctx.experiment_id, ctx.parent_run_id)
     outcome.stages += _run_concurrently(ctx, groups, config.max_parallel_stages)

@@ -169,7 +169,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[SweepCo
 
 def trial_config(base: PipelineConfig, sweep: SweepConfig, params: dict[str, Any], seed: int) -> PipelineConfig:
     """The two-stage pipeline of one trial: pretraining with ``params`` and ``seed``, then the
-    linear probe with the same seed."""
+    linear probe with the same seed (in the pretraining's worker group if their scaling is the same)."""
     raw = base.model_dump(mode="json")
     fields = sweep.pretrain_fields(params)
     if "method" in fields:  # what the base took from its method's recipe follows the trial's method
@@ -185,7 +185,10 @@ def trial_config(base: PipelineConfig, sweep: SweepConfig, params: dict[str, Any
     )
     if sweep.probe.batch_size:
         probe["batch_size"] = sweep.probe.batch_size
-    raw.update(name=trial_name(sweep, params, seed), stages={"probe": probe}, stage_groups=[], max_parallel_stages=1)
+    # the probe trains in the pretraining's worker group when it can: one group start a trial
+    together = probe["scaling"] == raw["pretrain"]["scaling"]
+    raw.update(name=trial_name(sweep, params, seed), stages={"probe": probe}, max_parallel_stages=1,
+               stage_groups=[["pretrain", "probe"]] if together else [])
     return PipelineConfig.model_validate(raw)
 
 

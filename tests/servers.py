@@ -108,18 +108,23 @@ def launch(args: list[str], log: Path, **popen) -> subprocess.Popen:
 
 
 def wait_for(check, what: str, deadline_s: float, process: subprocess.Popen, log: Path, every_s: float = 0.5):
-    """Poll ``check`` every ``every_s`` until it holds; if ``process`` dies first, fail with the end of its ``log``."""
+    """Poll ``check`` every ``every_s`` until it holds; if ``process`` dies first, fail with the end of its ``log``.
+    A check that raises counts as not holding yet (a server refuses connections while it starts);
+    the timeout names its last error."""
     deadline = time.monotonic() + deadline_s
+    last_error = None
     while True:
         try:
             if check():
                 return
-        except Exception:
-            pass
+        except Exception as exc:
+            last_error = exc
         if process.poll() is not None:
             raise RuntimeError(f"{what}: the process exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not ready after {deadline_s:.0f} s:\n{log.read_text()[-3000:]}")
+            raise TimeoutError(f"{what} not ready after {deadline_s:.0f} s"
+                               f"{f' (the check last raised {type(last_error).__name__}: {last_error})' if last_error else ''}:"
+                               f"\n{log.read_text()[-3000:]}") from last_error
         time.sleep(every_s)
 
 

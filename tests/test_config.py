@@ -72,6 +72,15 @@ def test_set_overrides_any_field_and_are_validated(tmp_path):
         load_config(path, ["pretrain.mask_ratio"])
 
 
+def test_an_override_of_one_stage_leaves_the_stages_sharing_its_yaml_anchor_alone():
+    """The quickstart's classification stages merge one anchored section (``<<: *classify``),
+    whose nested mappings YAML shares between them."""
+    config = load_config(None, ["stage_groups=[]", "stages.inat2018.scaling.num_workers=2", "stages.inat2018.epochs=7"])
+    assert (config.stages["inat2018"].scaling.num_workers, config.stages["inat2018"].epochs) == (2, 7)
+    assert all(config.stages[name].scaling.num_workers == 1 and config.stages[name].epochs != 7
+               for name in ("inat2019", "places205", "places365"))
+
+
 def test_missing_and_malformed_files_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

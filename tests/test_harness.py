@@ -56,3 +56,25 @@ def test_mixmae_exits_with_its_status_when_teardown_would_segfault(args, status)
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == status, done.stdout + done.stderr
     assert done.stdout.rstrip().endswith("exit handlers ran")
+
+
+def test_a_wait_that_times_out_names_the_last_error_of_its_check(tmp_path):
+    """The tests' poll (``tests/servers.wait_for``) passes over a check that raises while what it
+    waits for starts, and its timeout says what the check last raised."""
+    from tests.servers import wait_for
+
+    log = tmp_path / "server.log"
+    log.write_text("listening soon\n")
+    calls = []
+
+    def check():
+        calls.append(1)
+        raise ConnectionRefusedError(f"attempt {len(calls)}")
+
+    process = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        with pytest.raises(TimeoutError, match=r"the check last raised ConnectionRefusedError: attempt \d+\):\nlistening soon"):
+            wait_for(check, "a server", deadline_s=0.3, process=process, log=log, every_s=0.05)
+    finally:
+        process.communicate(b"")
+    assert len(calls) > 1

@@ -115,3 +115,29 @@ def test_resuming_passes_over_a_truncated_newest_checkpoint_and_keeps_a_copy_of_
     assert len(skipped) == 1 and skipped[0].startswith(f"{name}: ")
     assert storage.size(storage.join(runs, CORRUPT_DIR, "pipeline-pretrain", name, MODEL_FILE)) == half
     assert newest_loadable(storage.join(trainer, "checkpoint_2026-12-06_00-00-02"), [], keep_corrupt=False).meta["step"] == 2
+
+
+def test_a_stage_after_the_pretraining_in_its_group_finds_the_encoder_of_its_newest_final_checkpoint(tmp_path):
+    """What a sweep trial's probe starts from, in its worker group's folder: the encoder of the
+    pretraining's newest final checkpoint; not a periodic one, not another stage's, not one
+    whose meta is being written; none before the pretraining has finished."""
+    import json
+
+    from pipelines.stages.checkpoints import ENCODER_FILE, META_FILE, final_encoder
+
+    trainer = tmp_path / "run-pretrain+probe"
+    written = [  # (folder, meta or None while being written)
+        ("checkpoint_2026-12-06_00-00-01", {"stage": "pretrain", "step": 5, "final": False}),
+        ("checkpoint_2026-12-06_00-00-02", {"stage": "pretrain", "step": 10, "final": True}),
+        ("checkpoint_2026-12-06_00-00-03", {"stage": "probe", "step": 4, "final": True}),
+        ("checkpoint_2026-12-06_00-00-04", None),
+    ]
+    assert final_encoder(str(trainer), "pretrain") is None  # no folder yet
+    for name, meta in written:
+        (trainer / name).mkdir(parents=True)
+        (trainer / name / ENCODER_FILE).write_bytes(b"weights")
+        if meta is not None:
+            (trainer / name / META_FILE).write_text(json.dumps(meta))
+    assert final_encoder(str(trainer), "pretrain") == str(trainer / "checkpoint_2026-12-06_00-00-02" / ENCODER_FILE)
+    assert final_encoder(str(trainer), "probe") == str(trainer / "checkpoint_2026-12-06_00-00-03" / ENCODER_FILE)
+    assert final_encoder(str(trainer), "tokenizer") is None

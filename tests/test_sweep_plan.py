@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from pipelines.cli import app
 from pipelines.config import DEFAULT_CONFIG, REPO_ROOT
 from pipelines.report import ReportRow, mark_pareto
-from pipelines.sweep import FLOPS_METRIC, KNN_METRIC, PROBE_METRIC, load_sweep
+from pipelines.sweep import FLOPS_METRIC, KNN_METRIC, PROBE_METRIC, load_sweep, trial_config
 from pipelines.sweep_run import run_sweep
 from tests.servers import BIN
 
@@ -95,6 +95,10 @@ def test_a_methods_sweep_over_seeds_is_named_paired_reported_and_resumable(tmp_p
         for stage in stages.values():
             assert stage.data.tags["mixmae.checkpoint"].startswith(f"s3://{bucket}/runs/")
         assert probe.data.tags["init"] == pretrain.data.tags["mixmae.encoder_checkpoint"]  # its workers read it from the bucket
+        # one worker group trained both stages (the probe's scaling is the pretraining's)
+        trainers = {key.split("/")[1] for key in s3.keys(bucket, f"runs/{trial.info.run_id}-")}
+        assert f"{trial.info.run_id}-pretrain+probe" in trainers and not trainers & {
+            f"{trial.info.run_id}-pretrain", f"{trial.info.run_id}-probe"}, trainers
     assert s3.keys(bucket, "tune/methods/") and not (tmp_path / "runs").exists() and not (tmp_path / "tune").exists()
     # runs with one seed trained on the same images, whatever the method
     fingerprints = {}
@@ -181,6 +185,20 @@ def test_sweep_config_errors_name_the_field(tmp_path):
                                     "probe": {"stage": "coco"}}))
     with pytest.raises(ValueError, match="must name a classification stage"):
         load_sweep(path)
+
+
+def test_a_trials_probe_trains_in_its_pretrainings_worker_group_when_their_scaling_agrees(tmp_path):
+    """One Ray Train group start a trial where the probe's scaling is the pretraining's; a probe
+    on other workers keeps its own group."""
+    for pretrain_workers, groups in ((1, [["pretrain", "probe"]]), (2, [])):
+        path = tmp_path / "sweep.yaml"
+        path.write_text(yaml.safe_dump({"name": "x", "base": str(DEFAULT_CONFIG), "probe": {"stage": "inat2018"},
+                                        "search": {"mask_ratio": {"grid": [0.5]}},
+                                        "overrides": [f"pretrain.scaling.num_workers={pretrain_workers}"]}))
+        sweep, base = load_sweep(path)
+        trial = trial_config(base, sweep, {"mask_ratio": 0.5}, seed=1)
+        assert trial.stage_groups == groups and list(trial.stages) == ["probe"]
+        assert [names for _, names in trial.worker_groups(["pretrain", "probe"])] == (groups or [["pretrain"], ["probe"]])
 
 
 def test_plan_matches_hand_checked_numbers():

@@ -106,10 +106,26 @@ def test_stage_groups_are_validated_and_ordered_as_written(tmp_path):
     assert config.group_name("ade20k") == "places365+ade20k" and config.group_name("pretrain") == "pretrain"
     for groups, message in [
         ("[[coco,nope]]", r"\['nope'\] are not transfer stages"),
-        ("[[pretrain,coco]]", r"\['pretrain'\] are not transfer stages"),
+        ("[[coco,pretrain]]", r"\['pretrain'\] are not transfer stages of this config \(pretrain may open a group\)"),
+        ("[[pretrain,coco]]", "scaling must be the same"),
         ("[[coco],[coco,inat2018]]", "in one group only"),
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(overrides=[f"stage_groups={groups}"])
     with pytest.raises(ConfigError, match="scaling must be the same"):
         load_config(overrides=["stage_groups=[[coco,inat2018]]", "stages.coco.scaling.num_workers=2"])
+
+
+def test_pretraining_may_open_a_group_whose_stages_run_after_it():
+    """`pretrain` first in a group: its transfer stages train in the pretraining's worker group
+    (first of all groups); without the pretraining selected they run in a group of that name,
+    the trainer their checkpoints are in."""
+    config = load_config(overrides=["stage_groups=[[pretrain,inat2018],[places365,ade20k]]",
+                                    "stages.inat2018.scaling.num_workers=2"])
+    assert config.worker_groups(["pretrain", *config.stages]) == [
+        ("pretrain+inat2018", ["pretrain", "inat2018"]),
+        ("inat2019", ["inat2019"]), ("places205", ["places205"]), ("places365+ade20k", ["places365", "ade20k"]),
+        ("coco", ["coco"]),
+    ]
+    assert config.worker_groups(["inat2018"]) == [("pretrain+inat2018", ["inat2018"])]
+    assert config.group_name("pretrain") == config.group_name("inat2018") == "pretrain+inat2018"

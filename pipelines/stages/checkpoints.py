@@ -45,6 +45,20 @@ def load(location: str) -> Loaded:
     return Loaded(location, meta, model, trainer)
 
 
+def final_encoder(trainer: str, stage: str) -> Optional[str]:
+    """The encoder ``stage`` exported with its newest final checkpoint among trainer folder
+    ``trainer``'s (None: it has none). Reads only the meta files."""
+    for name in sorted((n for n in storage.folders(trainer) if n.startswith("checkpoint_")), reverse=True):
+        folder = storage.join(trainer, name)
+        try:
+            meta = json.loads(storage.read_text(storage.join(folder, META_FILE)))
+        except (OSError, ValueError):  # being written, or truncated: not a finished stage's
+            continue
+        if meta.get("stage") == stage and meta.get("final") and storage.exists(storage.join(folder, ENCODER_FILE)):
+            return storage.join(folder, ENCODER_FILE)
+    return None
+
+
 def newest_loadable(latest: str, skipped: list[str], keep_corrupt: bool) -> Optional[Loaded]:
     """``latest`` if it loads, else the newest older checkpoint of the same trainer that does
     (None if none). Each passed over is appended to ``skipped`` as ``"<name>: <why>"`` and,

@@ -204,9 +204,11 @@ def run_worker_group(ctx: StageContext, group: str, names: list[str]) -> list[St
             client.set_terminated(run.info.run_id, "FINISHED")
             outcomes[name] = _outcome(name, run, skipped=True)
             say(ctx, f"{name}: finished in an earlier run, skipped")
+            if name == "pretrain":  # the group's later stages start from its encoder
+                ctx.encoder_checkpoint = outcomes[name].encoder_checkpoint
         else:
             try:
-                pending.append(prepare_stage(ctx, name, run.info.run_id))
+                pending.append(prepare_stage(ctx, name, run.info.run_id, earlier=[s.job.name for s in pending]))
             except Exception as exc:  # its data is missing, say: the stage's run says why, not only the pipeline's
                 client.set_tag(run.info.run_id, FAILED_REASON, str(exc)[:5000])
                 client.set_terminated(run.info.run_id, "FAILED")
@@ -220,13 +222,16 @@ def run_worker_group(ctx: StageContext, group: str, names: list[str]) -> list[St
             raise Preempted(f"stopped (SIGTERM) before {', '.join(s.job.name for s in pending)} started; "
                             "run the same command again to continue")
         _fit(ctx, group, pending)
-    stopped = {}
+    stopped, unfinished = {}, []
     for stage in pending:
         tags = client.get_run(stage.job.loop.run_id).data.tags
-        if PREEMPTED in tags and tags.get(COMPLETE) != "true":
-            stopped[stage.job.name] = tags[PREEMPTED]
-            client.set_terminated(stage.job.loop.run_id, "KILLED")
+        if tags.get(COMPLETE) != "true":
+            unfinished.append(stage.job.loop.run_id)
+            if PREEMPTED in tags:
+                stopped[stage.job.name] = tags[PREEMPTED]
     if stopped:
+        for run_id in unfinished:  # stopped, or waiting on a stopped stage's encoder: both go on when run again
+            client.set_terminated(run_id, "KILLED")
         raise Preempted(f"stopped (SIGTERM): {', '.join(f'{n} saved a checkpoint at {at}' for n, at in stopped.items())}; "
                         "run the same command again to continue")
     failures = []
@@ -234,7 +239,10 @@ def run_worker_group(ctx: StageContext, group: str, names: list[str]) -> list[St
         name, run_id = stage.job.name, stage.job.loop.run_id
         run = client.get_run(run_id)
         reason = run.data.tags.get(FAILED_REASON)
+        source = stage.job.weights_from
         if run.data.tags.get(COMPLETE) == "true" and not reason:
+            if source:  # the encoder its workers found, in place of PENDING_ENCODER
+                client.set_tag(run_id, "init", outcomes[source].encoder_checkpoint)
             client.set_terminated(run_id, "FINISHED")
             outcomes[name] = _outcome(name, run)
             headline = HEADLINE[stage.job.task]
@@ -243,6 +251,8 @@ def run_worker_group(ctx: StageContext, group: str, names: list[str]) -> list[St
                      f"in {run.data.metrics.get('time/wall_s', 0):.0f} s", "green")
         else:
             client.set_terminated(run_id, "FAILED")
+            if not reason and source and source not in outcomes:
+                reason = f"stage {name} did not run: it starts from the encoder stage {source} exports, and {source} did not finish"
             failures.append(reason or f"stage {name} did not finish")
             say(ctx, f"{name}: failed: {failures[-1]}", "red")
     if failures:
@@ -278,7 +288,7 @@ def _fit(ctx: StageContext, group: str, stages: list[PreparedStage]) -> None:
                 num_to_keep=len(stages) + 1, checkpoint_score_attribute="final", checkpoint_score_order="max"
             ),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
-            callbacks=[callback for s in stages for callback in ctx.callbacks.get(s.job.name, [])],
+            callbacks=[entry.StageReports(s.job.name, callback) for s in stages for callback in ctx.callbacks.get(s.job.name, [])],
         ),
     )
     stop = threading.Event()

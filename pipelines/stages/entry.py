@@ -1,14 +1,17 @@
-"""The train-loop entry point; it imports nothing heavy at module level.
+"""The train-loop entry point and the callbacks of Ray Train's controller; it imports nothing
+heavy at module level.
 
-Ray Train's controller unpickles the train function of every run; pointing it at a
-module that imports torch, timm, MLflow and the task libraries costs each stage seconds
+Ray Train's controller unpickles the train function and the callbacks of every run; pointing
+it at a module that imports torch, timm, MLflow and the task libraries costs each stage seconds
 of start-up before any worker exists. The real work is imported inside the workers.
 """
 
 import importlib
 import pickle
+from dataclasses import replace
 
 from ray import cloudpickle
+from ray.train import UserCallback
 
 
 def train_loop_config(jobs: list) -> dict:
@@ -28,14 +31,47 @@ def unpack_jobs(config: dict) -> list:
 def run_stages(config: dict) -> None:
     """Train a worker group's jobs (:func:`train_loop_config`) one after another. After a
     restart, the jobs before the one its latest checkpoint belongs to are finished and do not
-    run again. Each job's task class is ``TASK`` of the module named after its task."""
+    run again. Each job's task class is ``TASK`` of the module named after its task.
+
+    A job that starts from the encoder an earlier job of the group exports (``weights_from``:
+    a sweep trial's probe after its pretraining) reads it from that job's final checkpoint, in
+    the run's storage, once every worker is past that job; if there is none (the earlier job
+    stopped or failed), the job does not run, and the driver says why."""
+    import ray.train
+
+    from pipelines import storage
+    from pipelines.stages.checkpoints import final_encoder
+    from pipelines.stages.distributed import all_gather
     from pipelines.stages.loop import train
     from pipelines.stages.state import Resume
 
     jobs = unpack_jobs(config)
     resume = Resume()
     for job in jobs[resume.first_to_run([j.name for j in jobs]) :]:
+        if job.weights_from:
+            all_gather(None)  # rank 0 returns from a stage once its final checkpoint is persisted
+            trainer = storage.join(job.loop.storage, ray.train.get_context().get_experiment_name())
+            weights = final_encoder(trainer, job.weights_from)
+            if weights is None:
+                continue
+            job = replace(job, encoder_weights=weights)
         train(importlib.import_module(f"pipelines.stages.{job.task}").TASK(job), resume)
+
+
+class StageReports(UserCallback):
+    """A stage's Ray Train callback, shown only that stage's reports (every report names its
+    stage): a worker group may train several stages, and a sweep's scheduler must see the
+    pretraining's evaluations, never the probe's loss."""
+
+    def __init__(self, stage: str, callback: UserCallback):
+        self.stage, self.callback = stage, callback
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if metrics and metrics[0].get("stage") == self.stage:
+            self.callback.after_report(run_context, metrics, checkpoint)
+
+    def after_exception(self, run_context, worker_exceptions) -> None:
+        self.callback.after_exception(run_context, worker_exceptions)
 
 
 def score_checkpoint(config: dict) -> None:

@@ -96,6 +96,9 @@ class StageJob:
     """The encoder variant (the stage's own, else the pretraining stage's)."""
     encoder_weights: Optional[str] = None
     """Checkpoint the encoder starts from (None: random initialisation)."""
+    weights_from: Optional[str] = None
+    """The earlier stage of the same worker group whose exported encoder this one starts from
+    (its location is known only once that stage has finished, in the workers)."""
     tokenizer_weights: Optional[str] = None
     """BEiT's frozen tokenizer (a file of ``mixmae_core.tokenizer.save_tokenizer``)."""
     num_classes: int = 0

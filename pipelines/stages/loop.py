@@ -264,7 +264,7 @@ def after_step(run: Run) -> None:
         return
     if run.spec.eval_every and step % run.spec.eval_every == 0:
         # reported too, so a sweep's scheduler sees the evaluation as it happens
-        ray.train.report({**evaluate(run), "step": step, "final": 0})
+        ray.train.report({**evaluate(run), "stage": run.stage, "step": step, "final": 0})
     if step in run.task.picture_steps(total):
         pictures(run, final=False)
     if step % run.config.checkpoint_every_steps == 0:

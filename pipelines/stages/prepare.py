@@ -16,7 +16,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -299,6 +299,11 @@ def split_size(source: DataSource, split: str, stage_name: str) -> int:
     return n
 
 
+#: the ``init`` tag of a stage whose encoder its worker group's pretraining has yet to export
+#: (the driver replaces it with the encoder's location once the stage has trained)
+PENDING_ENCODER = "the encoder of this worker group's pretraining"
+
+
 def trainer_name(ctx: StageContext, group: str) -> str:
     """The Ray Train run of a worker group: stable across reruns of the pipeline, so a rerun resumes it."""
     return f"{ctx.parent_run_id}-{group}"
@@ -363,8 +368,10 @@ def _recipes(
 # ----------------------------------------------------------------------------- the stage
 
 
-def prepare_stage(ctx: StageContext, name: str, run_id: str) -> PreparedStage:
-    """Everything a stage needs before its workers start."""
+def prepare_stage(ctx: StageContext, name: str, run_id: str, earlier: Sequence[str] = ()) -> PreparedStage:
+    """Everything a stage needs before its workers start; ``earlier``: the stages before it in
+    its worker group that have yet to train (a transfer stage after the pretraining starts from
+    the encoder that stage exports, which its workers find)."""
     spec = ctx.config.all_stages()[name]
     source = resolve_source(ctx, name, spec.data)
     images = split_size(source, spec.data.train_split, name)
@@ -385,14 +392,16 @@ def prepare_stage(ctx: StageContext, name: str, run_id: str) -> PreparedStage:
             tags["tokenizer"] = tokenizer
     elif isinstance(spec, TransferBase):
         val_images = split_size(source, spec.data.val_split, name)
-        weights = encoder_source(ctx, name, spec)
+        follows = spec.init == "pretrained" and not ctx.encoder_checkpoint and "pretrain" in earlier
+        weights = None if follows else encoder_source(ctx, name, spec)
         num_classes = spec.num_classes if isinstance(spec, SegmentStage) else source.num_classes
-        job_fields.update(encoder_weights=weights, class_names=tuple(source.classes))
+        job_fields.update(encoder_weights=weights, weights_from="pretrain" if follows else None,
+                          class_names=tuple(source.classes))
         if isinstance(spec, DetectStage):
             from pipelines.data.datasets import coco_ground_truth
 
             job_fields["coco_gt"] = ray.put(coco_ground_truth(source, split=spec.data.val_split, img_size=spec.img_size))
-        tags.update(init=weights or "random", task=spec.task)
+        tags.update(init=weights or (PENDING_ENCODER if follows else "random"), task=spec.task)
     tags.update(method=encoder_method(ctx, spec, weights), encoder=ctx.config.stage_model(spec))
     flops = stage_flops(ctx.config, name, spec, num_classes)
     loop = LoopSpec(

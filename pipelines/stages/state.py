@@ -156,7 +156,7 @@ def save_checkpoint(run: Run, metrics: dict[str, float], final: bool = False) ->
             if final:
                 run.task.export(unwrap(run.model), model_state, d)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({**metrics, "step": run.state.step, "final": int(final)}, checkpoint=checkpoint)
+        ray.train.report({**metrics, "stage": run.stage, "step": run.state.step, "final": int(final)}, checkpoint=checkpoint)
         if final and run.logger is not None:
             persisted = ray.train.get_checkpoint()
             _record_finished(run, storage.location_of(persisted.filesystem, persisted.path))
