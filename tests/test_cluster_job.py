@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +86,8 @@ def test_smoke_config_submitted_as_a_ray_job_records_to_the_tracking_server(tmp_
         expected = encoder.forward_head(encoder.forward_features(images), pre_logits=True).numpy()
     np.testing.assert_allclose(np.load(tmp_path / "features.npy"), expected, rtol=1e-5, atol=1e-5)
     assert "mixmae.model_uri" in stages["probe"].data.tags
+    # the probe trained in the pretraining's worker group, from the encoder its final checkpoint holds
+    probe = stages["probe"]
+    assert probe.data.tags["init"] == pretrain.data.tags["mixmae.encoder_checkpoint"]
+    trainers = {Path(run.data.tags["mixmae.checkpoint"]).parent for run in (pretrain, probe)}
+    assert len(trainers) == 1 and trainers.pop().name == f"{pipeline.info.run_id}-pretrain+probe"

@@ -199,7 +199,8 @@ def test_a_node_lost_mid_stage_costs_only_the_steps_since_the_checkpoint(tmp_pat
              f"synthetic.root={Path(synthetic_data['pretrain']).parent}",
              "pretrain.epochs=100", f"pretrain.max_steps={steps}", "pretrain.checkpoint_every_steps=6",
              "pretrain.scaling.num_workers=2", "pretrain.scaling.placement_strategy=STRICT_SPREAD",
-             "pretrain.scaling.max_failures=2", "tracking.system_metrics_every_s=1"],
+             "pretrain.scaling.max_failures=2", "tracking.system_metrics_every_s=1",
+             "stage_groups=[]"],  # the probe, on one worker, leaves the pretraining's group
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
         )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
