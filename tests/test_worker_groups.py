@@ -12,7 +12,10 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import ConfigError, PipelineConfig, load_config
 from pipelines.pipeline import run_pipeline
-from pipelines.stages.jobs import StageError
+from pipelines.stages import driver
+from pipelines.stages.jobs import Preempted, StageError
+from pipelines.stages.loop import PREEMPTED
+from pipelines.stages.prepare import PENDING_ENCODER
 from pipelines.tracking import COMPLETE, ENCODER, FAILED_REASON
 from tests.servers import WorkerKiller
 
@@ -129,3 +132,40 @@ def test_pretraining_may_open_a_group_whose_stages_run_after_it():
     ]
     assert config.worker_groups(["inat2018"]) == [("pretrain+inat2018", ["inat2018"])]
     assert config.group_name("pretrain") == config.group_name("inat2018") == "pretrain+inat2018"
+
+
+@pytest.mark.usefixtures("ray_local")
+@pytest.mark.parametrize("outcome", ["diverged", "stopped"])
+def test_a_stage_after_the_pretraining_in_its_group_does_not_run_without_its_encoder(tmp_path, synthetic_data, monkeypatch, outcome):
+    """The driver's account of a group the pretraining opens (the workers' part: the sweep tests
+    and the cluster job), given what the workers leave when the pretraining diverges (its
+    reason) or is stopped by SIGTERM (where it stopped), and no encoder: the next stage did not
+    run and says why, or waits, KILLED like the pretraining, for the same command again."""
+    raw = make_config(tmp_path, synthetic_data).model_dump(mode="json")
+    raw["pretrain"].update(scaling=raw["stages"]["inat2018"]["scaling"], batch_size=16)
+    raw["stages"]["inat2018"]["init"] = "pretrained"
+    raw.update(stage_groups=[["pretrain", "inat2018"]], stages={"inat2018": raw["stages"]["inat2018"]})
+    config = PipelineConfig.model_validate(raw)
+    client = MlflowClient(config.tracking.uri)
+
+    def fit(ctx, group, stages):
+        assert group == "pretrain+inat2018" and [s.job.name for s in stages] == ["pretrain", "inat2018"]
+        assert (stages[1].job.weights_from, stages[1].job.encoder_weights) == ("pretrain", None)
+        tag = {"diverged": FAILED_REASON, "stopped": PREEMPTED}[outcome]
+        client.set_tag(stages[0].job.loop.run_id, tag, {"diverged": "pretrain: loss became non-finite at step 3",
+                                                        "stopped": "step 2"}[outcome])
+
+    monkeypatch.setattr(driver, "_fit", fit)
+    if outcome == "diverged":
+        with pytest.raises(StageError, match="non-finite at step 3; stage inat2018 did not run: it starts from the encoder "
+                                             "stage pretrain exports, and pretrain did not finish"):
+            run_pipeline(config)
+    else:
+        with pytest.raises(Preempted, match="pretrain saved a checkpoint at step 2; run the same command again"):
+            run_pipeline(config)
+    runs = _runs(client)
+    assert runs["inat2018"].data.tags["init"] == PENDING_ENCODER
+    status = {"diverged": "FAILED", "stopped": "KILLED"}[outcome]
+    assert runs["pretrain"].info.status == runs["inat2018"].info.status == status
+    if outcome == "diverged":
+        assert runs["inat2018"].data.tags[FAILED_REASON].startswith("stage inat2018 did not run")

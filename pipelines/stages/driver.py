@@ -253,6 +253,7 @@ def run_worker_group(ctx: StageContext, group: str, names: list[str]) -> list[St
             client.set_terminated(run_id, "FAILED")
             if not reason and source and source not in outcomes:
                 reason = f"stage {name} did not run: it starts from the encoder stage {source} exports, and {source} did not finish"
+                client.set_tag(run_id, FAILED_REASON, reason)
             failures.append(reason or f"stage {name} did not finish")
             say(ctx, f"{name}: failed: {failures[-1]}", "red")
     if failures:
