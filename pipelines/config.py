@@ -252,15 +252,21 @@ def load_config(
         raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
-    raw = _unshared(raw)
-    for item in overrides:
-        _set_dotted(raw, *parse_override(item))
+    raw = apply_overrides(raw, overrides)
     if pretrain_only:
         raw.update(stages={}, stage_groups=[])
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format(exc, str(path))) from None
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """A copy of YAML-loaded ``raw`` with the ``key.path=value`` ``overrides`` set."""
+    raw = _unshared(raw)
+    for item in overrides:
+        _set_dotted(raw, *parse_override(item))
+    return raw
 
 
 def _unshared(node: Any) -> Any:

@@ -28,7 +28,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from pipelines.config import ConfigError, PipelineConfig, _format, _set_dotted, load_config, parse_override
+from pipelines.config import ConfigError, PipelineConfig, _format, apply_overrides, load_config
 from pipelines.stage_config import METHOD_RECIPES, Strict, checked_uri
 
 
@@ -148,9 +148,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> tuple[SweepCo
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"sweep config not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    for item in overrides:
-        _set_dotted(raw, *parse_override(item))
+    raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, overrides)
     try:
         sweep = SweepConfig.model_validate(raw)
     except ValidationError as exc:

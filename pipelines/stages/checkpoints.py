@@ -45,10 +45,15 @@ def load(location: str) -> Loaded:
     return Loaded(location, meta, model, trainer)
 
 
+def checkpoint_folders(trainer: str) -> list[str]:
+    """The names of trainer folder ``trainer``'s checkpoints, newest first (Ray names them by timestamp)."""
+    return sorted((name for name in storage.folders(trainer) if name.startswith("checkpoint_")), reverse=True)
+
+
 def final_encoder(trainer: str, stage: str) -> Optional[str]:
     """The encoder ``stage`` exported with its newest final checkpoint among trainer folder
     ``trainer``'s (None: it has none). Reads only the meta files."""
-    for name in sorted((n for n in storage.folders(trainer) if n.startswith("checkpoint_")), reverse=True):
+    for name in checkpoint_folders(trainer):
         folder = storage.join(trainer, name)
         try:
             meta = json.loads(storage.read_text(storage.join(folder, META_FILE)))
@@ -64,10 +69,7 @@ def newest_loadable(latest: str, skipped: list[str], keep_corrupt: bool) -> Opti
     (None if none). Each passed over is appended to ``skipped`` as ``"<name>: <why>"`` and,
     with ``keep_corrupt``, copied aside."""
     trainer = storage.parent(latest)
-    candidates = sorted((name for name in storage.folders(trainer)
-                         if name.startswith("checkpoint_") and name <= storage.name(latest)),
-                        reverse=True)  # Ray names them by timestamp
-    for name in candidates:
+    for name in (name for name in checkpoint_folders(trainer) if name <= storage.name(latest)):
         directory = storage.join(trainer, name)
         try:
             return load(directory)

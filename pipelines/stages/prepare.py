@@ -392,7 +392,7 @@ def prepare_stage(ctx: StageContext, name: str, run_id: str, earlier: Sequence[s
             tags["tokenizer"] = tokenizer
     elif isinstance(spec, TransferBase):
         val_images = split_size(source, spec.data.val_split, name)
-        follows = spec.init == "pretrained" and not ctx.encoder_checkpoint and "pretrain" in earlier
+        follows = spec.init == "pretrained" and "pretrain" in earlier
         weights = None if follows else encoder_source(ctx, name, spec)
         num_classes = spec.num_classes if isinstance(spec, SegmentStage) else source.num_classes
         job_fields.update(encoder_weights=weights, weights_from="pretrain" if follows else None,
