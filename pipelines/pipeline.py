@@ -183,10 +183,12 @@ def run_pipeline(
     console: Optional[RunConsole] = None,
     parent_run_id: Optional[str] = None,
     callbacks: Optional[dict[str, list]] = None,
+    beside: Sequence[float] = (),
 ) -> PipelineOutcome:
     """Run the selected stages (default: all). ``console`` shows a person the run (events,
     progress); ``parent_run_id`` nests the pipeline run under another one (a sweep);
-    ``callbacks`` adds Ray Train callbacks per stage."""
+    ``callbacks`` adds Ray Train callbacks per stage; ``beside``: the CPUs of each worker group
+    of other runs sharing the cluster meanwhile (a sweep's other trials)."""
     known = list(config.all_stages())
     selected = list(stages) if stages else known
     if "pretrain" in selected and "tokenizer" in known and "tokenizer" not in selected:
@@ -217,6 +219,7 @@ def run_pipeline(
         callbacks=callbacks or {},
         skip_counter_name=counter_name,
         keepalive=[start_skip_counter(counter_name)],  # the actor lives as long as this handle
+        beside=tuple(beside),
     )
     ctx.stop_file = storage.join(root, "control", f"{parent_id}.stop")
     storage.delete(ctx.stop_file)  # left by a run that was stopped: this one continues it
@@ -344,7 +347,8 @@ def _run_concurrently(ctx: StageContext, groups: list[tuple[str, list[str]]], pa
     results: dict[str, StageOutcome] = {}
     failures: list[BaseException] = []
     with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="stage") as pool:
-        futures = [pool.submit(run_worker_group, ctx, group, names) for group, names in groups]
+        futures = [pool.submit(run_worker_group, ctx, group, names, beside)
+                   for (group, names), beside in zip(groups, groups_beside(ctx.config, groups, parallel))]
         for future in as_completed(futures):
             try:
                 results.update((result.name, result) for result in future.result())
@@ -356,6 +360,19 @@ def _run_concurrently(ctx: StageContext, groups: list[tuple[str, list[str]]], pa
         kind = Preempted if kinds == {Preempted} else TrackingAway if kinds <= {TrackingAway, Preempted} else StageError
         raise kind("; ".join(f"{exc}" for exc in failures))
     return [results[name] for name in ctx.config.stages if name in results]
+
+
+def group_cpus(config: PipelineConfig, names: Sequence[str]) -> float:
+    """The CPUs a worker group's workers take (its stages share one scaling)."""
+    scaling = config.all_stages()[names[0]].scaling
+    return scaling.num_workers * scaling.cpus_per_worker
+
+
+def groups_beside(config: PipelineConfig, groups: list[tuple[str, list[str]]], parallel: int) -> list[list[float]]:
+    """For each worker group, the CPUs of those that may run beside it when ``parallel`` run at
+    once: the largest ``parallel - 1`` of the others (whichever run together, none takes more)."""
+    cpus = [group_cpus(config, names) for _, names in groups]
+    return [sorted(cpus[:i] + cpus[i + 1:], reverse=True)[: max(0, parallel - 1)] for i in range(len(groups))]
 
 
 def _finished_encoder(client: MlflowClient, experiment_id: str, parent_id: str) -> Optional[str]:

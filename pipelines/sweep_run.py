@@ -48,7 +48,10 @@ def _trial(config: dict) -> None:
     params = {key: config[key] for key in sweep.search}
     trial = trial_config(base, sweep, params, config["seed"])
     # the pretraining's evaluations reach Tune as they happen: the console shows them, ASHA decides on them
-    outcome = run_pipeline(trial, parent_run_id=config["sweep_run_id"], callbacks={"pretrain": [TuneReportCallback()]})
+    # the trials running beside this one each hold a driver and a pretraining worker group
+    beside = [sweep.trial_cpus + group_cpus(trial, ["pretrain"])] * (sweep.max_concurrent_trials - 1)
+    outcome = run_pipeline(trial, parent_run_id=config["sweep_run_id"], callbacks={"pretrain": [TuneReportCallback()]},
+                           beside=beside)
     stages = {stage.name: stage for stage in outcome.stages}  # BEiT's tokenizer stage comes first
     pretrain, probe = stages["pretrain"], stages["probe"]
     metrics = {

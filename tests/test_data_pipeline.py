@@ -3,6 +3,7 @@ workers' shards and resume positions, packed shards, every task's rows, skip acc
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -182,6 +183,22 @@ def test_classification_training_rows_are_augmented_per_epoch_and_reproducible(r
     replay = epoch(1).take_all()
     assert [r["image_id"] for r in replay] == list(second)
     assert all(np.array_equal(r["image"], second[r["image_id"]]) for r in replay)
+    # a worker whose share is a quarter of a CPU, with every other CPU taken: its tasks ask for
+    # that quarter, so they run, and decode the same rows in the same order
+    held = ray.util.placement_group([{"CPU": ray.available_resources()["CPU"] - 0.25}])
+    ray.get(held.ready(), timeout=60)
+    rows: list = []
+    try:
+        reader = threading.Thread(target=lambda: rows.extend(classification_dataset(
+            manifests["imagenet"], split="train", img_size=64, train=True, seed=5, shard=Shard(epoch=1), cpus=0.25,
+        ).take_all()), daemon=True)
+        reader.start()
+        reader.join(timeout=120)
+        assert not reader.is_alive(), "the decode tasks waited for a whole CPU"
+    finally:
+        ray.util.remove_placement_group(held)
+    assert [r["image_id"] for r in rows] == list(second)
+    assert all(np.array_equal(r["image"], second[r["image_id"]]) for r in rows)
     batch = next(iter(ds.iter_torch_batches(batch_size=16)))
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (16, 3, 64, 64)
     assert batch["label"].dtype == torch.int64

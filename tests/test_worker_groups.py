@@ -11,9 +11,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import ConfigError, PipelineConfig, load_config
-from pipelines.pipeline import run_pipeline
+from pipelines.data.order import task_resources, units_per_task
+from pipelines.pipeline import groups_beside, run_pipeline
 from pipelines.stages import driver
-from pipelines.stages.jobs import Preempted, StageError
+from pipelines.stages.jobs import MIN_DATA_CPUS, Preempted, StageError, data_cpus
 from pipelines.stages.loop import PREEMPTED
 from pipelines.stages.prepare import PENDING_ENCODER
 from pipelines.tracking import COMPLETE, ENCODER, FAILED_REASON
@@ -132,6 +133,29 @@ def test_pretraining_may_open_a_group_whose_stages_run_after_it():
     ]
     assert config.worker_groups(["inat2018"]) == [("pretrain+inat2018", ["inat2018"])]
     assert config.group_name("pretrain") == config.group_name("inat2018") == "pretrain+inat2018"
+
+
+def test_groups_side_by_side_share_the_cpus_their_workers_leave_to_decode():
+    """The quickstart's two groups (one worker of 0.5 CPU each, 4 CPUs, two at once) each decode
+    with half of the 3 CPUs their workers leave, not with 3.5 each (the other group's tasks
+    would queue behind theirs for a whole epoch); a sweep trial's two pretraining workers beside
+    another trial's get a share of one CPU, and tasks that ask for that share."""
+    config = load_config()
+    groups = config.worker_groups(list(config.stages))
+    assert [names for _, names in groups] == [["coco", "inat2018"], ["ade20k", "places205", "places365", "inat2019"]]
+    assert groups_beside(config, groups, parallel=2) == [[0.5], [0.5]]
+    assert groups_beside(config, groups, parallel=1) == [[], []]
+    mixed = load_config(overrides=["stage_groups=[]", "stages.coco.scaling.num_workers=2"])
+    alone = mixed.worker_groups(list(mixed.stages))
+    beside = dict(zip((group for group, _ in alone), groups_beside(mixed, alone, parallel=3)))
+    assert beside["coco"] == [0.5, 0.5] and beside["inat2018"] == [1.0, 0.5]  # the largest two of the others
+    classify = config.stages["inat2018"].scaling
+    assert data_cpus(4, classify, [0.5]) == 1.5 and data_cpus(4, classify) == 3.5
+    pretrain = config.pretrain.scaling  # 2 workers of 0.5
+    assert data_cpus(4, pretrain, [1.1]) == pytest.approx(0.475)
+    assert data_cpus(2, pretrain, [1.0, 1.0]) == MIN_DATA_CPUS
+    assert task_resources(0.475) == {"num_cpus": 0.475} and task_resources(1.5) == {}
+    assert units_per_task(300, 2, cpus=0.475, max_units=256) == units_per_task(300, 2, cpus=1, max_units=256) == 150
 
 
 @pytest.mark.usefixtures("ray_local")

@@ -19,7 +19,7 @@ import numpy as np
 import ray
 
 from pipelines.data.manifest import DataSource, open_source
-from pipelines.data.order import Shard, unit_stream
+from pipelines.data.order import Shard, task_resources, unit_stream
 from pipelines.data.quality import StageSkips
 from pipelines.data.ray_internals import configure_execution
 from pipelines.data.samples import (
@@ -58,7 +58,8 @@ def _pipeline(
         source, split, columns, shard, group=group, shuffle=shuffle, seed=seed, max_packed_units=max_packed_units,
         cpus=cpus,
     )
-    ds = ds.map_batches(decode, batch_size=batch_size, fn_kwargs=dict(img_size=img_size, **decode_kwargs))
+    ds = ds.map_batches(decode, batch_size=batch_size, fn_kwargs=dict(img_size=img_size, **decode_kwargs),
+                        **task_resources(cpus))
     # the context is shared with the datasets ``ds`` derives from, nobody else's
     block_bytes = None if source.packed else stream_images(img_size) * 3 * img_size * img_size
     configure_execution(ds.context, block_bytes, cpus, 1 / shard.world)

@@ -131,13 +131,21 @@ def _emit_units(batch: dict, *, table: Any, **kwargs: Any) -> dict:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def units_per_task(n_units: int, group: int, cpus: int, max_units: int) -> int:
-    """Units one decode task handles: the shard is cut into waves of one task per CPU,
-    as few waves as ``max_units`` allows, so tasks are long (few scheduling gaps) and of
-    equal size (the cores finish an epoch together rather than one core finishing it
-    alone); never below :data:`MIN_TASK_IMAGES` (a task must be worth starting)."""
-    waves = max(1, math.ceil(n_units / (cpus * max_units)))
-    return min(max_units, max(math.ceil(MIN_TASK_IMAGES / group), math.ceil(n_units / (cpus * waves))))
+def task_resources(cpus: float) -> dict[str, float]:
+    """What each of a dataset's tasks asks Ray for when its worker may plan with ``cpus``: a
+    share of one CPU below one (its tasks are scheduled within the share, one at a time),
+    else Ray's default of one."""
+    return {"num_cpus": cpus} if cpus < 1 else {}
+
+
+def units_per_task(n_units: int, group: int, cpus: float, max_units: int) -> int:
+    """Units one decode task handles: the shard is cut into waves of one task per whole CPU
+    (one below one), as few waves as ``max_units`` allows, so tasks are long (few scheduling
+    gaps) and of equal size (the cores finish an epoch together rather than one core finishing
+    it alone); never below :data:`MIN_TASK_IMAGES` (a task must be worth starting)."""
+    cores = max(1, math.floor(cpus))
+    waves = max(1, math.ceil(n_units / (cores * max_units)))
+    return min(max_units, max(math.ceil(MIN_TASK_IMAGES / group), math.ceil(n_units / (cores * waves))))
 
 
 # --------------------------------------------------------------------------- packed shards
@@ -218,7 +226,7 @@ def _zip_units(group_rows: pa.Table, *, group: int, unit_seeds: Any, epoch: int)
 
 def _packed_stream(
     source: DataSource, split: str, columns: list[str], shard: Shard, *, group: int, shuffle: bool, seed: int,
-    cpus: int, max_units: int,
+    cpus: float, max_units: int,
 ) -> "ray.data.Dataset":
     index = _packed_index(source.files, split)
     mine, ids = _packed_part(index, shard, shuffle, seed)
@@ -235,9 +243,9 @@ def _packed_stream(
     n_buckets = max(1, min(todo, max(math.ceil(todo / per_task), math.ceil(index.encoded_bytes / shard.world / _GROUP_BYTES))))
     ds = ray.data.from_items([{"file": index.row_groups[g][0], "row_group": index.row_groups[g][1]} for g in mine],
                              override_num_blocks=max(1, len(mine)))
-    ds = ds.map_batches(_read_shards, batch_size=1, fn_kwargs=dict(columns=columns, split=split))
+    ds = ds.map_batches(_read_shards, batch_size=1, fn_kwargs=dict(columns=columns, split=split), **task_resources(cpus))
     ds = ds.map_batches(
-        _rank_rows, batch_format="pyarrow",
+        _rank_rows, batch_format="pyarrow", **task_resources(cpus),
         fn_kwargs=dict(order=[ray.put((ids[sorter], rank[sorter]))], group=group, start=shard.start, end=end,
                        units_per_bucket=math.ceil(todo / n_buckets)),
     )
@@ -246,7 +254,7 @@ def _packed_stream(
     # The default hash shuffle starts aggregator actors per partition: far slower on small clusters.
     ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     ds = ds.groupby("_bucket").map_groups(
-        _zip_units, batch_format="pyarrow",
+        _zip_units, batch_format="pyarrow", **task_resources(cpus),
         fn_kwargs=dict(group=group, unit_seeds=[None if unit_seeds is None else ray.put(unit_seeds)], epoch=shard.epoch),
     )
     return ds, per_task
@@ -270,22 +278,22 @@ def unit_stream(
     """A worker's shard of the split as a dataset of units (see module docstring), in order,
     and the batch size the decoding step should use on it. ``cpus``: what the worker's
     decode tasks may use (it sizes the tasks)."""
-    cores = max(1, math.floor(cpus))
     if source.packed:
         columns = columns + ["image_bytes"] + (["annotation_bytes"] if source.annotation_kind == "label_map" else [])
-        return _packed_stream(source, split, columns, shard, group=group, shuffle=shuffle, seed=seed, cpus=cores,
+        return _packed_stream(source, split, columns, shard, group=group, shuffle=shuffle, seed=seed, cpus=cpus,
                               max_units=max_packed_units)
     table = source.table(split, columns)
     if table.num_rows < group:
         raise ValueError(f"split {split!r} of {source.files[0]} has {table.num_rows} images; need at least {group}")
     available = len(shard_units(table.num_rows // group, shard, shuffle))
     todo = max(0, (available if shard.limit is None else min(available, shard.limit)) - shard.start)
-    per_task = units_per_task(max(todo, 1), group, cores, math.ceil(MAX_TASK_IMAGES / group))
+    per_task = units_per_task(max(todo, 1), group, cpus, math.ceil(MAX_TASK_IMAGES / group))
     n_chunks = math.ceil(todo / per_task)
     ds = ray.data.from_items([{"chunk": c} for c in range(n_chunks)], override_num_blocks=max(1, n_chunks))
     ds = ds.map_batches(
         _emit_units,
         batch_size=1,
+        **task_resources(cpus),
         fn_kwargs=dict(table=[ray.put(table)], shard=shard, group=group, shuffle=shuffle, seed=seed, chunk=per_task),
     )
     # Whole blocks: a batch size here would be fused into the emitting step's input

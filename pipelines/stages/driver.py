@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import ray.train
 import yaml
@@ -189,12 +189,15 @@ def _outcome(name: str, run, skipped: bool = False) -> StageOutcome:
                         tags.get(ENCODER) or None, skipped=skipped)
 
 
-def run_worker_group(ctx: StageContext, group: str, names: list[str]) -> list[StageOutcome]:
+def run_worker_group(
+    ctx: StageContext, group: str, names: list[str], beside: Sequence[float] = ()
+) -> list[StageOutcome]:
     """Run stages ``names`` one after another in one Ray Train worker group (a lone stage is
-    a group of one). Finished stages are skipped; the rest run in one ``TorchTrainer`` named
-    after the pipeline run and ``group``, so running again resumes from its checkpoints.
-    A stage stopped by a data or divergence check does not stop the group's later stages;
-    the failures are raised together at the end."""
+    a group of one), beside the pipeline's groups whose CPUs ``beside`` lists. Finished stages
+    are skipped; the rest run in one ``TorchTrainer`` named after the pipeline run and
+    ``group``, so running again resumes from its checkpoints. A stage stopped by a data or
+    divergence check does not stop the group's later stages; the failures are raised together
+    at the end."""
     client = ctx.client()
     outcomes: dict[str, StageOutcome] = {}
     pending: list[PreparedStage] = []
@@ -208,7 +211,7 @@ def run_worker_group(ctx: StageContext, group: str, names: list[str]) -> list[St
                 ctx.encoder_checkpoint = outcomes[name].encoder_checkpoint
         else:
             try:
-                pending.append(prepare_stage(ctx, name, run.info.run_id, earlier=[s.job.name for s in pending]))
+                pending.append(prepare_stage(ctx, name, run.info.run_id, [s.job.name for s in pending], beside))
             except Exception as exc:  # its data is missing, say: the stage's run says why, not only the pipeline's
                 client.set_tag(run.info.run_id, FAILED_REASON, str(exc)[:5000])
                 client.set_terminated(run.info.run_id, "FAILED")

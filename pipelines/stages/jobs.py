@@ -8,7 +8,7 @@ timm or MLflow; the worker modules that use the settings import those.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from pipelines.stage_config import ClassifyStage, DetectStage, PretrainStage, SegmentStage, TokenizerStage
 from pipelines.data.manifest import DataSource
@@ -68,6 +68,23 @@ class LoopSpec:
     """The Ray node of the driver: with storage in a bucket, only spools on its disk are left to it to deliver."""
     delivery_wait_s: float = 120.0
     """How long a worker whose spool the driver cannot read waits for the tracking server before it ends."""
+    data_cpus: Optional[float] = None
+    """The CPUs each worker's decode tasks may plan with (:func:`data_cpus`; None: as if its
+    worker group were alone on the cluster)."""
+
+
+#: The least CPU a worker's decode tasks plan with when the workers take (nearly) all of them.
+MIN_DATA_CPUS = 0.1
+
+
+def data_cpus(cluster_cpus: float, scaling: Any, beside: Sequence[float] = ()) -> float:
+    """The CPUs one worker's decode tasks may plan with: the cluster's, less the stage's
+    workers' own and those of the worker groups running ``beside`` it (one entry of CPUs each:
+    the pipeline's other groups, a sweep's other trials), shared equally among the groups, then
+    among the stage's workers (each executes its own dataset). Planning with the CPUs another
+    group's decode tasks hold queues a worker's tasks behind that group's epoch."""
+    spare = cluster_cpus - scaling.num_workers * scaling.cpus_per_worker - sum(beside)
+    return max(MIN_DATA_CPUS, spare / (1 + len(beside)) / scaling.num_workers)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from pipelines.data.manifest import (
     DataSource, build_manifest, open_source, pack_manifest, read_schema, shard_files, write_manifest,
 )
 from pipelines.data.quality import StageSkips
-from pipelines.stages.jobs import DataRecipe, LoopSpec, StageError, StageJob
+from pipelines.stages.jobs import DataRecipe, LoopSpec, StageError, StageJob, data_cpus
 
 # MLflow and Ray Data are imported where a stage uses them: `mixmae plan` imports this module
 # for the schedule and FLOPs, and answers while a user waits.
@@ -73,6 +73,9 @@ class StageContext:
     """Written on SIGTERM: the stages save a checkpoint and stop (see ``LoopSpec.stop_file``)."""
     keepalive: list = field(default_factory=list)
     """Driver-side handles that must outlive the stages (the named skip counter actor)."""
+    beside: tuple[float, ...] = ()
+    """The CPUs of each worker group of other runs beside this pipeline on the cluster (a
+    sweep's other trials): the stages' decode tasks leave those to them."""
 
     def skips(self, run_id: str, split: str = "train") -> Optional[StageSkips]:
         """Where a stage run's decode outcomes of one split are counted (keyed by its MLflow
@@ -368,10 +371,13 @@ def _recipes(
 # ----------------------------------------------------------------------------- the stage
 
 
-def prepare_stage(ctx: StageContext, name: str, run_id: str, earlier: Sequence[str] = ()) -> PreparedStage:
+def prepare_stage(
+    ctx: StageContext, name: str, run_id: str, earlier: Sequence[str] = (), beside: Sequence[float] = ()
+) -> PreparedStage:
     """Everything a stage needs before its workers start; ``earlier``: the stages before it in
     its worker group that have yet to train (a transfer stage after the pretraining starts from
-    the encoder that stage exports, which its workers find)."""
+    the encoder that stage exports, which its workers find); ``beside``: the CPUs of each of the
+    pipeline's worker groups that may run beside this stage's."""
     spec = ctx.config.all_stages()[name]
     source = resolve_source(ctx, name, spec.data)
     images = split_size(source, spec.data.train_split, name)
@@ -422,6 +428,7 @@ def prepare_stage(ctx: StageContext, name: str, run_id: str, earlier: Sequence[s
         stop_file=ctx.stop_file or "",
         driver_node=ray.get_runtime_context().get_node_id(),
         delivery_wait_s=ctx.config.tracking.delivery_wait_s,
+        data_cpus=data_cpus(ray.cluster_resources().get("CPU", 1.0), spec.scaling, [*ctx.beside, *beside]),
     )
     data = _recipes(ctx, spec, source, {"train": ctx.skips(run_id), "val": ctx.skips(run_id, "val")})
     job = StageJob(name, spec, ctx.config.stage_model(spec), num_classes=num_classes, loop=loop, data=data, **job_fields)

@@ -15,7 +15,7 @@ import torch.nn as nn
 from pipelines import storage
 from pipelines.data.order import Shard
 from pipelines.stages.distributed import world_rank, world_size
-from pipelines.stages.jobs import StageJob
+from pipelines.stages.jobs import StageJob, data_cpus
 
 
 @dataclass
@@ -80,7 +80,9 @@ class Task:
 
     def dataset(self, name: str, shard: Shard) -> "ray.data.Dataset":
         """Dataset ``name`` of the job, this worker's ``shard`` of it."""
-        return self.job.data[name].build(shard, data_cpus(self.spec.scaling))
+        cpus = self.job.loop.data_cpus if self.job.loop.data_cpus is not None else data_cpus(
+            ray.cluster_resources().get("CPU", 1.0), self.spec.scaling)
+        return self.job.data[name].build(shard, cpus)
 
     def evaluation_shard(self) -> Shard:
         """This worker's contiguous slice of an evaluation split: every image scored once."""
@@ -93,14 +95,6 @@ def _local_weights(job: StageJob) -> StageJob:
     local = {key: str(storage.local_copy(value)) for key in ("encoder_weights", "tokenizer_weights")
              if (value := getattr(job, key)) and storage.is_remote(value)}
     return replace(job, **local) if local else job
-
-
-def data_cpus(scaling) -> float:
-    """The CPUs one worker's decode tasks may plan with: the cluster's, less the stage's
-    workers' own, shared among the workers (each executes its own dataset); at least one,
-    so a decode task can always run."""
-    spare = ray.cluster_resources().get("CPU", 1.0) - scaling.num_workers * scaling.cpus_per_worker
-    return max(1.0, spare / scaling.num_workers)
 
 
 class StopTraining(Exception):
