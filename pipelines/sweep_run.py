@@ -17,7 +17,7 @@ from ray.tune import Callback
 from pipelines import storage
 from pipelines.config import PipelineConfig
 from pipelines.console import PROGRESS_EVERY_S, RunConsole
-from pipelines.pipeline import init_ray, run_pipeline, usable_storage
+from pipelines.pipeline import group_cpus, init_ray, run_pipeline, usable_storage
 from pipelines.sweep import (
     FLOPS_METRIC, KNN_METRIC, PROBE_METRIC, Cases, Choice, Grid, Space, SweepConfig, setting_name, trial_config,
     trial_error, trial_label, trial_name,

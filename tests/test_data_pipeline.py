@@ -185,7 +185,7 @@ def test_classification_training_rows_are_augmented_per_epoch_and_reproducible(r
     assert all(np.array_equal(r["image"], second[r["image_id"]]) for r in replay)
     # a worker whose share is a quarter of a CPU, with every other CPU taken: its tasks ask for
     # that quarter, so they run, and decode the same rows in the same order
-    held = ray.util.placement_group([{"CPU": ray.available_resources()["CPU"] - 0.25}])
+    held = ray.util.placement_group([{"CPU": ray.cluster_resources()["CPU"] - 0.25}])
     ray.get(held.ready(), timeout=60)
     rows: list = []
     try:
@@ -193,7 +193,7 @@ def test_classification_training_rows_are_augmented_per_epoch_and_reproducible(r
             manifests["imagenet"], split="train", img_size=64, train=True, seed=5, shard=Shard(epoch=1), cpus=0.25,
         ).take_all()), daemon=True)
         reader.start()
-        reader.join(timeout=120)
+        reader.join(timeout=60)
         assert not reader.is_alive(), "the decode tasks waited for a whole CPU"
     finally:
         ray.util.remove_placement_group(held)
