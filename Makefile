@@ -25,10 +25,13 @@ install: $(VENV)/.installed
 quickstart: install
 	$(VENV)/bin/mixmae run
 
-# The unit tier runs on every core (pytest-xdist); the tiers on Ray run in one process, as they
-# share the session's cluster. Both run whatever the first's verdict.
+# The unit tier runs on every core (pytest-xdist). The tiers on Ray run in two processes, each
+# with a Ray cluster of its own and whole modules (their fixtures' pipeline runs are shared):
+# one at a time, they left the cores idle a sixth of the time (processes starting, polls).
+# Both tiers run whatever the first's verdict.
 test: install
-	status=0; $(PY) -m pytest -q -m fast -n auto || status=$$?; $(PY) -m pytest -q -m "not fast" || status=$$?; exit $$status
+	status=0; $(PY) -m pytest -q -m fast -n auto || status=$$?; \
+	$(PY) -m pytest -q -m "not fast" -n 2 --dist loadfile || status=$$?; exit $$status
 
 test-fast: install
 	$(PY) -m pytest -q -m fast -n auto

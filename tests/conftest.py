@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray cluster per test session (starting Ray costs seconds).
+"""Shared fixtures: one local Ray cluster per test process (starting Ray costs seconds).
 
 Tiers (pytest markers, given here so no test can be left out of one):
 
@@ -80,10 +80,10 @@ def _fast_tests_start_no_ray(request):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A local Ray cluster shared by the session's integration tests, with the quickstart's
-    4 logical CPUs (on 2 cores): its stages and their Ray Data tasks run side by side. Its
-    processes hold the credentials of the tests' S3 server, as a cluster's nodes hold their own;
-    a run that uses the server tells them where it is."""
+    """A local Ray cluster shared by the session's integration tests (each pytest-xdist worker
+    has its own), with the quickstart's 4 logical CPUs (on 2 cores): its stages and their Ray
+    Data tasks run side by side. Its processes hold the credentials of the tests' S3 server, as
+    a cluster's nodes hold their own; a run that uses the server tells them where it is."""
     import ray
 
     from pipelines.config import DEFAULT_CONFIG, load_config
