@@ -23,9 +23,13 @@ import pytest
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-# What the code keeps between runs (`mixmae plan`'s prices) goes to the session's own folder.
-os.environ["MIXMAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="mixmae-test-cache-")
-atexit.register(shutil.rmtree, os.environ["MIXMAE_CACHE_DIR"], ignore_errors=True)
+# What the code keeps between runs (`mixmae plan`'s prices) and a node's own folder (the
+# tracking spools of runs into a bucket, found by the bucket's name) go to the test process's
+# own folders: a run starting in the machine's shared one delivered spools another session had
+# left there, into a store that was gone.
+for variable, prefix in (("MIXMAE_CACHE_DIR", "mixmae-test-cache-"), ("MIXMAE_LOCAL_DIR", "mixmae-test-node-")):
+    os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, os.environ[variable], ignore_errors=True)
 SESSION = pytest.StashKey[pytest.Session]()
 
 
