@@ -78,3 +78,21 @@ def test_a_wait_that_times_out_names_the_last_error_of_its_check(tmp_path):
     finally:
         process.communicate(b"")
     assert len(calls) > 1
+
+
+def test_the_longest_modules_come_first():
+    """`make test` deals the Ray tiers' modules to two workers in collection order: the
+    modules named longest-first lead it, in that order, each keeping its own; each name is a
+    module (a renamed one would fall back to file order unseen)."""
+    from types import SimpleNamespace
+
+    from tests.conftest import LONGEST_FIRST, longest_first
+
+    tests = Path(__file__).parent
+    assert all((tests / name).is_file() for name in LONGEST_FIRST)
+    collected = [SimpleNamespace(path=path, test=i) for path in sorted(tests.glob("test_*.py")) for i in range(2)]
+    ordered = longest_first(collected)
+    assert [item.path.name for item in ordered[: 2 * len(LONGEST_FIRST)]] == [name for name in LONGEST_FIRST for _ in range(2)]
+    assert [item.test for item in ordered] == [0, 1] * len(collected[::2])
+    rest = [item.path.name for item in ordered[2 * len(LONGEST_FIRST):]]
+    assert rest == sorted(rest)
