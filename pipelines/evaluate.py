@@ -26,7 +26,7 @@ from pipelines.report_stats import wilson_interval
 from pipelines.stages import entry
 from pipelines.stages.classify import checkpoint_kind, head_classes
 from pipelines.stages.driver import worker_group
-from pipelines.stages.jobs import DataRecipe, LoopSpec, StageError, StageJob
+from pipelines.stages.jobs import DataRecipe, LoopSpec, StageError, StageJob, data_cpus
 from pipelines.stages.prepare import StageContext, resolve_source, split_size
 from pipelines.tracking import KIND, RunLogger, ensure_experiment, resolve_tracking_uri, start_or_resume
 
@@ -75,7 +75,8 @@ def evaluate_checkpoint(config: PipelineConfig, stage_name: str, checkpoint: str
                    "data": str(source.files[0]), "split": spec.data.val_split, "img_size": spec.img_size})
     recipe = DataRecipe("classify", source, dict(split=spec.data.val_split, train=False, img_size=spec.img_size,
                                                  crop_pct=spec.crop_pct, auto_augment=None))
-    loop = LoopSpec(uri, run.info.run_id, steps_per_epoch=1, total_steps=0, warmup_steps=0, lr=0.0)
+    loop = LoopSpec(uri, run.info.run_id, steps_per_epoch=1, total_steps=0, warmup_steps=0, lr=0.0,
+                    data_cpus=data_cpus(ray.cluster_resources().get("CPU", 1.0), spec.scaling))
     job = StageJob(stage_name, spec, model, encoder_weights=checkpoint, num_classes=source.num_classes,
                    class_names=tuple(source.classes), loop=loop, data={"val": recipe})
     try:

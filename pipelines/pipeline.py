@@ -364,8 +364,7 @@ def _run_concurrently(ctx: StageContext, groups: list[tuple[str, list[str]]], pa
 
 def group_cpus(config: PipelineConfig, names: Sequence[str]) -> float:
     """The CPUs a worker group's workers take (its stages share one scaling)."""
-    scaling = config.all_stages()[names[0]].scaling
-    return scaling.num_workers * scaling.cpus_per_worker
+    return config.all_stages()[names[0]].scaling.cpus
 
 
 def groups_beside(config: PipelineConfig, groups: list[tuple[str, list[str]]], parallel: int) -> list[list[float]]:

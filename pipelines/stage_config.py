@@ -66,6 +66,11 @@ class Scaling(Strict):
         "model that does not fit one device under DDP (see `mixmae plan --gpu-mem`)",
     )
 
+    @property
+    def cpus(self) -> float:
+        """The CPUs the worker group takes."""
+        return self.num_workers * self.cpus_per_worker
+
 
 class StageBase(Strict):
     """What every Ray Train stage shares: model, data, schedule, scaling, bookkeeping."""

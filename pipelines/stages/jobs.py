@@ -69,8 +69,8 @@ class LoopSpec:
     delivery_wait_s: float = 120.0
     """How long a worker whose spool the driver cannot read waits for the tracking server before it ends."""
     data_cpus: Optional[float] = None
-    """The CPUs each worker's decode tasks may plan with (:func:`data_cpus`; None: as if its
-    worker group were alone on the cluster)."""
+    """The CPUs each worker's decode tasks may plan with (:func:`data_cpus`; None only for a
+    stage that reads no dataset)."""
 
 
 #: The least CPU a worker's decode tasks plan with when the workers take (nearly) all of them.
@@ -83,7 +83,7 @@ def data_cpus(cluster_cpus: float, scaling: Any, beside: Sequence[float] = ()) -
     the pipeline's other groups, a sweep's other trials), shared equally among the groups, then
     among the stage's workers (each executes its own dataset). Planning with the CPUs another
     group's decode tasks hold queues a worker's tasks behind that group's epoch."""
-    spare = cluster_cpus - scaling.num_workers * scaling.cpus_per_worker - sum(beside)
+    spare = cluster_cpus - scaling.cpus - sum(beside)
     return max(MIN_DATA_CPUS, spare / (1 + len(beside)) / scaling.num_workers)
 
 

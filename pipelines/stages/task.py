@@ -15,7 +15,7 @@ import torch.nn as nn
 from pipelines import storage
 from pipelines.data.order import Shard
 from pipelines.stages.distributed import world_rank, world_size
-from pipelines.stages.jobs import StageJob, data_cpus
+from pipelines.stages.jobs import StageJob
 
 
 @dataclass
@@ -80,9 +80,7 @@ class Task:
 
     def dataset(self, name: str, shard: Shard) -> "ray.data.Dataset":
         """Dataset ``name`` of the job, this worker's ``shard`` of it."""
-        cpus = self.job.loop.data_cpus if self.job.loop.data_cpus is not None else data_cpus(
-            ray.cluster_resources().get("CPU", 1.0), self.spec.scaling)
-        return self.job.data[name].build(shard, cpus)
+        return self.job.data[name].build(shard, self.job.loop.data_cpus)
 
     def evaluation_shard(self) -> Shard:
         """This worker's contiguous slice of an evaluation split: every image scored once."""
