@@ -249,6 +249,9 @@ def ray_head(tmp_path):
     address = f"http://127.0.0.1:{dashboard}"
     try:
         wait_for(lambda: http_answers(f"{address}/api/version"), "Ray dashboard", 180, head, log)
+        # The dashboard takes jobs only once the head's agent is up, and answers 500 ("No available
+        # agent") after waiting 10 s for it: on a busy machine the agent can start later than that.
+        wait_for(lambda: http_answers(f"http://127.0.0.1:{agent}/api/healthz"), "Ray dashboard agent", 180, head, log)
         yield address, env
     finally:
         stop(head, temp_dir)
