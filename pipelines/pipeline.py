@@ -35,8 +35,8 @@ from pipelines.spool import pending_spools
 from pipelines.stages.jobs import HEADLINE, Preempted, StageError, TrackingAway
 from pipelines.stages.prepare import StageContext
 from pipelines.tracking import (
-    KIND, MODEL_URI, RunLogger, ensure_experiment, flatten, fluent_tracking_uri, open_spool, resolve_tracking_uri,
-    start_or_resume,
+    KIND, MODEL_URI, RunLogger, ensure_experiment, flatten, fluent_tracking_uri, missing_local_store, open_spool,
+    resolve_tracking_uri, spool_tracking_uri, start_or_resume,
 )
 
 #: a server that is up takes an earlier run's records in seconds
@@ -118,9 +118,15 @@ def stop_on_sigterm(stop_file: str, console: Optional[RunConsole]) -> Iterator[N
 
 def deliver_spooled(location: str, wait_s: float, say=print) -> list[Path]:
     """Deliver what earlier stages spooled on this machine for storage ``location`` and could
-    not send; the spool folders still not delivered after ``wait_s`` seconds each."""
+    not send; the spool folders still not delivered after ``wait_s`` seconds each. A folder
+    whose local tracking store is gone is named and left as it is: nothing can take its records."""
     left = []
     for directory in pending_spools(storage.local_root(location)):
+        gone = missing_local_store(spool_tracking_uri(directory))
+        if gone is not None:
+            say(f"the tracking store of MLflow run {directory.name}, {gone}, no longer exists: its records stay "
+                f"in {directory} (delete the folder once they are not wanted)")
+            continue
         spool = open_spool(directory, say)
         count = spool.pending()
         if spool.drain(wait_s):

@@ -15,6 +15,7 @@ import math
 import os
 import threading
 import time
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
@@ -221,6 +222,21 @@ def run_spool(root: Path, tracking_uri: str, run_id: str, part: str = "",
 def run_spools(root: Path, run_id: str) -> list[Path]:
     """Every spool folder of run ``run_id`` under ``root`` (its main one and those of other writers)."""
     return sorted(d for d in spool_root(root).glob(f"{run_id}*") if d.name == run_id or d.name.startswith(f"{run_id}."))
+
+
+def spool_tracking_uri(directory: Path) -> str:
+    """The tracking URI a spool folder delivers to."""
+    return json.loads((Path(directory) / RUN_FILE).read_text())["tracking_uri"]
+
+
+def missing_local_store(uri: str) -> Optional[Path]:
+    """The file or folder of a local tracking store (SQLite, or a file store) that is no longer
+    there; None for a server, or a store that is. A client opened on it would make a new, empty
+    store in its place, and every record sent there would be refused (its run is not in it)."""
+    if not _is_local_store(uri):
+        return None
+    path = Path(uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else urllib.parse.urlparse(uri).path)
+    return None if path.exists() else path
 
 
 def open_spool(directory: Path, say: Callable[[str], None] = print) -> Spool:

@@ -190,3 +190,34 @@ def test_mixmae_sync_delivers_what_waits_and_says_so_when_the_server_is_still_aw
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 0 and "nothing left to deliver" in result.output
     assert client.get_run(run_id).data.tags["a"] == "1"
+
+
+def test_a_spool_whose_local_store_is_gone_is_named_and_left_and_no_store_is_made_in_its_place(tmp_path):
+    """A run's SQLite store deleted with its records still spooled (a test's temp dir, a
+    workspace wiped): delivery would make a new, empty store there and have every record
+    refused. `mixmae sync` names the store and the folder, leaves both as they are, and still
+    delivers the spools whose store is there."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.config import REPO_ROOT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("kept")).info.run_id
+    storage = tmp_path / "runs"
+    RunLogger(uri, run_id, spool=run_spool(storage, uri, run_id)).metrics({"train/loss": 0.5}, 10)
+    gone_store = tmp_path / "wiped" / "mlflow.db"
+    gone_store.parent.mkdir()
+    gone_client = MlflowClient(f"sqlite:///{gone_store}")
+    gone_run = gone_client.create_run(gone_client.create_experiment("wiped")).info.run_id
+    orphan = run_spool(storage, f"sqlite:///{gone_store}", gone_run)
+    orphan.append({"kind": "tags", "tags": {"a": "1"}})
+    gone_store.unlink()  # its folder is still there: a client would make a new store in it
+    command = ["sync", str(REPO_ROOT / "ray_configs/pipelines/smoke.yaml"), "--set", f"storage={storage}",
+               "--set", "tracking.delivery_wait_s=1"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert f"{gone_store}, no longer exists" in " ".join(result.output.split()) and orphan.dir.name in result.output
+    assert not gone_store.exists() and pending_spools(storage) == [orphan.dir] and orphan.pending() == 1
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(10, 0.5)]
