@@ -27,11 +27,12 @@ quickstart: install
 
 # The unit tier runs on every core (pytest-xdist). The tiers on Ray run in two processes, each
 # with a Ray cluster of its own and whole modules (their fixtures' pipeline runs are shared):
-# one at a time, they left the cores idle a sixth of the time (processes starting, polls).
+# one at a time, they left the cores idle a sixth of the time (processes starting, polls). The
+# longest modules go first (LONGEST_FIRST in tests/conftest.py), in that order.
 # Both tiers run whatever the first's verdict.
 test: install
 	status=0; $(PY) -m pytest -q -m fast -n auto || status=$$?; \
-	$(PY) -m pytest -q -m "not fast" -n 2 --dist loadfile || status=$$?; exit $$status
+	$(PY) -m pytest -q -m "not fast" -n 2 --dist loadfile --no-loadscope-reorder || status=$$?; exit $$status
 
 test-fast: install
 	$(PY) -m pytest -q -m fast -n auto

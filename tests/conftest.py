@@ -61,12 +61,14 @@ def pytest_unconfigure(config):
     end_process(int(session.exitstatus))
 
 
-#: The modules whose Ray tests take longest, longest first. `make test` deals the Ray tiers'
-#: modules to two pytest-xdist workers in collection order, each next one to the first worker
-#: free: in file order the longest (the sweeps, 8 minutes there) came ninth of eleven, and a
-#: worker could be left running it alone at the end.
-LONGEST_FIRST = ("test_sweep_plan.py", "test_determinism.py", "test_faults.py", "test_pipeline_e2e.py",
-                 "test_methods_pipeline.py")
+#: The Ray tiers' modules, longest first (their tests' times side by side, two workers). `make
+#: test` deals them to two pytest-xdist workers in collection order (`--no-loadscope-reorder`:
+#: by default xdist deals the modules with the most tests first, and the sweeps, 5 minutes,
+#: came seventh of eleven), each worker taking the next module while its last two tests run. The
+#: shortest come last, so neither worker is left alone with a long one at the end.
+LONGEST_FIRST = ("test_determinism.py", "test_pipeline_e2e.py", "test_sweep_plan.py", "test_faults.py",
+                 "test_methods_pipeline.py", "test_cluster_job.py", "test_pretraining_helps.py",
+                 "test_worker_groups.py", "test_data_pipeline.py", "test_object_storage.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -81,14 +81,17 @@ def test_a_wait_that_times_out_names_the_last_error_of_its_check(tmp_path):
 
 
 def test_the_longest_modules_come_first():
-    """`make test` deals the Ray tiers' modules to two workers in collection order: the
-    modules named longest-first lead it, in that order, each keeping its own; each name is a
-    module (a renamed one would fall back to file order unseen)."""
+    """`make test` deals the Ray tiers' modules to two workers in collection order (xdist's
+    default would sort them by their number of tests): the modules named longest-first lead it,
+    in that order, each keeping its own; each name is a module (a renamed one would fall back to
+    file order unseen)."""
     from types import SimpleNamespace
 
     from tests.conftest import LONGEST_FIRST, longest_first
 
     tests = Path(__file__).parent
+    ray_tiers = next(line for line in (tests.parent / "Makefile").read_text().splitlines() if '-m "not fast"' in line)
+    assert "--dist loadfile --no-loadscope-reorder" in ray_tiers
     assert all((tests / name).is_file() for name in LONGEST_FIRST)
     collected = [SimpleNamespace(path=path, test=i) for path in sorted(tests.glob("test_*.py")) for i in range(2)]
     ordered = longest_first(collected)
