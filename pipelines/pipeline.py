@@ -36,7 +36,7 @@ from pipelines.stages.jobs import HEADLINE, Preempted, StageError, TrackingAway
 from pipelines.stages.prepare import StageContext
 from pipelines.tracking import (
     KIND, MODEL_URI, RunLogger, ensure_experiment, flatten, fluent_tracking_uri, missing_local_store, open_spool,
-    resolve_tracking_uri, spool_tracking_uri, start_or_resume,
+    resolve_tracking_uri, spool_address, start_or_resume,
 )
 
 #: a server that is up takes an earlier run's records in seconds
@@ -122,7 +122,7 @@ def deliver_spooled(location: str, wait_s: float, say=print) -> list[Path]:
     whose local tracking store is gone is named and left as it is: nothing can take its records."""
     left = []
     for directory in pending_spools(storage.local_root(location)):
-        gone = missing_local_store(spool_tracking_uri(directory))
+        gone = missing_local_store(spool_address(directory)["tracking_uri"])
         if gone is not None:
             say(f"the tracking store of MLflow run {directory.name}, {gone}, no longer exists: its records stay "
                 f"in {directory} (delete the folder once they are not wanted)")

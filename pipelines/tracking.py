@@ -224,9 +224,9 @@ def run_spools(root: Path, run_id: str) -> list[Path]:
     return sorted(d for d in spool_root(root).glob(f"{run_id}*") if d.name == run_id or d.name.startswith(f"{run_id}."))
 
 
-def spool_tracking_uri(directory: Path) -> str:
-    """The tracking URI a spool folder delivers to."""
-    return json.loads((Path(directory) / RUN_FILE).read_text())["tracking_uri"]
+def spool_address(directory: Path) -> dict[str, str]:
+    """The run and tracking server a spool folder delivers to: ``{"run_id", "tracking_uri"}``."""
+    return json.loads((Path(directory) / RUN_FILE).read_text())
 
 
 def missing_local_store(uri: str) -> Optional[Path]:
@@ -241,7 +241,7 @@ def missing_local_store(uri: str) -> Optional[Path]:
 
 def open_spool(directory: Path, say: Callable[[str], None] = print) -> Spool:
     """An existing spool folder, delivering to the run and server it names."""
-    address = json.loads((Path(directory) / RUN_FILE).read_text())
+    address = spool_address(directory)
     client = MlflowClient(address["tracking_uri"])
     return Spool(directory, lambda record: send_record(client, address["run_id"], record), say, server_away)
 

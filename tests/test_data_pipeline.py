@@ -187,7 +187,8 @@ def test_classification_training_rows_are_augmented_per_epoch_and_reproducible(r
     # that quarter, so they run, and decode the same rows in the same order
     # every CPU free now but a quarter: with two test clusters on one machine, Ray Train's
     # placement-group cleaner cannot tell which is its own, so the group of a controller killed
-    # earlier in this session (a Tune trial that ASHA stopped) keeps its CPUs until the session ends
+    # earlier in this session (with a Tune trial ASHA stopped, most likely) keeps its CPUs until
+    # the session ends
     held = ray.util.placement_group([{"CPU": ray.available_resources().get("CPU", 0) - 0.25}])
     ray.get(held.ready(), timeout=60)
     rows: list = []
